@@ -1,0 +1,44 @@
+"""attrsparse: attribution-based sparse activation for small language models.
+
+Public API::
+
+    model, tok = attrsparse.load_model("smollm2-135m")
+    units = attrsparse.unit_map(model)
+    scores = attrsparse.score(model, prompt_ids, target_ids, metrics=["gxo", "corrected_gxo"])
+    masks = attrsparse.select(scores["corrected_gxo"], ratio=0.5, policy="per_layer")
+    with attrsparse.apply_masks(model, masks) as handle:
+        ...                          # masked forward passes / decoding
+    handle.executed.param            # parameter-weighted activation ratio really executed
+"""
+
+from __future__ import annotations
+
+from .architectures import ARCHITECTURES, UnitMap, supported_model_types, unit_map
+from .errors import UnsupportedArchitectureError, UserError
+from .hooks import capture_units
+from .masking import apply_masks
+from .metrics import get_metric, list_metrics, register_metric
+from .scoring import score
+from .selection import POLICIES, select
+from .trace import GradientTrace, trace_gradients
+from .units import ExecutedRatio, UnitMasks, UnitScores, executed_ratio
+
+__version__ = "0.1.0"
+
+
+def load_model(spec: str = "smollm2-135m", **kwargs):
+    """Load ``(model, tokenizer)``: a packaged alias, a HF id or directory, or a ``.gguf`` file.
+
+    See :func:`attrsparse.models.load_model` for the options.
+    """
+    from .models import load_model as _load
+
+    return _load(spec, **kwargs)
+
+
+__all__ = [
+    "ARCHITECTURES", "ExecutedRatio", "GradientTrace", "POLICIES", "UnitMap", "UnitMasks",
+    "UnitScores", "UnsupportedArchitectureError", "UserError", "apply_masks", "capture_units",
+    "executed_ratio", "get_metric", "list_metrics", "load_model", "register_metric", "score",
+    "select", "supported_model_types", "trace_gradients", "unit_map",
+]

@@ -1,0 +1,41 @@
+"""``score()``: per-token importance of every unit for a (prompt, target) pair."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .metrics import get_metric
+from .trace import GradientTrace, as_ids, trace_gradients
+from .units import UnitScores
+
+
+def score(model: nn.Module, prompt_ids, target_ids, metrics=("corrected_gxo",), *,
+          head_reduction: str = "sum", ig_steps: int = 20,
+          trace: GradientTrace | None = None) -> dict[str, UnitScores]:
+    """Importance scores of every MLP unit and head at every target token.
+
+    Args:
+        prompt_ids: ``[P]`` token ids of the prompt (P >= 1).
+        target_ids: ``[T]`` token ids of the continuation to attribute (T >= 1).
+        metrics: registered metric names (see :func:`attrsparse.list_metrics`).
+        head_reduction: ``"sum"`` (exact first-order head terms) or ``"mean"`` (official code).
+        ig_steps: Riemann steps for the IG metrics.
+        trace: a precomputed :class:`GradientTrace` row to reuse.
+
+    Returns:
+        ``{name: UnitScores}`` with ``mlp [T, L, N]`` and ``heads [T, L, H]``; higher = keep.
+        All single-pass metrics share one forward and one backward pass.
+    """
+    prompt, target = as_ids(prompt_ids, "prompt"), as_ids(target_ids, "target")
+    chosen = [get_metric(m) for m in ([metrics] if isinstance(metrics, str) else metrics)]
+    if trace is None:
+        trace = trace_gradients(model, prompt, target).row(0)
+    out = {}
+    for metric in chosen:
+        if metric.single_pass:
+            out[metric.name] = metric.from_trace(trace, head_reduction)
+        else:
+            out[metric.name] = metric.from_model(model, prompt, target, trace,
+                                                 head_reduction=head_reduction, ig_steps=ig_steps)
+    return out
