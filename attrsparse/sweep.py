@@ -138,7 +138,12 @@ class Sweep:
                                                  head_reduction=cfg.head_reduction, ig_steps=cfg.ig_steps)
         context = {"model": self.model, "prompt_ids": prompt, "target_ids": target, "trace": trace,
                    "units": self.units, "head_reduction": cfg.head_reduction}
-        return [get_metric(m).masks_for(scores[m], r, cfg.policy, **context) for m, r in variants]
+        chosen = {}
+        for name in scores:
+            ratios = [r for m, r in variants if m == name]
+            for r, masks in zip(ratios, get_metric(name).masks_for_many(scores[name], ratios, cfg.policy, **context)):
+                chosen[(name, r)] = masks
+        return [chosen[v] for v in variants]
 
     def _mc1(self, item, variants) -> tuple[int, dict]:
         """MC1 by summed log-likelihood of each candidate: (dense correct, {variant: correct}).

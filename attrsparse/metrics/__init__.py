@@ -1,10 +1,12 @@
 """Importance metrics and selectors, one module each, behind one interface and a registry."""
 
-from . import corrected_gxo, gradient, gxo, ig, magnitude, snip  # noqa: F401  (registration)
+from . import corrected_gxo, gradient, gxo, ig, magnitude, progressive, snip  # noqa: F401  (registration)
 from .base import Metric, get_metric, list_metrics, register_metric
 
 PAPER_METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "corrected_gxo")
-ALIASES = {"paper": PAPER_METRICS}
+RECOMMENDED = "progressive_gxo"  # the best selector we have (see docs/results)
+ALIASES = {"paper": PAPER_METRICS, "recommended": (RECOMMENDED,),
+           "ablation": ("corrected_gxo", "budget_gxo", "progressive_uniform_gxo", RECOMMENDED)}
 
 
 def resolve_metric_names(names) -> list[str]:
@@ -17,5 +19,5 @@ def resolve_metric_names(names) -> list[str]:
     return out
 
 
-__all__ = ["Metric", "PAPER_METRICS", "get_metric", "list_metrics", "register_metric",
+__all__ = ["Metric", "PAPER_METRICS", "RECOMMENDED", "get_metric", "list_metrics", "register_metric",
            "resolve_metric_names"]

@@ -50,6 +50,11 @@ class Metric:
 
         return select(scores, ratio, policy)
 
+    def masks_for_many(self, scores: UnitScores | None, ratios, policy: str = "per_layer",
+                       **context) -> list[UnitMasks]:
+        """:meth:`masks_for` at several ratios (selectors batch them)."""
+        return [self.masks_for(scores, r, policy, **context) for r in ratios]
+
 
 _REGISTRY: dict[str, Metric] = {}
 

@@ -1,0 +1,133 @@
+"""Tiny randomly initialised causal LMs, built in code (no files, no network), one per family.
+
+Every config has vocab 64, hidden 32, 2-3 layers and bos/eos/pad ids inside the vocabulary.
+Weights are re-drawn with a fixed seed at a scale (std ~ 1/sqrt(fan_in)) that gives non-trivial
+activations, logits and gradients, unlike the default 0.02 initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig,
+                          OPTConfig, Phi3Config, PhiConfig, Qwen2Config)
+
+VOCAB = 64
+IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _configs() -> dict:
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  max_position_embeddings=64, **IDS)
+    return {
+        "llama": lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common),
+        "qwen2": lambda: Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common),
+        "gemma3_text": lambda: Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3}, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, query_pre_attn_scalar=12, sliding_window=3,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+        "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_inner=48, n_layer=2, n_head=4,
+                                   n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                   **IDS),
+        "phi": lambda: PhiConfig(num_attention_heads=4, partial_rotary_factor=0.5, **common),
+        "phi3": lambda: Phi3Config(num_attention_heads=4, num_key_value_heads=2,
+                                   original_max_position_embeddings=64, **common),
+        "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64,
+                                 word_embed_proj_dim=32, dropout=0.0, **IDS),
+    }
+
+
+CONFIGS = _configs()
+ARCHS = list(CONFIGS)
+
+
+def build_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny ``name`` model in eval mode with seeded, moderately scaled random weights."""
+    torch.manual_seed(seed)
+    config = CONFIGS[name]()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() < 2:  # norms and biases: perturb around their initial value
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif any(k in pname for k in ("embed", "wte", "wpe")):
+                # (tied) embeddings: logits of std ~ 1.5; Gemma multiplies by sqrt(hidden) itself
+                std = 0.05 if name == "gemma3_text" else 0.3
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            else:  # Linear [out, in] or GPT-2 Conv1D [in, out]
+                fan_in = p.shape[0] if name == "gpt2" else p.shape[-1]
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+    return model.to(dtype).eval().requires_grad_(False)  # as attrsparse.load_model does
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_tiny():
+    """``make_tiny(name, seed=0, dtype=torch.float32)`` -> a fresh model. Runs the test on one
+    thread: tiny ops are dominated by thread synchronisation on small, busy CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_tiny
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_truthfulqa_lm():
+    """``make(seed=0, attn=None)`` -> (tiny seeded Llama, word-level tokenizer) for the sweep tests.
+
+    The tokenizer (a ``PreTrainedTokenizerFast`` over a ``tokenizers`` WordLevel model, whitespace
+    and punctuation split, no chat template) covers every word of ``fixtures/truthfulqa_3.csv`` and
+    of the "paper"/"qa" templates, plus ``[PAD]`` (0), ``[UNK]`` (1) and ``[EOS]`` (2). The model's
+    vocabulary is the tokenizer's size; weights are re-drawn like :func:`build_tiny` so that logits
+    are far from ties.
+    """
+    import csv as _csv
+    import math as _math
+    from pathlib import Path as _Path
+
+    import torch as _torch
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import AutoModelForCausalLM as _Auto, LlamaConfig as _LlamaConfig
+    from transformers import PreTrainedTokenizerFast
+
+    fixture = _Path(__file__).parent / "fixtures" / "truthfulqa_3.csv"
+    splitter = pre_tokenizers.Whitespace()
+    words = {"Instruct", "Output", "Q", "A", ":"}
+    with fixture.open(encoding="utf-8", newline="") as fh:
+        for row in _csv.DictReader(fh):
+            for column in ("Question", "Best Answer", "Correct Answers", "Incorrect Answers"):
+                words.update(piece for piece, _ in splitter.pre_tokenize_str(row[column]))
+    vocab = ["[PAD]", "[UNK]", "[EOS]"] + sorted(words)
+
+    def make(seed: int = 0, attn: str | None = None):
+        backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                                            pad_token="[PAD]", eos_token="[EOS]")
+        _torch.manual_seed(seed)
+        config = _LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=128, pad_token_id=0, eos_token_id=2,
+                              bos_token_id=None)
+        kwargs = {} if attn is None else {"attn_implementation": attn}
+        model = _Auto.from_config(config, **kwargs)
+        gen = _torch.Generator().manual_seed(seed + 1)
+        with _torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() < 2:
+                    p.add_(_torch.randn(p.shape, generator=gen) * 0.1)
+                elif "embed" in name or "lm_head" in name:
+                    p.copy_(_torch.randn(p.shape, generator=gen) * 0.3)
+                else:
+                    p.copy_(_torch.randn(p.shape, generator=gen) / _math.sqrt(p.shape[-1]))
+        return model.eval().requires_grad_(False), tokenizer
+
+    return make
