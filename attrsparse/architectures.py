@@ -122,6 +122,7 @@ class UnitMap:
     mlp_fixed_params: int  # per layer, always executed (down-projection bias)
     embedding_params: int  # input embeddings + LM head (counted once if tied) + final norm etc.
     total_params: int
+    layer_modules: list[nn.Module] = field(repr=False, default_factory=list)
     down_modules: list[nn.Module] = field(repr=False, default_factory=list)
     out_modules: list[nn.Module] = field(repr=False, default_factory=list)
 
@@ -216,6 +217,7 @@ def unit_map(model: nn.Module) -> UnitMap:
         mlp_unit_params=mlp_unit, head_params=head_params, kv_group_params=kv_group,
         attn_fixed_params=o_out if o_bias else 0, mlp_fixed_params=hidden_out if down_bias else 0,
         embedding_params=total - len(layers) * maskable_layer, total_params=total,
+        layer_modules=layers,
         down_modules=[_get(layer, spec.mlp_down) for layer in layers],
         out_modules=[_get(layer, spec.attn_out) for layer in layers],
     )

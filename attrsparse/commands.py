@@ -92,13 +92,10 @@ def cmd_dependency(args) -> int:
 
 def cmd_demo(args) -> int:
     """The paper's sweep on the default model plus the dependency analysis (about 15 minutes)."""
-    import torch
-
     from .dependency import DependencyConfig, run_dependency
     from .models import load_model
     from .sweep import Sweep, SweepConfig
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     model, tok = load_model(args.model)
     run_dependency(DependencyConfig(model=args.model, limit=args.dependency_questions,

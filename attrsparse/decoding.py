@@ -45,6 +45,8 @@ def masked_greedy_decode(model: nn.Module, prompts: list[torch.Tensor], masks: U
         B tensors ``[T_b]`` of generated ids, each ending at (and including) its stop token.
     """
     prompts = [as_ids(p, "prompt") for p in prompts]
+    if masks is not None and masks.mlp.shape[0] != len(prompts):
+        raise ValueError(f"{masks.mlp.shape[0]} mask rows for {len(prompts)} prompts")
     ids, attn = left_pad(prompts, pad_id)
     batch = ids.shape[0]
     cache = DynamicCache(config=model.config)

@@ -59,12 +59,23 @@ class UnitHooks:
         self.mlp_inputs: list[torch.Tensor | None] = [None] * self.units.num_layers
         self.head_inputs: list[torch.Tensor | None] = [None] * self.units.num_layers
         self.on_forward = None  # optional callback(layer, kind, x) for accounting
+        self._layer_shape: list[tuple[int, int] | None] = [None] * self.units.num_layers
         self._handles: list = []
 
     # -- hook bodies -------------------------------------------------------------------------
+    def _shape_hook(self, layer: int):
+        """Remember the layer's [B, q] (OPT flattens the MLP input to [B*q, N])."""
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if hidden is not None:
+                self._layer_shape[layer] = tuple(hidden.shape[:2])
+        return hook
+
     def _mlp_hook(self, layer: int):
         def hook(module, args):
-            x = args[0]
+            x = flat = args[0]
+            if x.dim() == 2 and self._layer_shape[layer] is not None:
+                x = x.view(*self._layer_shape[layer], x.shape[-1])
             m = _per_layer(self.mlp_mult, layer)
             if m is not None:
                 x = x * m.to(x.dtype)
@@ -72,7 +83,7 @@ class UnitHooks:
                 self.mlp_inputs[layer] = x
             if self.on_forward is not None:
                 self.on_forward(layer, "mlp", x, m)
-            return (x,) + tuple(args[1:])
+            return (x.reshape(flat.shape),) + tuple(args[1:])
         return hook
 
     def _head_hook(self, layer: int):
@@ -95,6 +106,8 @@ class UnitHooks:
 
     # -- installation ------------------------------------------------------------------------
     def install(self) -> "UnitHooks":
+        for layer, block in enumerate(self.units.layer_modules):
+            self._handles.append(block.register_forward_pre_hook(self._shape_hook(layer), with_kwargs=True))
         for layer, (down, out) in enumerate(zip(self.units.down_modules, self.units.out_modules)):
             self._handles.append(down.register_forward_pre_hook(self._mlp_hook(layer)))
             self._handles.append(out.register_forward_pre_hook(self._head_hook(layer)))

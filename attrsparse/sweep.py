@@ -25,7 +25,7 @@ from .architectures import unit_map
 from .decoding import masked_greedy_decode, masked_loglik
 from .errors import UserError, check_ratio
 from .io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
-from .metrics import get_metric
+from .metrics import get_metric, resolve_metric_names
 from .prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from .tasks import load_truthfulqa
 from .tasks.truthfulqa import resolve_truthfulqa_path
@@ -63,7 +63,7 @@ class SweepConfig:
             raise UserError(f"unknown dataset '{self.dataset}' (available: truthfulqa)")
         if not self.metrics:
             raise UserError("no metrics given")
-        self.metrics = [get_metric(m).name for m in self.metrics]
+        self.metrics = resolve_metric_names(self.metrics)  # expands aliases, drops repeats
         if not self.ratios:
             raise UserError("no ratios given")
         self.ratios = sorted({round(check_ratio(r), 6) for r in self.ratios})
@@ -98,6 +98,10 @@ class Sweep:
     def __init__(self, config: SweepConfig, out: Path, model=None, tokenizer=None):
         self.config = config.validate()
         self.out = Path(out)
+        self.items = load_truthfulqa(config.data, limit=config.limit, offset=config.offset,
+                                     indices=config.questions)
+        if not self.items:
+            raise UserError("the dataset selection is empty")
         if model is None:
             from .models import load_model
 
@@ -107,19 +111,18 @@ class Sweep:
         self.template = resolve_template(tokenizer, config.template)
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.items = load_truthfulqa(config.data, limit=config.limit, offset=config.offset,
-                                     indices=config.questions)
-        if not self.items:
-            raise UserError("the dataset selection is empty")
         self.records_dir = self.out / "records"
         self.cache_dir = self.out / "cache"
-        self.key_base = {"model": config.model, "dtype": config.dtype, "template": self.template,
-                         "attrsparse": __version__}
+        self.key_base = {"model": config.model, "weights": model_fingerprint(model), "dtype": config.dtype,
+                         "template": self.template, "attrsparse": __version__}
 
     # -- one question --------------------------------------------------------------------------
+    def _uses_ig(self, q_pos: int) -> bool:
+        return self.config.ig_questions is None or q_pos < self.config.ig_questions
+
     def _variants(self, q_pos: int) -> list[tuple[str, float]]:
         """(metric, ratio) pairs decoded for this question; ratio 1.0 is decoded once as dense."""
-        use_ig = self.config.ig_questions is None or q_pos < self.config.ig_questions
+        use_ig = self._uses_ig(q_pos)
         return [(m, r) for m in self.config.metrics for r in self.config.ratios
                 if r < 1.0 and (use_ig or get_metric(m).single_pass)]
 
@@ -194,7 +197,7 @@ class Sweep:
         timings["masked_decoding"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        mc1_dense, mc1_variants = self._mc1(item, variants if cfg.mc1 else [])
+        mc1_dense, mc1_variants = self._mc1(item, variants) if cfg.mc1 else (None, {})
         timings["mc1"] = time.perf_counter() - t0
 
         dense_truth = truth_scores(dense_text, item.correct_answers, item.incorrect_answers)
@@ -220,11 +223,12 @@ class Sweep:
     def run(self, progress: bool = True) -> dict:
         from tqdm.auto import tqdm
 
-        fingerprint = self.config.fingerprint()
+        fingerprint = stable_hash([self.config.fingerprint(), self.key_base])
         records = []
         bar = tqdm(self.items, desc="sweep", unit="q", disable=not progress)
         for q_pos, item in enumerate(bar):
-            path = self.records_dir / f"q{item.index:04d}-{fingerprint}.json"
+            ig = "ig" if self._uses_ig(q_pos) else "noig"  # records differ with and without IG rows
+            path = self.records_dir / f"q{item.index:04d}-{fingerprint}-{ig}.json"
             record = _read_json(path)
             if record is None:
                 bar.set_postfix_str(f"question {item.index}")
@@ -260,6 +264,13 @@ class Sweep:
         }
 
 
+def model_fingerprint(model) -> str:
+    """Cheap identity of the weights: config plus sums of the first and last parameter tensors."""
+    params = list(model.parameters())
+    probe = [float(p.detach().double().sum()) for p in (params[0], params[len(params) // 2], params[-1])]
+    return stable_hash([model.config.to_json_string(), probe, sum(p.numel() for p in params)])
+
+
 def _model_source(spec: str) -> dict:
     try:
         from .models import describe_source
@@ -284,7 +295,8 @@ def _dense_aggregate(records: list[dict]) -> dict:
 
     return {"truth_bleu_diff": mean("bleu_diff"), "truth_rougeL_diff": mean("rougeL_diff"),
             "truth_bleu_acc": mean("bleu_acc"),
-            "mc1": mean_and_stderr([r["mc1_dense"] for r in records])[0],
+            "mc1": (mean_and_stderr([r["mc1_dense"] for r in records])[0]
+                    if all(r["mc1_dense"] is not None for r in records) else None),
             "dense_reproduced": sum(r["dense_reproduced"] for r in records), "n_questions": len(records)}
 
 

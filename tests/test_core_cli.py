@@ -129,7 +129,7 @@ def test_unsupported_architecture_via_cli(capsys, bloom_dir):
     run_error(capsys, ["info", "--model", bloom_dir], "unsupported architecture 'bloom'", "llama", "gpt2")
 
 
-@pytest.mark.xfail(strict=True, reason=PROGRESS_BAR_BUG)
+
 def test_error_after_loading_is_the_only_stderr_line(capsys, bloom_dir):
     run_error(capsys, ["info", "--model", bloom_dir], "unsupported", strict_one_line=True)
 

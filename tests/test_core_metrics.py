@@ -275,7 +275,7 @@ IG_ALL_LAYERS_BUG = (
     "(1/m) sum_k x(alpha_k) * g(alpha_k), i.e. captured input / alpha_k. Error does not shrink with m")
 
 
-@pytest.mark.xfail(strict=True, reason=IG_ALL_LAYERS_BUG)
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_ig_all_layers_completeness(make_tiny, name):
     model = make_tiny(name)

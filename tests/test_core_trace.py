@@ -17,11 +17,7 @@ from attrsparse.hooks import capture_units
 from attrsparse.reference import reference_trace
 from conftest import ARCHS
 
-OPT_MLP_BUG = ("attrsparse/hooks.py assumes the down-projection input is [B, q, N]; OPT's decoder "
-               "layer flattens it to [B*q, N] (modeling_opt.py: hidden_states.reshape(-1, ...)), "
-               "so trace.py slices units instead of positions and reference.py takes a scalar")
-OPT_XFAIL = pytest.mark.xfail(strict=True, reason=OPT_MLP_BUG)
-ARCH_PARAMS = [pytest.param(a, marks=OPT_XFAIL) if a == "opt" else a for a in ARCHS]
+ARCH_PARAMS = list(ARCHS)
 
 PROMPTS = {1: [1], 5: [1, 5, 9, 17, 33]}
 TARGET = [7, 8, 40, 3, 11, 12]
@@ -144,7 +140,7 @@ def exact_float64(model):
 
 
 @pytest.mark.parametrize("name, kind, prompt_len", [
-    pytest.param(a, k, 5, marks=OPT_XFAIL) if (a, k) == ("opt", "mlp") else (a, k, 5)
+    (a, k, 5)
     for a in ARCHS for k in ("mlp", "head")] + [("llama", "mlp", 1), ("llama", "head", 1)])
 def test_gradients_equal_central_finite_differences(make_tiny, name, kind, prompt_len):
     model = exact_float64(make_tiny(name, dtype=torch.float64))

@@ -276,19 +276,16 @@ def test_ig_path(tiny_truthfulqa_lm, tmp_path):
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "report.md").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with ig_questions, a record depends on the question's "
-                   "position in the selection (offset/limit), which the record key leaves out")
 def test_ig_questions_records_do_not_depend_on_earlier_selections(no_plots, tiny_truthfulqa_lm,
                                                                   tmp_path):
     settings = dict(metrics=["ig"], ratios=[0.5], ig_questions=1, mc1=False, max_new_tokens=3)
     fresh = run(tiny_truthfulqa_lm, tmp_path / "fresh", limit=2, **settings)
     run(tiny_truthfulqa_lm, tmp_path / "reused", offset=1, limit=1, **settings)  # q1 at position 0
     reused = run(tiny_truthfulqa_lm, tmp_path / "reused", limit=2, **settings)
-    assert reused["aggregates"] == fresh["aggregates"]  # actual: ig n_questions 2 instead of 1
+    # JSON text comparison: stderr of a single question is NaN, and NaN != NaN as floats
+    assert json.dumps(reused["aggregates"]) == json.dumps(fresh["aggregates"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: SweepConfig.validate de-duplicates ratios but not "
-                   "metrics; a repeated metric doubles its aggregates and their n_questions")
 def test_repeated_metric_is_merged_or_refused(no_plots, tiny_truthfulqa_lm, tmp_path):
     try:
         results = run(tiny_truthfulqa_lm, tmp_path, metrics=["gxo", "gxo"], limit=1, mc1=False)

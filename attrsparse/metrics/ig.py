@@ -1,13 +1,15 @@
 """Integrated Gradients with a zero baseline and the right Riemann rule of the official code.
 
-For unit i with output x_i: ``IG_i = x_i * (1/m) * sum_{k=1..m} dL/dz_i (z = alpha_k x)``,
+For unit i with output x_i: ``IG_i = (1/m) * sum_{k=1..m} x_i(alpha_k) dL/dz_i (z = alpha_k x)``,
 ``alpha_k = k/m``. The importance is ``-IG_i`` (loss increase on removal); completeness:
 ``sum_i -IG_i -> L(units zeroed) - L(x)`` as m grows.
 
 * ``ig`` (the paper): only one layer's units (MLP or heads) are scaled, every other layer stays
   dense; one set of passes per layer and unit kind.
 * ``ig_all_layers`` (faster, not the paper's): all layers' units are scaled together, so one set of
-  passes serves every layer; the path differs, so the numbers differ.
+  passes serves every layer. A unit's own output then moves along the path (its inputs are scaled
+  too), so ``x_i(alpha)`` is the output before scaling at that alpha; completeness holds for all
+  units of all layers jointly: ``sum -IG -> L(all units off) - L(x)``.
 
 Every pass covers all T target tokens at once: the off-diagonal keys/values come from the dense
 pass (:class:`~attrsparse.attention.KVRecorder`), so scaling position t changes nothing that other
@@ -40,9 +42,10 @@ def _record_dense_kv(model, prompt_ids, target_ids) -> KVRecorder:
 
 
 def _grad_sums(model, prompt_ids, target_ids, recorder, layers, kind, n_steps, chunk):
-    """Sum over alphas of dL/dz at each layer in ``layers`` for units of ``kind``.
+    """Sum over alphas of ``x(alpha) * dL/dz`` at each layer in ``layers`` for units of ``kind``.
 
-    Returns per layer ``[S, N]`` (mlp) or ``[S, H, D]`` (heads) sums over the m alpha rows.
+    Returns per layer ``[S, N]`` (mlp) or ``[S, H, D]`` (heads) sums over the m alpha rows. With
+    one layer scaled, ``x(alpha) = x`` (the dense output); with all layers scaled it moves.
     """
     units = unit_map(model)
     sums = {l: 0.0 for l in layers}
@@ -54,12 +57,16 @@ def _grad_sums(model, prompt_ids, target_ids, recorder, layers, kind, n_steps, c
         head_mult = [None] * units.num_layers
         for l in layers:
             (mlp_mult if kind == "mlp" else head_mult)[l] = scale
-        _, _, (mlp_g, head_g), _, _ = forward_units(
+        (mlp_in, head_in), _, (mlp_g, head_g), _, _ = forward_units(
             model, prompt_ids, target_ids, rows=len(a), mlp_mult=mlp_mult, head_mult=head_mult,
             recorder=recorder, grad_layers=layers)
-        grads = mlp_g if kind == "mlp" else head_g
+        grads, inputs = (mlp_g, mlp_in) if kind == "mlp" else (head_g, head_in)
         for l, g in zip(layers, grads):
-            sums[l] = sums[l] + g.float().sum(0)
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            # dL/dalpha = sum_i g_i * x_i(alpha): x_i(alpha) = captured / alpha is the unit's output
+            # before scaling, which moves with alpha when earlier layers are scaled too
+            x_alpha = inputs[l].detach().float() / a.view(shape)
+            sums[l] = sums[l] + (g.float() * x_alpha).sum(0)
     return sums
 
 
@@ -79,11 +86,11 @@ def integrated_gradients(model, prompt_ids, target_ids, trace, *, n_steps: int =
         for kind in ("mlp", "heads"):
             sums = _grad_sums(model, prompt_ids, target_ids, recorder, group, kind, n_steps, chunk)
             for l in group:
-                mean_g = sums[l][sl] / n_steps
+                mean_xg = sums[l][sl] / n_steps
                 if kind == "mlp":
-                    mlp[:, l] = -trace.mlp_x[:, l] * mean_g
+                    mlp[:, l] = -mean_xg
                 else:
-                    heads[:, l] = head_sum(-trace.head_x[:, l] * mean_g, head_reduction)
+                    heads[:, l] = head_sum(-mean_xg, head_reduction)
     return UnitScores(mlp, heads)
 
 
