@@ -54,6 +54,7 @@ def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
     p.add_argument("--ig-questions", type=int, default=None, help="run IG on the first k questions only")
     p.add_argument("--mask-prefill", action="store_true", help="mask the whole prompt with step 0's masks")
     p.add_argument("--no-mc1", action="store_true", help="skip TruthfulQA MC1 under the masks")
+    p.add_argument("--mc1-ratios", default=None, help="ratios at which MC1 runs under masks (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (resumes if it holds a run)")
 
@@ -67,7 +68,8 @@ def _sweep_config(args):
         limit=args.limit, offset=args.offset, questions=_ints(args.questions, "--questions"),
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, head_reduction=args.head_reduction,
         ig_steps=args.ig_steps, ig_questions=args.ig_questions, mask_prefill=args.mask_prefill,
-        mc1=not args.no_mc1, seed=args.seed)
+        mc1=not args.no_mc1, seed=args.seed,
+        mc1_ratios=_floats(args.mc1_ratios, "--mc1-ratios") if args.mc1_ratios else None)
 
 
 def cmd_sweep(args) -> int:
@@ -101,7 +103,8 @@ def cmd_demo(args) -> int:
     run_dependency(DependencyConfig(model=args.model, limit=args.dependency_questions,
                                     offset=args.offset), out, model=model, tokenizer=tok)
     config = SweepConfig(model=args.model, metrics=_metric_names(DEMO_METRICS), limit=args.limit,
-                         offset=args.offset, ig_steps=args.ig_steps, ig_questions=args.ig_questions)
+                         offset=args.offset, ig_steps=args.ig_steps, ig_questions=args.ig_questions,
+                         mc1_ratios=_floats(args.mc1_ratios, "--mc1-ratios"))
     Sweep(config, out, model=model, tokenizer=tok).run()
     print(f"\nreport: {out / 'report.md'}\nplots:  {out / 'curves.png'} (and .svg)\n"
           f"data:   {out / 'results.json'}, {out / 'results.csv'}, {out / 'dependency.json'}")
@@ -133,5 +136,6 @@ def register_commands(sub) -> None:
     p.add_argument("--ig-steps", type=int, default=4, help="IG steps in the demo (paper: 20)")
     p.add_argument("--ig-questions", type=int, default=5, help="IG on the first k questions only")
     p.add_argument("--dependency-questions", type=int, default=3)
+    p.add_argument("--mc1-ratios", default="0.3,0.5,0.7", help="ratios with MC1 under masks")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)

@@ -62,8 +62,8 @@ PAPER_FIG5 = {
               "on TruthfulQA).",
 }
 
-CHANGE_FORMULA = ("change_pct(r) = 100 * mean over (question q, target token t, later layer l >= "
-                  "L//2) of sum_i |s_r[q,t,l,i] - s_dense[q,t,l,i]| / sum_i |s_dense[q,t,l,i]|; "
+CHANGE_FORMULA = ("change_pct(r) = 100 * sum over (question q, target token t, later layer l >= "
+                  "L//2) of sum_i |s_r[q,t,l,i] - s_dense[q,t,l,i]| / the same sum of |s_dense[q,t,l,i]|; "
                   "s = GxO = -x*dL/dx (head: -o_h . dL/do_h); i over all MLP neurons (or all "
                   "heads) of layer l; s_r = scores with layers l < L//2 masked by per-layer "
                   "top-k(ceil(r*C)) of dense GxO at each token, layers >= L//2 dense")
@@ -361,10 +361,10 @@ def error_stats(samples: dict[str, np.ndarray]) -> dict:
 
 
 VARIANTS = (
-    "mlp/heads_change_pct: the mean of the per-(question, token, later layer) ratio (the formula "
-    "above; heavy-tailed, because tokens the dense model predicts confidently have near-zero "
-    "gradients, hence a tiny denominator). *_median: the median of the same ratios. *_pooled: "
-    "sum over (q, t, l) of ||s_r - s_dense||_1 divided by the sum of ||s_dense||_1. *_kept: the "
+    "mlp/heads_change_pct (the headline, plotted) = *_pooled: sum over (question, token, later "
+    "layer) of ||s_r - s_dense||_1 divided by the sum of ||s_dense||_1. *_mean: the mean of the "
+    "per-(q, t, l) ratio (heavy-tailed, because tokens the dense model predicts confidently have "
+    "near-zero gradients, hence a tiny denominator). *_median: the median of the same ratios. *_kept: the "
     "mean with both L1 norms restricted to the units kept by per-layer top-k at r. "
     "label_loss_dense / label_loss_masked: mean per-token cross-entropy of the dense label, dense "
     "and with the earlier half masked at each ratio.")
@@ -486,8 +486,10 @@ def run_dependency(config: DependencyConfig, out_dir: Path, model=None, tokenize
         "template": template,
         "n_questions": len(items),
         "ratios": list(config.ratios),
-        "mlp_change_pct": _pct_list(rel_all["mlp"].mean(1)),
-        "heads_change_pct": _pct_list(rel_all["heads"].mean(1)),
+        "mlp_change_pct": _pct_list(pooled["mlp"]),
+        "heads_change_pct": _pct_list(pooled["heads"]),
+        "mlp_change_pct_mean": _pct_list(rel_all["mlp"].mean(1)),
+        "heads_change_pct_mean": _pct_list(rel_all["heads"].mean(1)),
         "mlp_change_pct_kept": _pct_list(rel_all["mlp_kept"].mean(1)),
         "heads_change_pct_kept": _pct_list(rel_all["heads_kept"].mean(1)),
         "mlp_change_pct_median": _pct_list(rel_all["mlp"].median(1).values),

@@ -56,6 +56,7 @@ class SweepConfig:
     ig_questions: int | None = None  # run IG on the first k questions only (None = all)
     mask_prefill: bool = False
     mc1: bool = True
+    mc1_ratios: list | None = None  # ratios at which MC1 runs under masks (None = all)
     seed: int = 0
 
     def validate(self) -> "SweepConfig":
@@ -124,7 +125,7 @@ class Sweep:
         """(metric, ratio) pairs decoded for this question; ratio 1.0 is decoded once as dense."""
         use_ig = self._uses_ig(q_pos)
         return [(m, r) for m in self.config.metrics for r in self.config.ratios
-                if r < 1.0 and (use_ig or get_metric(m).single_pass)]
+                if r < 1.0 and (use_ig or not get_metric(m).is_ig)]
 
     def _masks(self, prompt, target, trace, variants) -> list[UnitMasks]:
         cfg = self.config
@@ -152,11 +153,14 @@ class Sweep:
         """MC1 by summed log-likelihood of each candidate: (dense correct, {variant: correct}).
 
         Each candidate is its own target: its masks come from its own oracle trace. Metrics that
-        need extra passes per candidate (IG) are left out (their ``mc1`` is null).
+        need extra passes per candidate (IG, re-scoring selectors) and ratios outside
+        ``mc1_ratios`` are left out (their ``mc1`` is null).
         """
         prompt = encode_prompt(self.tok, item.question, self.template)
         choices = [c for c in [item.best_answer] + list(item.incorrect_answers) if c.strip()]
-        variants = [v for v in variants if get_metric(v[0]).single_pass]
+        mc1_ratios = self.config.mc1_ratios
+        variants = [v for v in variants if get_metric(v[0]).single_pass
+                    and (mc1_ratios is None or any(abs(v[1] - r) < 1e-9 for r in mc1_ratios))]
         dense_ll, variant_ll = [], []
         for choice in choices:
             text = choice if self.template == "chat" else " " + choice
@@ -230,6 +234,9 @@ class Sweep:
             ig = "ig" if self._uses_ig(q_pos) else "noig"  # records differ with and without IG rows
             path = self.records_dir / f"q{item.index:04d}-{fingerprint}-{ig}.json"
             record = _read_json(path)
+            expected = set(self._variants(q_pos)) | {("dense", 1.0)}
+            if record is not None and {(v["metric"], v["requested_ratio"]) for v in record.get("variants", [])} != expected:
+                record = None  # written by another version: recompute rather than reuse
             if record is None:
                 bar.set_postfix_str(f"question {item.index}")
                 record = self.run_question(q_pos, item)

@@ -64,11 +64,6 @@ def build_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval().requires_grad_(False)  # as attrsparse.load_model does
 
 
-@pytest.fixture(params=ARCHS)
-def arch(request) -> str:
-    return request.param
-
-
 @pytest.fixture
 def make_tiny():
     """``make_tiny(name, seed=0, dtype=torch.float32)`` -> a fresh model. Runs the test on one

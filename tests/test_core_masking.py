@@ -17,6 +17,7 @@ from conftest import ARCHS
 IDS = torch.tensor([[1, 5, 9, 17, 33, 2, 40, 41]])
 PROMPTS = torch.tensor([[1, 5, 9, 17, 33], [1, 60, 22, 3, 14]])
 
+
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -92,10 +93,10 @@ class ManualMasks:
         def hook(module, args):
             if self.row is None:
                 return None
-            x = args[0]  # [B, 1, K] (one new token per row)
+            x = args[0]  # [B, 1, K] (one new token per row); OPT's MLP input is [B*1, N]
             if kind == "mlp":
-                m = self.row[0][:, layer].unsqueeze(1).to(x.dtype)  # [B, 1, N]
-                return (x * m,) + tuple(args[1:])
+                m = self.row[0][:, layer].to(x.dtype)  # [B, N]
+                return (x * (m if x.dim() == 2 else m.unsqueeze(1)),) + tuple(args[1:])
             m = self.row[1][:, layer].to(x.dtype)  # [B, H]
             shaped = x.view(*x.shape[:-1], self.units.num_heads, self.units.head_dim)
             return ((shaped * m[:, None, :, None]).reshape(x.shape),) + tuple(args[1:])
@@ -262,10 +263,9 @@ def test_batched_schedule_equals_separate_runs(make_tiny, name):
         assert torch.equal(tokens[b], tok_b[0])
         torch.testing.assert_close(outs[b], out_b[0], atol=1e-5, rtol=1e-5)
         assert_accounting(single, expected_accounting(units, [batched[b, k] for k in range(T)]))
-    if name != "opt":  # the test's manual hooks assume [B, q, N]; OPT flattens the MLP input
-        ref_tokens, ref_outs = manual_schedule_run(model, PROMPTS, batched, T)
-        assert torch.equal(tokens, ref_tokens)
-        torch.testing.assert_close(outs, ref_outs, atol=1e-5, rtol=1e-5)
+    ref_tokens, ref_outs = manual_schedule_run(model, PROMPTS, batched, T)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(outs, ref_outs, atol=1e-5, rtol=1e-5)
     want = executed_ratio(batched, units)  # every (b, t) row once
     assert want.tokens == 2 * T
     assert_accounting(handle, want)

@@ -17,7 +17,6 @@ from attrsparse.hooks import capture_units
 from attrsparse.reference import reference_trace
 from conftest import ARCHS
 
-ARCH_PARAMS = list(ARCHS)
 
 PROMPTS = {1: [1], 5: [1, 5, 9, 17, 33]}
 TARGET = [7, 8, 40, 3, 11, 12]
@@ -32,7 +31,7 @@ def _assert_trace_close(a, b, atol=1e-5, rtol=1e-5):
 
 
 @pytest.mark.parametrize("prompt_len", [1, 5])
-@pytest.mark.parametrize("name", ARCH_PARAMS)
+@pytest.mark.parametrize("name", ARCHS)
 def test_one_pass_equals_reference(make_tiny, name, prompt_len):
     model = make_tiny(name)
     units = unit_map(model)
@@ -70,7 +69,7 @@ def test_gemma_sliding_window_is_exercised(make_tiny):
     assert (windowed - full).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ARCH_PARAMS)
+@pytest.mark.parametrize("name", ARCHS)
 def test_per_token_gradient_equals_plain_autograd(make_tiny, name):
     """g_t equals d loss_t / d x_t in a plain teacher-forced pass (one backward per token):
     x_t reaches loss_t only through position t's own computation."""
@@ -140,8 +139,7 @@ def exact_float64(model):
 
 
 @pytest.mark.parametrize("name, kind, prompt_len", [
-    (a, k, 5)
-    for a in ARCHS for k in ("mlp", "head")] + [("llama", "mlp", 1), ("llama", "head", 1)])
+    (a, k, 5) for a in ARCHS for k in ("mlp", "head")] + [("llama", "mlp", 1), ("llama", "head", 1)])
 def test_gradients_equal_central_finite_differences(make_tiny, name, kind, prompt_len):
     model = exact_float64(make_tiny(name, dtype=torch.float64))
     units = unit_map(model)

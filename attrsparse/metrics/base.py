@@ -30,6 +30,7 @@ class Metric:
     name: str = ""
     description: str = ""
     single_pass: bool = True
+    is_ig: bool = False  # Integrated Gradients (costly; limited by --ig-questions)
     kind: str = "attribution"  # "attribution" (oracle, per token), "selector" or "baseline"
 
     def from_trace(self, trace: GradientTrace, head_reduction: str = "sum") -> UnitScores:

@@ -99,6 +99,7 @@ class IntegratedGradients(Metric):
     name = "ig"
     description = "integrated gradients, zero baseline, one layer scaled at a time (the paper)"
     single_pass = False
+    is_ig = True
 
     def from_model(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
         return integrated_gradients(model, prompt_ids, target_ids, trace,
@@ -111,6 +112,7 @@ class IntegratedGradientsAllLayers(Metric):
     name = "ig_all_layers"
     description = "integrated gradients with all layers scaled together (faster variant)"
     single_pass = False
+    is_ig = True
 
     def from_model(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
         return integrated_gradients(model, prompt_ids, target_ids, trace,

@@ -3,7 +3,7 @@
 Three changes to the paper's per-layer top-k of corrected GxO, each switchable for the ablation:
 
 1. **Parameter-weighted budget with favoured heads.** ``ratio`` is the *parameter-weighted* target.
-   Heads keep a larger unit fraction ``ratio ** head_power`` (SmolLM2 at 0.3: 6 of 9 heads), then
+   Heads keep a larger unit fraction ``ratio ** head_power`` (SmolLM2 at 0.3: 5 of 9 heads), then
    each (token, layer) gets exactly the MLP units that fill the rest of the layer's parameter budget,
    given the query and key/value heads really kept. ``head_power=1`` gives the paper's equal ratios.
 2. **Progressive re-scoring** (removes the inter-layer dependency error instead of bounding it):
@@ -53,8 +53,8 @@ class ProgressiveSelector(Metric):
 
     kind = "selector"
     single_pass = False  # needs re-scoring passes (left out of per-candidate MC1)
-    groups = 6
-    head_power = 0.35
+    groups = 10
+    head_power = 0.5
     base_metric = "corrected_gxo"
 
     def masks_for(self, scores, ratio, policy="per_layer", **context) -> UnitMasks:
