@@ -64,14 +64,20 @@ def build_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval().requires_grad_(False)  # as attrsparse.load_model does
 
 
-@pytest.fixture
-def make_tiny():
-    """``make_tiny(name, seed=0, dtype=torch.float32)`` -> a fresh model. Runs the test on one
-    thread: tiny ops are dominated by thread synchronisation on small, busy CPUs."""
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs on one thread: tiny ops are dominated by thread synchronisation on small,
+    busy CPUs (about 10x slower on two busy cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield build_tiny
+    yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_tiny():
+    """``make_tiny(name, seed=0, dtype=torch.float32)`` -> a fresh model."""
+    return build_tiny
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,6 @@ T = 7  # new tokens per row
 LENGTHS = (3, 9, 1, 6)  # different prompt lengths -> left padding of 6, 0, 8 and 3 positions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def lm(tiny_truthfulqa_lm):
     return tiny_truthfulqa_lm(seed=0)

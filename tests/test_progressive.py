@@ -15,14 +15,6 @@ PROMPT = torch.tensor([1, 5, 9, 17])
 TARGET = torch.tensor([3, 8, 21, 4, 30])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def context(model):
     return dict(model=model, prompt_ids=PROMPT, target_ids=TARGET, units=unit_map(model),
                 trace=trace_gradients(model, PROMPT, TARGET).row(0))

@@ -65,15 +65,6 @@ def count_calls(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def no_plots(monkeypatch):
     """Skip the figures (the slowest part of a tiny sweep) where a test does not look at them."""
