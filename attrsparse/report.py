@@ -281,7 +281,7 @@ def write_report(results: dict, out_dir: Path, dependency: dict | None = None) -
           + (f"; IG on only {ig_q} questions" if ig_q and n and ig_q < n else ""),
           f"- max_new_tokens {cfg.get('max_new_tokens', '?')}, seed {cfg.get('seed', '?')}, "
           f"mask_prefill {cfg.get('mask_prefill', False)}",
-          f"- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+          "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
     share = _num(units.get("attention_share_of_maskable"))
     prefill = ("the whole prompt is masked with the first row" if cfg.get("mask_prefill")
                else "the prompt runs dense except its last position, which produces the first "

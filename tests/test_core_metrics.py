@@ -151,7 +151,6 @@ def incremental_zeroed_loss(model, t, layer, kind):
     units = unit_map(model)
     module = (units.down_modules if kind == "mlp" else units.out_modules)[layer]
     cache = DynamicCache(config=model.config)
-    losses = []
     with torch.no_grad():
         model(input_ids=torch.tensor([PROMPT[:-1]]), cache=cache, use_cache=True)
         for step, token in enumerate([PROMPT[-1]] + TARGET[:t]):

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from attrsparse.cli import main
 from attrsparse.errors import UserError
