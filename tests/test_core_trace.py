@@ -165,3 +165,15 @@ def test_gradients_equal_central_finite_differences(make_tiny, name, kind, promp
                 fd = (up - down) / (2 * eps)
                 # the trace is float32; FD in float64 is accurate to ~1e-8
                 assert flat[ch].item() == pytest.approx(fd, abs=2e-5, rel=1e-4), (t, layer, ch)
+
+
+def test_bf16_trace_runs_and_is_close_to_fp32(make_tiny):
+    """bf16 is a speed option: same shapes, scores close to fp32 (loose bf16 tolerance)."""
+    model = make_tiny("llama")
+    prompt, target = torch.tensor(PROMPTS[5]), torch.tensor(TARGET)
+    exact = trace_gradients(model, prompt, target).row(0)
+    low = trace_gradients(model.to(torch.bfloat16), prompt, target).row(0)
+    assert low.mlp_g.dtype == torch.float32 and low.mlp_g.shape == exact.mlp_g.shape
+    rel = (low.mlp_g - exact.mlp_g).norm() / exact.mlp_g.norm()
+    assert rel < 0.1
+    torch.testing.assert_close(low.losses, exact.losses, atol=0.1, rtol=0.05)
