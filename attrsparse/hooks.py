@@ -58,7 +58,6 @@ class UnitHooks:
         self.head_mult: torch.Tensor | None = None
         self.mlp_inputs: list[torch.Tensor | None] = [None] * self.units.num_layers
         self.head_inputs: list[torch.Tensor | None] = [None] * self.units.num_layers
-        self.on_forward = None  # optional callback(layer, kind, x) for accounting
         self._layer_shape: list[tuple[int, int] | None] = [None] * self.units.num_layers
         self._handles: list = []
 
@@ -81,8 +80,6 @@ class UnitHooks:
                 x = x * m.to(x.dtype)
             if self.capture:
                 self.mlp_inputs[layer] = x
-            if self.on_forward is not None:
-                self.on_forward(layer, "mlp", x, m)
             return (x.reshape(flat.shape),) + tuple(args[1:])
         return hook
 
@@ -99,8 +96,6 @@ class UnitHooks:
                 x = shaped.reshape(x.shape)
             if self.capture:
                 self.head_inputs[layer] = shaped
-            if self.on_forward is not None:
-                self.on_forward(layer, "heads", shaped, m)
             return (x,) + tuple(args[1:])
         return hook
 

@@ -13,8 +13,6 @@ Register a metric with ``@register_metric``; :func:`get_metric` resolves names w
 from __future__ import annotations
 
 import difflib
-from typing import Callable
-
 import torch
 
 from ..errors import UserError
@@ -91,5 +89,3 @@ def gxo_terms(trace: GradientTrace, head_reduction: str) -> UnitScores:
     """GxO importance ``-x * g`` (heads: ``-sum_d o_d g_d``, or the mean)."""
     return UnitScores(-(trace.mlp_x * trace.mlp_g), head_sum(-(trace.head_x * trace.head_g), head_reduction))
 
-
-MetricFn = Callable[[GradientTrace, str], UnitScores]
