@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import UserError
 from .metrics import get_metric
 from .trace import GradientTrace, as_ids, trace_gradients
 from .units import UnitScores
@@ -28,13 +29,14 @@ def score(model: nn.Module, prompt_ids, target_ids, metrics=("corrected_gxo",), 
     """
     prompt, target = as_ids(prompt_ids, "prompt"), as_ids(target_ids, "target")
     chosen = [get_metric(m) for m in ([metrics] if isinstance(metrics, str) else metrics)]
+    selectors = [m.name for m in chosen if m.kind == "selector"]
+    if selectors:
+        raise UserError(f"{', '.join(selectors)}: a selector gives masks, not scores; use "
+                        f"attrsparse.get_metric(name).masks_for(...) or `attrsparse sweep --metrics`")
     if trace is None:
         trace = trace_gradients(model, prompt, target).row(0)
     out = {}
-    for metric in chosen:
-        if metric.single_pass:
-            out[metric.name] = metric.from_trace(trace, head_reduction)
-        else:
-            out[metric.name] = metric.from_model(model, prompt, target, trace,
-                                                 head_reduction=head_reduction, ig_steps=ig_steps)
+    for metric in chosen:  # from_model defaults to from_trace (no extra passes)
+        out[metric.name] = metric.from_model(model, prompt, target, trace,
+                                             head_reduction=head_reduction, ig_steps=ig_steps)
     return out

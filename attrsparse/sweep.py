@@ -135,9 +135,7 @@ class Sweep:
             metric = get_metric(name)
             if metric.kind == "selector":
                 scores[name] = None
-            elif metric.single_pass:
-                scores[name] = metric.from_trace(trace, cfg.head_reduction)
-            else:
+            else:  # from_model defaults to from_trace (no extra passes)
                 scores[name] = metric.from_model(self.model, prompt, target, trace,
                                                  head_reduction=cfg.head_reduction, ig_steps=cfg.ig_steps)
         context = {"model": self.model, "prompt_ids": prompt, "target_ids": target, "trace": trace,

@@ -1,6 +1,6 @@
 """Importance metrics and selectors, one module each, behind one interface and a registry."""
 
-from . import corrected_gxo, gradient, gxo, ig, magnitude, progressive, snip  # noqa: F401  (registration)
+from . import baselines, corrected_gxo, gradient, gxo, ig, magnitude, progressive, snip  # noqa: F401
 from .base import Metric, get_metric, list_metrics, register_metric
 
 PAPER_METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "corrected_gxo")
