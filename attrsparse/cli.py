@@ -39,8 +39,11 @@ def cmd_info(args) -> int:
 def cmd_metrics(args) -> int:
     from .metrics import get_metric, list_metrics
 
-    for name in list_metrics():
-        print(f"{name:<16} {get_metric(name).description}")
+    names = list_metrics()
+    width = max(len(n) for n in names)
+    for name in names:
+        metric = get_metric(name)
+        print(f"{name:<{width}}  {metric.kind:<11}  {metric.description}")
     return 0
 
 
@@ -99,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("metrics", help="list the registered importance metrics")
+    p = sub.add_parser("metrics", help="list every metric, selector and baseline with its kind")
     p.set_defaults(func=cmd_metrics)
     p = sub.add_parser("selectors", help="list every metric and selector by name")
     p.set_defaults(func=cmd_metrics)
