@@ -46,7 +46,7 @@ from .io import atomic_write_json
 from .metrics import get_metric
 from .prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from .selection import keep_count, select, top_k_mask
-from .trace import GradientTrace, forward_units, position_multipliers, trace_gradients
+from .trace import GradientTrace, forward_units, position_multipliers, record_dense_kv, trace_gradients
 
 __all__ = ["DependencyConfig", "run_dependency", "split_layer", "score_change", "sample_ablations",
            "ablation_deltas", "ablation_errors", "error_stats", "PAPER_FIG5",
@@ -217,14 +217,6 @@ def sample_ablations(units, num_tokens: int, n: int, head_fraction: float,
         seen.add((kind, layer, idx, t))
         out.append((kind, layer, idx, t))
     return out
-
-
-def record_dense_kv(model, prompt_ids, target_ids) -> KVRecorder:
-    """Dense keys/values of the teacher-forced pass, served to later passes."""
-    recorder = KVRecorder()
-    forward_units(model, prompt_ids, target_ids, recorder=recorder, want_grad=False)
-    recorder.record = False
-    return recorder
 
 
 def _pack(ablations: list[tuple]) -> list[list[int]]:

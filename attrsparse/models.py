@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from attrsparse.errors import CacheError, UserError
+from attrsparse.io import sha256_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -104,14 +105,6 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _edge_sha256(path: Path, size: int) -> str:
@@ -209,7 +202,7 @@ def _materialise_gguf(entry: PackagedModel) -> Path:
                         + entry.install.replace("install", "install --force-reinstall", 1))
     target, packaged = _gguf_location(entry), entry.alias == "smollm2-135m"  # else assembled
     if target is not None and target.is_file():
-        if _sha256_file(target) == entry.sha256:
+        if sha256_file(target) == entry.sha256:
             return target
         if packaged:
             raise corrupt
@@ -233,7 +226,7 @@ def _materialise_gguf(entry: PackagedModel) -> Path:
                         raise missing
                     with open(part, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 22)
-            if _sha256_file(tmp) != entry.sha256:
+            if sha256_file(tmp) != entry.sha256:
                 raise corrupt
         os.replace(tmp, target)
     finally:
@@ -284,7 +277,7 @@ def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fin
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             size = path.stat().st_size
             files[path.relative_to(tmp).as_posix()] = {
-                "size": size, "sha256": _sha256_file(path), "edge_sha256": _edge_sha256(path, size)}
+                "size": size, "sha256": sha256_file(path), "edge_sha256": _edge_sha256(path, size)}
         manifest = {"format": _CACHE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "transformers": transformers.__version__, "torch": torch.__version__,
                     "source": source, "files": files}
@@ -333,7 +326,7 @@ def _load_gguf_cached(final: Path, get_gguf: Callable[[], Path], source: dict, d
     _warn(f"converting {gguf.name} to a float32 safetensors copy in {final} (once)")
     model, tokenizer = _dequantise_gguf(gguf)
     source = {**source, "gguf_path": str(gguf),
-              "gguf_sha256": source.get("gguf_sha256") or _sha256_file(gguf)}
+              "gguf_sha256": source.get("gguf_sha256") or sha256_file(gguf)}
     try:
         _write_cache(model, tokenizer, final, source)
     except OSError as exc:
@@ -404,5 +397,5 @@ def describe_source(spec: str = DEFAULT_MODEL) -> dict:
         info.update(resolved_path=str(target), cache_dir=str(entry_dir := _entry_dir(kind, target)))
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             info["sha256"] = json.loads((entry_dir / MANIFEST).read_text())["source"]["gguf_sha256"]
-        info["sha256"] = info["sha256"] or _sha256_file(target)
+        info["sha256"] = info["sha256"] or sha256_file(target)
     return info

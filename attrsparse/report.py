@@ -37,12 +37,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from .io import atomic_write_text
 from .plots import _metric_order, _num, metric_label, normalised_errors
 
 __all__ = ["write_report", "write_csv", "table2", "ordering_agreement", "Agreement",
@@ -225,14 +225,6 @@ def _dependency_section(dep: dict) -> list[str]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def write_csv(results: dict, out_dir: Path) -> Path:
     """Write ``results.csv``: one row per (metric, ratio) with every aggregate field."""
     aggs = results.get("aggregates", [])
@@ -242,7 +234,7 @@ def write_csv(results: dict, out_dir: Path) -> Path:
     writer.writeheader()
     for a in aggs:
         writer.writerow({k: ("" if a.get(k) is None else a.get(k)) for k in fields})
-    return _atomic_write(Path(out_dir) / "results.csv", buf.getvalue())
+    return atomic_write_text(Path(out_dir) / "results.csv", buf.getvalue())
 
 
 def write_report(results: dict, out_dir: Path, dependency: dict | None = None) -> Path:
@@ -326,4 +318,4 @@ def write_report(results: dict, out_dir: Path, dependency: dict | None = None) -
     if dependency is not None:
         L += _dependency_section(dependency)
     L += ["## Figures", "", "![curves](curves.png)", ""]
-    return _atomic_write(Path(out_dir) / "report.md", "\n".join(L))
+    return atomic_write_text(Path(out_dir) / "report.md", "\n".join(L))

@@ -25,7 +25,7 @@ from .architectures import unit_map
 from .decoding import masked_greedy_decode, masked_loglik
 from .errors import UserError, check_ratio
 from .io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
-from .metrics import get_metric, resolve_metric_names
+from .metrics import PAPER_METRICS, get_metric, resolve_metric_names
 from .prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from .tasks import load_truthfulqa
 from .tasks.truthfulqa import resolve_truthfulqa_path
@@ -33,7 +33,6 @@ from .textmetrics import mean_and_stderr, rouge_l, sentence_bleu, truth_scores
 from .trace import GradientTrace, trace_gradients
 from .units import UnitMasks, executed_ratio
 
-PAPER_METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "corrected_gxo")
 DATASETS = ("truthfulqa", "truthfulqa_gen")
 
 

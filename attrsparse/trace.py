@@ -90,6 +90,14 @@ def forward_units(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
     return captured, losses.detach(), grads, p, t
 
 
+def record_dense_kv(model: nn.Module, prompt_ids, target_ids) -> KVRecorder:
+    """Keys/values of one dense teacher-forced pass, to be served to later passes (off-diagonal)."""
+    recorder = KVRecorder()
+    forward_units(model, prompt_ids, target_ids, recorder=recorder, want_grad=False)
+    recorder.record = False
+    return recorder
+
+
 def trace_gradients(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
                     mlp_mult=None, head_mult=None,
                     recorder: KVRecorder | None = None) -> GradientTrace:

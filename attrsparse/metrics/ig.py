@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..architectures import unit_map
-from ..attention import KVRecorder
-from ..trace import forward_units
+from ..trace import forward_units, record_dense_kv
 from ..units import UnitScores
 from .base import Metric, head_sum, register_metric
 
@@ -32,13 +31,6 @@ DEFAULT_STEPS = 20
 
 def alphas(n_steps: int) -> torch.Tensor:
     return torch.arange(1, n_steps + 1, dtype=torch.float32) / n_steps
-
-
-def _record_dense_kv(model, prompt_ids, target_ids) -> KVRecorder:
-    recorder = KVRecorder()
-    forward_units(model, prompt_ids, target_ids, recorder=recorder, want_grad=False)
-    recorder.record = False
-    return recorder
 
 
 def _grad_sums(model, prompt_ids, target_ids, recorder, layers, kind, n_steps, chunk):
@@ -78,7 +70,7 @@ def integrated_gradients(model, prompt_ids, target_ids, trace, *, n_steps: int =
     p = torch.as_tensor(prompt_ids).numel()
     t = trace.mlp_x.shape[0]
     sl = slice(p - 1, p - 1 + t)
-    recorder = _record_dense_kv(model, prompt_ids, target_ids)
+    recorder = record_dense_kv(model, prompt_ids, target_ids)
     layer_groups = [list(range(units.num_layers))] if all_layers else [[l] for l in range(units.num_layers)]
     mlp = torch.zeros_like(trace.mlp_x)
     heads = torch.zeros(*trace.head_x.shape[:-1])
