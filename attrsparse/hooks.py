@@ -48,6 +48,10 @@ class UnitHooks:
         head_mult: None, a tensor ``[L, H]``, ``[B, L, H]`` or ``[B, q, L, H]``, or a per-layer list
         capture:   when True, ``mlp_inputs[l]`` ``[B, q, N]`` and ``head_inputs[l]``
                    ``[B, q, H, D]`` hold the last forward's (multiplied) inputs.
+        mlp_rule:  None or ``fn(layer, x [B, q, N]) -> keep [B, q, N] (bool)``, decided from the
+                   live input inside the forward pass (online selectors such as TEAL);
+        head_rule: None or ``fn(layer, o [B, q, H, D]) -> keep [B, q, H] (bool)``.
+                   The masks a rule returned are kept in ``rule_mlp[l]`` / ``rule_heads[l]``.
     """
 
     def __init__(self, model: nn.Module, capture: bool = False):
@@ -56,6 +60,10 @@ class UnitHooks:
         self.capture = capture
         self.mlp_mult: torch.Tensor | None = None
         self.head_mult: torch.Tensor | None = None
+        self.mlp_rule = None
+        self.head_rule = None
+        self.rule_mlp: list[torch.Tensor | None] = [None] * self.units.num_layers
+        self.rule_heads: list[torch.Tensor | None] = [None] * self.units.num_layers
         self.mlp_inputs: list[torch.Tensor | None] = [None] * self.units.num_layers
         self.head_inputs: list[torch.Tensor | None] = [None] * self.units.num_layers
         self._layer_shape: list[tuple[int, int] | None] = [None] * self.units.num_layers
@@ -78,6 +86,10 @@ class UnitHooks:
             m = _per_layer(self.mlp_mult, layer)
             if m is not None:
                 x = x * m.to(x.dtype)
+            if self.mlp_rule is not None:
+                keep = self.mlp_rule(layer, x)
+                self.rule_mlp[layer] = keep
+                x = x * keep.to(x.dtype)
             if self.capture:
                 self.mlp_inputs[layer] = x
             return (x.reshape(flat.shape),) + tuple(args[1:])
@@ -92,6 +104,11 @@ class UnitHooks:
             shaped = x.view(*x.shape[:-1], heads, dim)
             if m is not None:
                 shaped = shaped * m.to(x.dtype).unsqueeze(-1)
+            if self.head_rule is not None:
+                keep = self.head_rule(layer, shaped)
+                self.rule_heads[layer] = keep
+                shaped = shaped * keep.to(x.dtype).unsqueeze(-1)
+                m = keep
             if m is not None or self.capture:  # the captured view must be on the graph's path
                 x = shaped.reshape(x.shape)
             if self.capture:

@@ -62,15 +62,22 @@ def token_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def forward_units(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
                   mlp_mult=None, head_mult=None, recorder: KVRecorder | None = None,
-                  grad_layers: list[int] | None = None, want_grad: bool = True) -> tuple:
+                  grad_layers: list[int] | None = None, want_grad: bool = True,
+                  labels=None) -> tuple:
     """Run the teacher-forced pass; return (hooks, losses ``[B, T]``, grads, P, T).
+
+    ``labels`` ``[T]`` (default: ``target_ids``) are the tokens whose losses are attributed; the
+    oracle policy of :mod:`attrsparse.policies` feeds a text as ``target`` and the dense model's own
+    predictions as ``labels``.
 
     ``mlp_mult`` / ``head_mult`` follow :class:`attrsparse.hooks.UnitHooks` (``q`` = S positions).
     ``grads`` is ``(mlp_grads, head_grads)``: per layer in ``grad_layers`` (default all), the
     gradient ``[B, S, N]`` / ``[B, S, H, D]`` of ``sum(losses)`` w.r.t. the unit outputs.
     """
     ids, p, t = teacher_forced_ids(prompt_ids, target_ids)
-    target = as_ids(target_ids, "target")
+    target = as_ids(target_ids if labels is None else labels, "labels")
+    if target.numel() != t:
+        raise ValueError(f"{target.numel()} labels for {t} target tokens")
     embed = model.get_input_embeddings()
     with torch.no_grad():
         embeds = embed(ids.unsqueeze(0)).expand(rows, -1, -1).clone()
@@ -100,11 +107,12 @@ def record_dense_kv(model: nn.Module, prompt_ids, target_ids) -> KVRecorder:
 
 def trace_gradients(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
                     mlp_mult=None, head_mult=None,
-                    recorder: KVRecorder | None = None) -> GradientTrace:
-    """One forward + one backward -> :class:`GradientTrace` at the T target positions."""
+                    recorder: KVRecorder | None = None, labels=None) -> GradientTrace:
+    """One forward + one backward -> :class:`GradientTrace` at the T target positions
+    (losses of ``labels``, default ``target_ids``)."""
     (mlp_in, head_in), losses, (mlp_g, head_g), p, t = forward_units(
         model, prompt_ids, target_ids, rows=rows, mlp_mult=mlp_mult, head_mult=head_mult,
-        recorder=recorder)
+        recorder=recorder, labels=labels)
     sl = slice(p - 1, p - 1 + t)
 
     def stack(tensors):

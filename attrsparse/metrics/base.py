@@ -49,6 +49,14 @@ class Metric:
 
         return select(scores, ratio, policy)
 
+    def make_policy(self, ratio: float, **options):
+        """The :class:`~attrsparse.policies.SparsityPolicy` that evaluates this metric on tasks.
+        Default: the paper's oracle (per-position masks along the dense model's predictions);
+        deployable baselines override this (online thresholds, static masks)."""
+        from ..policies.oracle import OraclePolicy
+
+        return OraclePolicy(self, ratio, **options)
+
     def masks_for_many(self, scores: UnitScores | None, ratios, policy: str = "per_layer",
                        **context) -> list[UnitMasks]:
         """:meth:`masks_for` at several ratios (selectors batch them)."""

@@ -61,7 +61,8 @@ class ProgressiveSelector(Metric):
         return self.masks_for_many(scores, [ratio], policy, **context)[0]
 
     def masks_for_many(self, scores, ratios, policy="per_layer", *, model=None, prompt_ids=None,
-                       target_ids=None, trace=None, units=None, head_reduction="sum", **_) -> list[UnitMasks]:
+                       target_ids=None, trace=None, units=None, head_reduction="sum", labels=None,
+                       **_) -> list[UnitMasks]:
         metric = get_metric(self.base_metric)
         layers = units.num_layers
         blocks = [list(b) for b in torch.arange(layers).tensor_split(min(self.groups, layers)) if len(b)]
@@ -75,7 +76,7 @@ class ProgressiveSelector(Metric):
                 current = trace_gradients(
                     model, prompt_ids, target_ids, rows=len(ratios),
                     mlp_mult=position_multipliers(mlp, prompt_len),
-                    head_mult=position_multipliers(heads, prompt_len))
+                    head_mult=position_multipliers(heads, prompt_len), labels=labels)
             for r, ratio in enumerate(ratios):
                 s = metric.from_trace(_row(current, r if g > 0 else 0), head_reduction)
                 part = UnitScores(s.mlp[:, block], s.heads[:, block])

@@ -1,0 +1,166 @@
+"""Sparsity policies: how the units of every forward pass are chosen, for evaluation and serving.
+
+A policy runs a padded batch of token ids through the model under unit masks and returns the
+logits together with the masks it really executed, so every evaluation (multiple choice by
+log-likelihood, perplexity, lm-evaluation-harness) runs any policy and accounts it honestly.
+Every position of every sequence is masked, prompt included (no dense prefill).
+
+Modes (``SparsityPolicy.mode``):
+
+* ``dense``: all units.
+* ``oracle`` (the paper's protocol): per-position masks from an attribution metric, scored along
+  the dense model's own greedy prediction at each position (never the ground truth); needs a dense
+  pass and a backward pass per sequence, so it is a quality bound, not a deployable mode.
+* ``online`` (TEAL, CATS): masks decided inside the pass from the live unit inputs by thresholds
+  calibrated beforehand (:meth:`SparsityPolicy.prepare`).
+* ``static`` (Wanda-style, calibrated attribution masks): one fixed mask ``[L, *]``.
+* ``predictor``: masks predicted from each layer's input hidden state (:mod:`attrsparse.deploy`).
+
+Build one with :func:`make_policy`; a metric chooses its mode through :meth:`Metric.make_policy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..architectures import unit_map
+from ..errors import UserError, check_ratio
+from ..hooks import UnitHooks
+from ..units import ExecutedRatio, UnitMasks, executed_ratio
+
+MODES = ("dense", "oracle", "online", "static", "predictor")
+
+
+@dataclass
+class PolicyOutput:
+    """``logits [B, S, V]`` (float32) and the executed keep-masks ``mlp [B, S, L, N]``,
+    ``heads [B, S, L, H]`` (padding positions included; the caller drops them)."""
+
+    logits: torch.Tensor
+    masks: UnitMasks
+
+
+class SparsityPolicy:
+    """Chooses the units of each forward pass at one target ratio (see the module docstring)."""
+
+    mode: str = "dense"
+    deployable: bool = True  # masks decided before the skipped work, without labels
+
+    def __init__(self, name: str = "dense", ratio: float = 1.0):
+        self.name = name
+        self.ratio = check_ratio(ratio)
+
+    def prepare(self, model: nn.Module, calibration: list[torch.Tensor] | None = None) -> None:
+        """Calibrate on ``calibration`` sequences (1-D id tensors); default: nothing to do."""
+
+    def forward(self, model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PolicyOutput:
+        """Logits of ``ids [B, S]`` under this policy's masks."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"selector": self.name, "mode": self.mode, "requested_ratio": self.ratio,
+                "deployable": self.deployable}
+
+
+def model_logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Plain forward without a cache: ``[B, S, V]`` float32."""
+    return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits.float()
+
+
+def _dense_masks(model: nn.Module, batch: int, seq: int) -> UnitMasks:
+    return UnitMasks.dense(unit_map(model), batch, seq)
+
+
+class DensePolicy(SparsityPolicy):
+    """All units; the reference every other policy is compared with."""
+
+    mode = "dense"
+
+    @torch.no_grad()
+    def forward(self, model, ids, attention_mask=None):
+        return PolicyOutput(model_logits(model, ids, attention_mask), _dense_masks(model, *ids.shape))
+
+
+class StaticPolicy(SparsityPolicy):
+    """One fixed mask ``mlp [L, N]``, ``heads [L, H]`` at every position."""
+
+    mode = "static"
+
+    def __init__(self, name: str, ratio: float, masks: UnitMasks | None = None):
+        super().__init__(name, ratio)
+        self.masks = masks
+
+    @torch.no_grad()
+    def forward(self, model, ids, attention_mask=None):
+        if self.masks is None:
+            raise RuntimeError(f"{self.name}: static masks are not prepared; call prepare() first")
+        with UnitHooks(model) as hooks:
+            hooks.mlp_mult, hooks.head_mult = self.masks.mlp, self.masks.heads
+            logits = model_logits(model, ids, attention_mask)
+        b, s = ids.shape
+        return PolicyOutput(logits, UnitMasks(self.masks.mlp.expand(b, s, *self.masks.mlp.shape),
+                                              self.masks.heads.expand(b, s, *self.masks.heads.shape)))
+
+
+class OnlinePolicy(SparsityPolicy):
+    """Masks decided in the pass by :meth:`mlp_keep` / :meth:`head_keep` from the live inputs."""
+
+    mode = "online"
+
+    def mlp_keep(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, q, N]`` -> keep ``[B, q, N]`` (bool)."""
+        raise NotImplementedError
+
+    def head_keep(self, layer: int, o: torch.Tensor) -> torch.Tensor:
+        """``o [B, q, H, D]`` -> keep ``[B, q, H]`` (bool)."""
+        raise NotImplementedError
+
+    def install(self, hooks: UnitHooks) -> None:
+        hooks.mlp_rule, hooks.head_rule = self.mlp_keep, self.head_keep
+
+    @torch.no_grad()
+    def forward(self, model, ids, attention_mask=None):
+        with UnitHooks(model) as hooks:
+            self.install(hooks)
+            logits = model_logits(model, ids, attention_mask)
+            masks = UnitMasks(torch.stack([m.bool() for m in hooks.rule_mlp], dim=2),
+                              torch.stack([m.bool() for m in hooks.rule_heads], dim=2))
+        return PolicyOutput(logits, masks)
+
+
+def account(masks: UnitMasks, attention_mask: torch.Tensor | None, units) -> ExecutedRatio:
+    """Executed ratio of masks ``[B, S, L, *]`` over the real (unpadded) positions."""
+    if attention_mask is None:
+        return executed_ratio(masks, units)
+    keep = attention_mask.bool()
+    return executed_ratio(UnitMasks(masks.mlp[keep], masks.heads[keep]), units)
+
+
+def make_policy(selector: str, ratio: float, **options) -> SparsityPolicy:
+    """Build the policy for ``selector`` at ``ratio``.
+
+    ``selector`` is ``dense``, any registered metric or selector name (it picks its own mode via
+    ``Metric.make_policy``), ``static:PATH`` (masks written by ``attrsparse calibrate``) or
+    ``predictor:PATH`` (predictors written by ``attrsparse train-predictor``). ``options`` go to the
+    policy (e.g. ``policy="per_layer"``, ``head_reduction``).
+    """
+    ratio = check_ratio(ratio)
+    if selector == "dense" or ratio >= 1.0 and selector.split(":")[0] not in ("static", "predictor"):
+        return DensePolicy("dense" if selector == "dense" else selector, 1.0)
+    if ":" in selector:
+        kind, path = selector.split(":", 1)
+        if kind == "static":
+            from ..deploy.calibrate import load_static_policy
+
+            return load_static_policy(path, ratio)
+        if kind == "predictor":
+            from ..deploy.predictor import load_predictor_policy
+
+            return load_predictor_policy(path, ratio)
+        raise UserError(f"unknown selector prefix '{kind}:' (use static:PATH or predictor:PATH)")
+    from ..metrics import get_metric
+
+    return get_metric(selector).make_policy(ratio, **options)

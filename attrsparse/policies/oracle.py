@@ -1,0 +1,63 @@
+"""The paper's oracle as a policy for teacher-forced evaluation.
+
+For one sequence ``x [S]``: (1) a dense pass gives the model's own prediction ``y_t = argmax``
+at every position (the label; the ground truth is never used); (2) one trace over ``x`` attributes
+``loss_t = CE(logits_t, y_t)`` to every unit at every position (:func:`trace_gradients` with the
+text as input and ``y`` as labels); (3) the metric's scores give per-position masks at the ratio
+(selectors such as ``progressive_gxo`` re-score under their own masks); (4) the masked pass over
+``x`` gives the logits. Rows are processed one at a time (padding is stripped per row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..architectures import unit_map
+from ..errors import UserError
+from ..hooks import UnitHooks
+from ..trace import trace_gradients
+from ..units import UnitMasks
+from .base import PolicyOutput, SparsityPolicy, model_logits
+
+
+class OraclePolicy(SparsityPolicy):
+    """Per-position attribution masks along the dense model's own predictions."""
+
+    mode = "oracle"
+    deployable = False
+
+    def __init__(self, metric, ratio: float, policy: str = "per_layer", head_reduction: str = "sum", **_):
+        super().__init__(metric.name, ratio)
+        if metric.is_ig:
+            raise UserError(f"{metric.name}: Integrated Gradients needs {20}+ passes per sequence; "
+                            "use it in `attrsparse sweep`, not in task evaluations")
+        self.metric = metric
+        self.policy = policy
+        self.head_reduction = head_reduction
+
+    def row_masks(self, model, ids: torch.Tensor) -> UnitMasks:
+        """Masks ``[S, L, *]`` for one unpadded sequence ``ids [S]``."""
+        with torch.no_grad():
+            labels = model_logits(model, ids.unsqueeze(0), None)[0].argmax(-1)  # [S]
+        prompt, target = ids[:1], torch.cat([ids[1:], labels[-1:]])
+        trace = trace_gradients(model, prompt, target, labels=labels).row(0)
+        units = unit_map(model)
+        scores = None if self.metric.kind == "selector" else \
+            self.metric.from_model(model, prompt, target, trace, head_reduction=self.head_reduction)
+        return self.metric.masks_for(scores, self.ratio, self.policy, model=model, prompt_ids=prompt,
+                                     target_ids=target, labels=labels, trace=trace, units=units,
+                                     head_reduction=self.head_reduction)
+
+    def forward(self, model, ids, attention_mask=None):
+        units = unit_map(model)
+        b, s = ids.shape
+        keep = torch.ones(b, s, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        masks = UnitMasks.dense(units, b, s)
+        for row in range(b):
+            chosen = self.row_masks(model, ids[row][keep[row]])
+            masks.mlp[row][keep[row]] = chosen.mlp
+            masks.heads[row][keep[row]] = chosen.heads
+        with torch.no_grad(), UnitHooks(model) as hooks:
+            hooks.mlp_mult, hooks.head_mult = masks.mlp, masks.heads
+            logits = model_logits(model, ids, attention_mask)
+        return PolicyOutput(logits, masks)
