@@ -56,19 +56,26 @@ def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
     p.add_argument("--no-mc1", action="store_true", help="skip TruthfulQA MC1 under the masks")
     p.add_argument("--mc1-ratios", default=None, help="ratios at which MC1 runs under masks (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-scores", action="store_true",
+                   help="keep every question's per-token scores in OUT/scores (safetensors shards)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="MB",
+                   help="memory budget of the streamed-scores buffer (default 256; needs --stream-scores)")
     p.add_argument("--out", required=True, help="output directory (resumes if it holds a run)")
 
 
 def _sweep_config(args):
     from .sweep import SweepConfig
 
+    if args.max_memory is not None and not args.stream_scores:
+        raise UserError("--max-memory bounds the streamed scores; add --stream-scores")
     return SweepConfig(
         model=args.model, dataset=args.dataset, data=args.data, metrics=_metric_names(args.metrics),
         ratios=_floats(args.ratios, "--ratios"), policy=args.policy, template=args.template,
         limit=args.limit, offset=args.offset, questions=_ints(args.questions, "--questions"),
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, head_reduction=args.head_reduction,
         ig_steps=args.ig_steps, ig_questions=args.ig_questions, mask_prefill=args.mask_prefill,
-        mc1=not args.no_mc1, seed=args.seed,
+        mc1=not args.no_mc1, seed=args.seed, stream_scores=args.stream_scores,
+        max_memory_mb=256.0 if args.max_memory is None else args.max_memory,
         mc1_ratios=_floats(args.mc1_ratios, "--mc1-ratios") if args.mc1_ratios else None)
 
 
@@ -76,8 +83,8 @@ def cmd_sweep(args) -> int:
     from .sweep import Sweep
 
     sweep = Sweep(_sweep_config(args), Path(args.out))
-    sweep.run()
-    print(f"report: {Path(args.out) / 'report.md'}\nplots:  {Path(args.out) / 'curves.png'}")
+    if sweep.run() is not None:  # None on the other ranks of a torchrun job: rank 0 reports
+        print(f"report: {Path(args.out) / 'report.md'}\nplots:  {Path(args.out) / 'curves.png'}")
     return 0
 
 
@@ -140,3 +147,7 @@ def register_commands(sub) -> None:
     p.add_argument("--mc1-ratios", default="0.3,0.5", help="ratios with MC1 under masks")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    from .evaluation.commands import register_evaluation_commands  # evaluate, compare
+
+    register_evaluation_commands(sub)

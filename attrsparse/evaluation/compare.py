@@ -1,0 +1,211 @@
+"""``attrsparse compare``: selectors x tasks x activation ratios x models, side by side.
+
+One job = (model, task, selector, ratio); ``dense`` at ratio 1.0 is run once per (model, task)
+and every other number is also given relative to it. Each finished job is written atomically to
+``out/records/<model>/<task>/<selector>@<ratio>.json`` under a fingerprint of the settings, so an
+interrupted run resumes where it stopped. The merged outputs are:
+
+* ``compare.json`` (config, versions, records, frontier), ``compare.csv`` and ``compare.md``
+  (one table per task: rows = selectors, columns = requested ratios, each cell ``value (executed
+  ratio)``, plus the frontier: the lowest requested ratio at which a selector stays within
+  tolerance of dense);
+* ``<task>.png``/``.svg``: the task's metric against the executed parameter-weighted ratio, one
+  panel per model.
+
+Primary metrics and tolerances: multiple choice ``acc`` (MC2: ``mc2``) within 5% relative of
+dense, perplexity ``ppl`` within 10% relative, generation ``bleu_vs_dense`` >= 95 (of 100).
+Deployable policies (online, static, predictor) are calibrated once per (model, selector, ratio)
+on calibration sequences disjoint from the evaluated data (:mod:`attrsparse.calibration`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..errors import UserError, check_ratio
+from ..io import atomic_write_json, atomic_write_text, stable_hash
+from ..tasks import get_task
+from .evaluate import evaluate_task
+
+PRIMARY = {"multiple_choice": "acc", "perplexity": "ppl", "generation": "bleu_vs_dense"}
+LOWER_IS_BETTER = {"ppl"}
+TOLERANCE = {"acc": 0.05, "mc2": 0.05, "ppl": 0.10}
+
+
+@dataclass
+class CompareConfig:
+    models: list = field(default_factory=lambda: ["smollm2-135m"])
+    tasks: list = field(default_factory=lambda: ["arc_easy", "sciq", "truthfulqa_mc1", "wikitext2"])
+    selectors: list = field(default_factory=lambda: ["corrected_gxo", "magnitude", "teal", "cats",
+                                                     "wina", "wanda", "random"])
+    ratios: list = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    limit: int | None = 100
+    offset: int = 0
+    max_tokens: int = 4096  # perplexity: tokens of the test split
+    max_new_tokens: int = 32  # generation
+    calib: str = "wikitext2"
+    calib_sequences: int = 32
+    calib_len: int = 128
+    dtype: str = "float32"
+    policy: str = "per_layer"  # selection policy of oracle metrics
+    data: dict = field(default_factory=dict)  # {task: local path or hub name}; default: bundled
+
+    def validate(self) -> "CompareConfig":
+        from ..metrics import get_metric, resolve_metric_names
+
+        if not self.models or not self.tasks or not self.selectors or not self.ratios:
+            raise UserError("compare needs at least one model, task, selector and ratio")
+        for task in list(self.tasks) + list(self.data):
+            get_task(task)  # unknown names fail here, with a hint
+        self.selectors = [s for s in resolve_metric_names(
+            [s for s in self.selectors if ":" not in s and s != "dense"])] + \
+            [s for s in self.selectors if ":" in s]
+        for s in self.selectors:
+            if ":" not in s and get_metric(s).is_ig:
+                raise UserError(f"{s}: IG needs 20+ passes per sequence; use it in `attrsparse sweep`")
+        self.ratios = sorted({round(check_ratio(r), 6) for r in self.ratios if float(r) < 1.0})
+        if not self.ratios:
+            raise UserError("give at least one ratio below 1.0 (dense is always included)")
+        return self
+
+    def job_key(self, model: str, task: str) -> dict:
+        keys = asdict(self)
+        for k in ("models", "tasks", "selectors", "ratios"):
+            keys.pop(k)
+        return {**keys, "model": model, "task": task, "attrsparse": __version__}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "x"
+
+
+def primary_metric(task: str) -> str:
+    spec = get_task(task)
+    return "mc2" if spec.scoring == "mc2" else PRIMARY[spec.kind]
+
+
+class Compare:
+    """Runs a :class:`CompareConfig` into ``out`` (see the module docstring)."""
+
+    def __init__(self, config: CompareConfig, out: Path, loaded: dict | None = None):
+        self.config = config.validate()
+        self.out = Path(out)
+        self.loaded = loaded or {}  # {model spec: (model, tokenizer)} for tests and the API
+
+    def jobs(self) -> list[tuple[str, str, str, float]]:
+        cfg = self.config
+        out = []
+        for model in cfg.models:
+            for task in cfg.tasks:
+                out.append((model, task, "dense", 1.0))
+                out += [(model, task, s, r) for s in cfg.selectors for r in cfg.ratios]
+        return out
+
+    def record_path(self, model: str, task: str, selector: str, ratio: float, weights: str) -> Path:
+        key = stable_hash([self.config.job_key(model, task), weights])
+        return self.out / "records" / slug(model) / task / f"{slug(selector)}@{ratio:g}-{key}.json"
+
+    def _load(self, spec: str):
+        if spec not in self.loaded:
+            from ..models import load_model
+
+            self.loaded = {spec: load_model(spec, dtype=self.config.dtype)}  # one model in memory
+        return self.loaded[spec]
+
+    def run_job(self, model_spec: str, task: str, selector: str, ratio: float, calib_cache: dict) -> dict:
+        from ..calibration import calibration_sequences
+        from ..policies import make_policy
+
+        cfg = self.config
+        model, tok = self._load(model_spec)
+        policy = make_policy(selector, ratio, policy=cfg.policy)
+        if policy.mode in ("online", "static", "predictor"):
+            if model_spec not in calib_cache:
+                calib_cache[model_spec] = calibration_sequences(tok, cfg.calib, cfg.calib_sequences, cfg.calib_len)
+            policy.prepare(model, calib_cache[model_spec])
+        result = evaluate_task(model, tok, task, policy, limit=cfg.limit, offset=cfg.offset,
+                               data=cfg.data.get(task),
+                               max_tokens=cfg.max_tokens, max_new_tokens=cfg.max_new_tokens)
+        return {"model": model_spec, **result, "selector": selector, "requested_ratio": ratio}
+
+    def run(self, progress: bool = True) -> dict:
+        from tqdm.auto import tqdm
+
+        from ..sweep import model_fingerprint
+
+        jobs = self.jobs()
+        records, calib_cache, weights = [], {}, {}
+        bar = tqdm(jobs, desc="compare", unit="job", disable=not progress)
+        for model_spec, task, selector, ratio in bar:
+            if model_spec not in weights:
+                weights[model_spec] = model_fingerprint(self._load(model_spec)[0])
+            path = self.record_path(model_spec, task, selector, ratio, weights[model_spec])
+            record = _read_json(path)
+            if record is None:
+                bar.set_postfix_str(f"{slug(model_spec)} {task} {selector}@{ratio:g}")
+                record = self.run_job(model_spec, task, selector, ratio, calib_cache)
+                atomic_write_json(path, record)
+            records.append(record)
+        return self.write(records)
+
+    def write(self, records: list[dict]) -> dict:
+        import torch
+        import transformers
+
+        from .compare_report import frontier, write_csv, write_markdown, plot_task
+
+        results = {"schema_version": 1, "config": asdict(self.config),
+                   "versions": {"attrsparse": __version__, "torch": torch.__version__,
+                                "transformers": transformers.__version__,
+                                "python": platform.python_version()},
+                   "records": [with_relative(r, records) for r in records]}
+        results["frontier"] = frontier(results["records"], self.config)
+        atomic_write_json(self.out / "compare.json", results)
+        write_csv(results, self.out)
+        write_markdown(results, self.out)
+        for task in self.config.tasks:
+            plot_task(results, task, self.out)
+        return results
+
+
+def with_relative(record: dict, records: list[dict]) -> dict:
+    """Add ``value`` (the task's primary metric), ``dense_value`` and ``relative_to_dense``."""
+    metric = primary_metric(record["task"])
+    dense = next((r for r in records if r["model"] == record["model"] and r["task"] == record["task"]
+                  and r["selector"] == "dense"), None)
+    value = record.get(metric)
+    dense_value = dense.get(metric) if dense else None
+    rel = value / dense_value if value is not None and dense_value not in (None, 0) else None
+    return {**record, "primary_metric": metric, "value": value, "dense_value": dense_value,
+            "relative_to_dense": rel}
+
+
+def within_tolerance(record: dict) -> bool | None:
+    metric, rel = record["primary_metric"], record["relative_to_dense"]
+    if metric == "bleu_vs_dense":
+        return record["value"] >= 95.0
+    if rel is None or (isinstance(rel, float) and math.isnan(rel)):
+        return None
+    tol = TOLERANCE[metric]
+    return rel <= 1 + tol if metric in LOWER_IS_BETTER else rel >= 1 - tol
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def command_line(argv: list[str]) -> str:
+    return "attrsparse " + " ".join(argv)
+
+
+def save_command(out: Path, argv: list[str]) -> None:
+    atomic_write_text(Path(out) / "COMMAND.txt", command_line(argv) + "\n")

@@ -1,0 +1,189 @@
+"""Tables, frontier and figures of ``attrsparse compare`` (schema: :mod:`.compare`).
+
+``frontier`` entries, one per (model, task, selector)::
+
+    {"model", "task", "selector", "mode", "lowest_ok_ratio", "lowest_ok_executed",
+     "highest_failing_ratio", "rank"}
+
+``lowest_ok_ratio`` is the lowest requested ratio from which on (it and every higher ratio) the
+selector stays within tolerance of dense; None if it never does. ``rank`` orders the selectors of
+a (model, task) by it (1 = sparsest within tolerance; ties share a rank).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from ..io import atomic_write_text
+
+CSV_FIELDS = ["model", "task", "selector", "mode", "deployable", "requested_ratio", "executed_ratio",
+              "executed_ratio_mlp", "executed_ratio_heads", "executed_ratio_kv_heads",
+              "primary_metric", "value", "dense_value", "relative_to_dense", "within_tolerance",
+              "acc", "acc_norm", "acc_stderr", "mc2", "ppl", "bleu_vs_dense", "n", "n_tokens"]
+
+
+def _groups(records: list[dict]) -> dict:
+    out: dict = {}
+    for r in records:
+        out.setdefault((r["model"], r["task"]), {}).setdefault(r["selector"], []).append(r)
+    return out
+
+
+def frontier(records: list[dict], config) -> list[dict]:
+    from .compare import within_tolerance
+
+    out = []
+    for (model, task), by_selector in _groups(records).items():
+        entries = []
+        for selector, rows in by_selector.items():
+            if selector == "dense":
+                continue
+            rows = sorted(rows, key=lambda r: r["requested_ratio"])
+            ok = [within_tolerance(r) for r in rows]
+            lowest = None
+            for i in range(len(rows) - 1, -1, -1):
+                if ok[i]:
+                    lowest = rows[i]
+                else:
+                    break
+            failing = [r["requested_ratio"] for r, good in zip(rows, ok) if good is False]
+            entries.append({"model": model, "task": task, "selector": selector,
+                            "mode": rows[0].get("mode"),
+                            "lowest_ok_ratio": lowest["requested_ratio"] if lowest else None,
+                            "lowest_ok_executed": lowest["executed_ratio"] if lowest else None,
+                            "highest_failing_ratio": max(failing) if failing else None})
+        keys = sorted({_rank_key(e) for e in entries})
+        for e in entries:
+            e["rank"] = keys.index(_rank_key(e)) + 1
+        out += sorted(entries, key=lambda e: e["rank"])
+    return out
+
+
+def _rank_key(entry: dict) -> float:
+    return entry["lowest_ok_ratio"] if entry["lowest_ok_ratio"] is not None else math.inf
+
+
+def write_csv(results: dict, out_dir: Path) -> Path:
+    from .compare import within_tolerance
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for r in results["records"]:
+        writer.writerow({**r, "within_tolerance": within_tolerance(r) if r["selector"] != "dense" else ""})
+    return atomic_write_text(Path(out_dir) / "compare.csv", buf.getvalue())
+
+
+def _fmt(value, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if metric in ("acc", "mc2"):
+        return f"{100 * value:.1f}"
+    return f"{value:.2f}" if metric == "ppl" else f"{value:.1f}"
+
+
+def write_markdown(results: dict, out_dir: Path) -> Path:
+    from .compare import within_tolerance
+
+    cfg = results["config"]
+    lines = ["# Selectors compared side by side", "",
+             f"Models: {', '.join(cfg['models'])}. Tasks: {', '.join(cfg['tasks'])}. "
+             f"Requested ratios: {', '.join(f'{r:g}' for r in cfg['ratios'])}. "
+             f"Items per task: {cfg['limit']} (perplexity: {cfg['max_tokens']} tokens of the test split).",
+             "",
+             "Each cell is `value (executed parameter-weighted ratio)`; accuracy in %, measured against "
+             "the ground truth; perplexity on WikiText-2 test; **bold** = within tolerance of dense "
+             "(accuracy and MC2: 5% relative, perplexity: 10% relative). Every position of every "
+             "sequence runs sparse (context included). Modes: `oracle` needs the dense pass and a "
+             "backward pass per sequence (the paper's protocol, a bound, not deployable); `online`, "
+             "`static` and `predictor` decide masks before the skipped work. Deployable selectors are "
+             f"calibrated on {cfg['calib']} ({cfg['calib_sequences']} x {cfg['calib_len']} tokens), "
+             "disjoint from the evaluated data.", ""]
+    groups = _groups(results["records"])
+    for (model, task), by_selector in groups.items():
+        dense = by_selector.get("dense", [{}])[0]
+        metric = dense.get("primary_metric") or next(iter(by_selector.values()))[0]["primary_metric"]
+        lines += [f"## {task} — {model}", "",
+                  f"Dense {metric}: {_fmt(dense.get('value'), metric)}"
+                  + (f" ± {100 * dense['acc_stderr']:.1f}" if metric == "acc" and dense.get("acc_stderr") else "")
+                  + f" (n = {dense.get('n', dense.get('n_tokens', '–'))}).", ""]
+        ratios = sorted({r["requested_ratio"] for rows in by_selector.values() for r in rows
+                         if r["selector"] != "dense"})
+        header = ["selector", "mode"] + [f"{r:g}" for r in ratios]
+        rows_md = []
+        for selector, rows in by_selector.items():
+            if selector == "dense":
+                continue
+            cells = {r["requested_ratio"]: r for r in rows}
+            row = [selector, rows[0].get("mode", "")]
+            for ratio in ratios:
+                r = cells.get(ratio)
+                if r is None:
+                    row.append("–")
+                    continue
+                text = f"{_fmt(r['value'], metric)} ({r['executed_ratio']:.2f})"
+                row.append(f"**{text}**" if within_tolerance(r) else text)
+            rows_md.append(row)
+        lines += _table(header, rows_md) + [""]
+    lines += ["## Frontier: the lowest requested ratio within tolerance", "",
+              "`lowest ok` = the lowest requested ratio from which on the selector stays within "
+              "tolerance (executed ratio in brackets); `fails at` = the highest ratio where it loses "
+              "more than the tolerance. Rank 1 = sparsest.", ""]
+    header = ["model", "task", "selector", "mode", "lowest ok", "fails at", "rank"]
+    rows_md = [[f["model"], f["task"], f["selector"], f["mode"] or "",
+                "never" if f["lowest_ok_ratio"] is None
+                else f"{f['lowest_ok_ratio']:g} ({f['lowest_ok_executed']:.2f})",
+                "–" if f["highest_failing_ratio"] is None else f"{f['highest_failing_ratio']:g}",
+                str(f["rank"])] for f in results["frontier"]]
+    lines += _table(header, rows_md) + [""]
+    standing = [f for f in results["frontier"] if f["selector"] == "corrected_gxo"]
+    if standing:
+        n_sel = {(f["model"], f["task"]): 0 for f in results["frontier"]}
+        for f in results["frontier"]:
+            n_sel[(f["model"], f["task"])] += 1
+        lines += ["corrected_gxo's standing: " + "; ".join(
+            f"{f['model']}/{f['task']}: rank {f['rank']} of {n_sel[(f['model'], f['task'])]}"
+            for f in standing) + ".", ""]
+    return atomic_write_text(Path(out_dir) / "compare.md", "\n".join(lines))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def plot_task(results: dict, task: str, out_dir: Path) -> list[Path]:
+    """``<task>.png/.svg``: primary metric vs executed ratio, one panel per model."""
+    from ..plots import _save, metric_colors, plt
+
+    records = [r for r in results["records"] if r["task"] == task]
+    if not records:
+        return []
+    models = list(dict.fromkeys(r["model"] for r in records))
+    metric = records[0]["primary_metric"]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.6), squeeze=False)
+    selectors = list(dict.fromkeys(r["selector"] for r in records if r["selector"] != "dense"))
+    colors = metric_colors(selectors)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in records if r["model"] == model]
+        dense = next((r for r in rows if r["selector"] == "dense"), None)
+        for selector in selectors:
+            pts = sorted((r["executed_ratio"], r["value"]) for r in rows
+                         if r["selector"] == selector and r["value"] is not None)
+            if pts:
+                mode = next(r.get("mode") for r in rows if r["selector"] == selector)
+                ax.plot(*zip(*pts), marker="o", ms=3, color=colors[selector],
+                        ls="--" if mode == "oracle" else "-", label=f"{selector} ({mode})")
+        if dense is not None and dense["value"] is not None:
+            ax.axhline(dense["value"], color="k", lw=0.8, ls=":", label="dense")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("executed parameter-weighted ratio")
+        ax.set_ylabel(metric)
+        if metric == "ppl":
+            ax.set_yscale("log")
+    axes[0][-1].legend(fontsize=6, loc="best")
+    fig.suptitle(task, fontsize=10)
+    return _save(fig, out_dir, task)

@@ -1,0 +1,200 @@
+"""Evaluate one task under one sparsity policy, with the executed activation ratio beside it.
+
+Every registered task kind runs through :meth:`SparsityPolicy.forward` (teacher-forced logits):
+
+* ``multiple_choice``: each choice is scored by the summed log-probability of its tokens after the
+  context (``acc``), and by that sum divided by the choice's length in bytes (``acc_norm``, as in
+  lm-evaluation-harness); MC2 items report ``mc2``. All choices of an item form one right-padded
+  batch. Measured against the ground truth.
+* ``perplexity``: strided windows (``window`` tokens, ``stride`` new tokens scored per window,
+  the rest as context), ``ppl = exp(mean NLL)`` over the first ``max_tokens`` tokens.
+* ``generation`` (TruthfulQA): greedy answers re-run teacher-forced each step (no KV cache, so any
+  non-oracle policy applies unchanged); BLEU/ROUGE-L against the *dense* answer and truthfulness
+  against the references. The oracle's generation protocol is ``attrsparse sweep``.
+
+The executed ratio counts every real (unpadded) position of every forward pass, context included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..architectures import unit_map
+from ..errors import UserError
+from ..policies import SparsityPolicy, account
+from ..tasks import get_task, load_task, mc_correct, mc2_score
+from ..units import ExecutedRatio
+
+
+def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids ``[B, S]``, attention mask ``[B, S]``), each sequence left-aligned."""
+    width = max(s.numel() for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, : s.numel()] = s
+        mask[row, : s.numel()] = 1
+    return ids, mask
+
+
+class Evaluator:
+    """Runs tasks on one (model, tokenizer) under a policy; accumulates :attr:`executed`."""
+
+    def __init__(self, model: nn.Module, tokenizer, policy: SparsityPolicy, max_seq_len: int = 512):
+        self.model, self.tok, self.policy = model, tokenizer, policy
+        self.units = unit_map(model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_seq_len = max_seq_len
+        self.executed = ExecutedRatio()
+
+    # -- building blocks ---------------------------------------------------------------------
+    def logits(self, seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy logits ``[B, S, V]`` of right-padded ``seqs``; accounts the real positions."""
+        ids, mask = right_pad(seqs, self.pad_id)
+        out = self.policy.forward(self.model, ids, mask)
+        self.executed = self.executed.add(account(out.masks, mask, self.units))
+        return out.logits, mask
+
+    def _encode(self, text: str, special: bool) -> torch.Tensor:
+        return self.tok(text, add_special_tokens=special, return_tensors="pt").input_ids[0]
+
+    def choice_logprobs(self, context: str, choices: list[str]) -> list[float]:
+        """Summed log-probability of every choice's tokens after ``context``."""
+        ctx = self._encode(context, True)
+        conts = [self._encode(c, False) for c in choices]
+        seqs = []
+        for cont in conts:
+            if cont.numel() == 0:
+                raise UserError(f"empty answer choice in an item with context {context[:60]!r}")
+            seq = torch.cat([ctx, cont])[-self.max_seq_len:]
+            seqs.append(seq)
+        logits, _ = self.logits(seqs)
+        logp = torch.log_softmax(logits, dim=-1)
+        out = []
+        for row, (seq, cont) in enumerate(zip(seqs, conts)):
+            n, t = seq.numel(), min(cont.numel(), seq.numel() - 1)
+            pred = logp[row, n - t - 1: n - 1]  # position i predicts token i + 1
+            out.append(float(pred.gather(-1, seq[n - t:].view(-1, 1)).sum()))
+        return out
+
+    # -- task kinds ----------------------------------------------------------------------------
+    def multiple_choice(self, items, scoring: str, progress=None) -> dict:
+        acc, acc_norm, mc2 = [], [], []
+        for item in items:
+            lp = self.choice_logprobs(item.context, item.choices)
+            acc.append(mc_correct(lp, item.gold))
+            lengths = [max(1, len(c.encode("utf-8"))) for c in item.choices]
+            acc_norm.append(mc_correct([x / n for x, n in zip(lp, lengths)], item.gold))
+            if scoring == "mc2":
+                mc2.append(mc2_score(lp, item.golds))
+            if progress is not None:
+                progress.update(1)
+        result = {"acc": _mean(acc), "acc_stderr": _stderr(acc), "acc_norm": _mean(acc_norm),
+                  "n": len(items)}
+        if scoring == "mc2":
+            result.update(mc2=_mean(mc2), mc2_stderr=_stderr(mc2))
+        return result
+
+    def perplexity(self, text: str, max_tokens: int = 4096, window: int = 512, stride: int = 256,
+                   progress=None) -> dict:
+        ids = self._encode(text, False)[:max_tokens]
+        if ids.numel() < 2:
+            raise UserError("perplexity needs at least 2 tokens of text")
+        window = min(window, self.max_seq_len)
+        stride = max(1, min(stride, window - 1))  # windows overlap: every token has context
+        nll, count, prev_end, n = 0.0, 0, 1, ids.numel()  # token 0 is never scored
+        for begin in range(0, n, stride):
+            end = min(begin + window, n)
+            logits, _ = self.logits([ids[begin:end]])
+            logp = torch.log_softmax(logits[0], dim=-1)
+            first = max(prev_end, begin + 1)  # score the tokens [first, end) not scored before
+            pred = logp[first - begin - 1: end - begin - 1]  # position i predicts token i + 1
+            nll -= float(pred.gather(-1, ids[first:end].view(-1, 1)).sum())
+            count += end - first
+            prev_end = end
+            if progress is not None:
+                progress.update(1)
+            if end == n:
+                break
+        return {"ppl": math.exp(nll / count), "nll": nll / count, "n_tokens": count}
+
+    def generation(self, items, prompt_fn, max_new_tokens: int = 32, progress=None) -> dict:
+        from ..textmetrics import rouge_l, sentence_bleu, truth_scores
+
+        if self.policy.mode == "oracle":
+            raise UserError(f"{self.policy.name}: oracle generation is the paper's protocol; "
+                            "run `attrsparse sweep` for it")
+        from ..policies import DensePolicy
+
+        dense = Evaluator(self.model, self.tok, DensePolicy(), self.max_seq_len)
+        rows = []
+        for item in items:
+            prompt = self._encode(prompt_fn(item), True)
+            dense_text = dense.greedy(prompt, max_new_tokens)
+            text = self.greedy(prompt, max_new_tokens)
+            truth = truth_scores(text, item.correct_answers, item.incorrect_answers)
+            rows.append({"bleu_vs_dense": sentence_bleu(text, dense_text),
+                         "rougeL_vs_dense": rouge_l(text, dense_text),
+                         "truth_bleu_acc": truth["bleu_acc"]})
+            if progress is not None:
+                progress.update(1)
+        return {k: _mean([r[k] for r in rows]) for k in rows[0]} | {"n": len(rows)}
+
+    def greedy(self, prompt: torch.Tensor, max_new_tokens: int) -> str:
+        """Greedy continuation text, each step a full teacher-forced pass under the policy."""
+        seq = prompt
+        stop = {self.tok.eos_token_id}
+        out = []
+        for _ in range(max_new_tokens):
+            logits, _ = self.logits([seq[-self.max_seq_len:]])
+            token = int(logits[0, -1].argmax())
+            if token in stop:
+                break
+            out.append(token)
+            seq = torch.cat([seq, torch.tensor([token])])
+        return self.tok.decode(out, skip_special_tokens=True).strip()
+
+
+def _mean(values) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _stderr(values) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def evaluate_task(model: nn.Module, tokenizer, task: str, policy: SparsityPolicy, *,
+                  limit: int | None = 100, offset: int = 0, data: str | None = None,
+                  max_tokens: int = 4096, max_new_tokens: int = 32, progress: bool = False) -> dict:
+    """Score ``task`` under ``policy``: the task's numbers plus the executed ratio.
+
+    Returns e.g. ``{"task": "arc_easy", "acc": .., "acc_norm": .., "n": .., "executed_ratio": ..,
+    "executed_ratio_mlp": .., ...}``; perplexity tasks give ``ppl`` over ``max_tokens`` tokens
+    of the test split; generation tasks ``bleu_vs_dense``.
+    """
+    from tqdm.auto import tqdm
+
+    spec = get_task(task)
+    ev = Evaluator(model, tokenizer, policy)
+    if spec.kind == "perplexity":
+        text = load_task(task, data, split="test")
+        bar = tqdm(desc=f"{task} {policy.name}", unit="win", disable=not progress)
+        result = ev.perplexity(text, max_tokens=max_tokens, progress=bar)
+    else:
+        items = load_task(task, data, limit=limit, offset=offset)
+        if not items:
+            raise UserError(f"{task}: the selection is empty")
+        bar = tqdm(total=len(items), desc=f"{task} {policy.name}", unit="item", disable=not progress)
+        if spec.kind == "multiple_choice":
+            result = ev.multiple_choice(items, spec.scoring, progress=bar)
+        else:
+            result = ev.generation(items, spec.prompt, max_new_tokens, progress=bar)
+    bar.close()
+    return {"task": task, **result, **policy.describe(), **ev.executed.as_dict()}

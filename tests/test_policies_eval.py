@@ -1,0 +1,149 @@
+"""Policies (dense, oracle, static) and task evaluation, checked against direct computations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attrsparse import get_metric, select, trace_gradients, unit_map
+from attrsparse.architectures import zero_mlp_unit_
+from attrsparse.errors import UserError
+from attrsparse.evaluation import Evaluator, right_pad
+from attrsparse.policies import (DensePolicy, OraclePolicy, StaticPolicy, account, make_policy,
+                                 model_logits)
+from attrsparse.units import UnitMasks
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _ids(seed=0, shape=(2, 9)):
+    return torch.randint(3, 64, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_trace_labels_default_and_override(make_tiny):
+    model = make_tiny("llama")
+    ids = _ids(shape=(8,))
+    prompt, target = ids[:3], ids[3:]
+    base = trace_gradients(model, prompt, target)
+    same = trace_gradients(model, prompt, target, labels=target)
+    assert torch.equal(base.mlp_g, same.mlp_g)
+    labels = torch.roll(target, 1)
+    other = trace_gradients(model, prompt, target, labels=labels)
+    logits = model(input_ids=ids[:-1].unsqueeze(0)).logits[0, 2:]
+    assert torch.allclose(other.losses[0], F.cross_entropy(logits, labels, reduction="none"), atol=1e-5)
+    assert not torch.allclose(other.mlp_g, base.mlp_g)
+
+
+def test_dense_policy_equals_model(make_tiny):
+    model = make_tiny("qwen2")
+    ids = _ids()
+    out = DensePolicy().forward(model, ids)
+    assert torch.equal(out.logits, model(input_ids=ids).logits.float())
+    assert out.masks.mlp.all() and out.masks.heads.all()
+    assert make_policy("corrected_gxo", 1.0).mode == "dense"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_static_policy_equals_zeroed_weights(make_tiny, arch):
+    model = make_tiny(arch)
+    units = unit_map(model)
+    gen = torch.Generator().manual_seed(3)
+    masks = UnitMasks(torch.rand(units.num_layers, units.mlp_size, generator=gen) > 0.5,
+                      torch.ones(units.num_layers, units.num_heads, dtype=torch.bool))
+    ids = _ids()
+    got = StaticPolicy("s", 0.5, masks).forward(model, ids).logits
+    ref = make_tiny(arch)
+    for layer in range(units.num_layers):
+        for unit in (~masks.mlp[layer]).nonzero().flatten().tolist():
+            zero_mlp_unit_(ref, layer, unit)
+    assert torch.allclose(got, ref(input_ids=ids).logits.float(), atol=1e-5)
+
+
+def test_oracle_masks_follow_dense_predictions_not_ground_truth(make_tiny):
+    model = make_tiny("llama")
+    ids = _ids(shape=(10,))
+    metric = get_metric("corrected_gxo")
+    policy = OraclePolicy(metric, 0.5)
+    masks = policy.row_masks(model, ids)
+    # slow reference: label = dense argmax at each position, scores from a per-position loop
+    labels = model(input_ids=ids.unsqueeze(0)).logits[0].argmax(-1)
+    for t in [0, 4, 9]:
+        tr = trace_gradients(model, ids[:t + 1], torch.cat([ids[t + 1:t + 2], labels[t:t + 1]])[:1],
+                             labels=labels[t:t + 1]).row(0)
+        want = select(metric.from_trace(tr), 0.5)
+        assert torch.equal(masks.mlp[t], want.mlp[0]) and torch.equal(masks.heads[t], want.heads[0])
+
+
+def test_oracle_forward_masks_every_position_and_accounts_real_tokens(make_tiny):
+    model = make_tiny("llama")
+    units = unit_map(model)
+    ids = _ids(shape=(2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding
+    out = OraclePolicy(get_metric("magnitude"), 0.25).forward(model, ids, mask)
+    assert out.masks.mlp.shape == (2, 8, units.num_layers, units.mlp_size)
+    row1 = OraclePolicy(get_metric("magnitude"), 0.25).forward(model, ids[1:, :5])
+    assert torch.allclose(out.logits[1, :5], row1.logits[0], atol=1e-5)
+    acc = account(out.masks, mask, units)
+    assert acc.tokens == 13
+    assert acc.mlp == pytest.approx(math.ceil(0.25 * units.mlp_size) / units.mlp_size)
+    with torch.no_grad(), __import__("attrsparse").hooks.UnitHooks(model) as hooks:
+        hooks.mlp_mult, hooks.head_mult = out.masks.mlp[:1], out.masks.heads[:1]
+        direct = model_logits(model, ids[:1], None)
+    assert torch.allclose(out.logits[0], direct[0], atol=1e-6)
+
+
+def test_oracle_refuses_ig():
+    with pytest.raises(UserError, match="Integrated Gradients"):
+        make_policy("ig", 0.5)
+
+
+def test_choice_logprobs_match_direct_sum(tiny_truthfulqa_lm):
+    model, tok = tiny_truthfulqa_lm()
+    ev = Evaluator(model, tok, DensePolicy())
+    context, choices = "Q: What happens ?", [" Nothing happens", " You die"]
+    got = ev.choice_logprobs(context, choices)
+    for choice, value in zip(choices, got):
+        ctx = tok(context, return_tensors="pt").input_ids[0]
+        cont = tok(choice, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        seq = torch.cat([ctx, cont])
+        logp = torch.log_softmax(model(input_ids=seq.unsqueeze(0)).logits[0].float(), -1)
+        want = sum(float(logp[ctx.numel() - 1 + i, cont[i]]) for i in range(cont.numel()))
+        assert value == pytest.approx(want, abs=1e-4)
+    real = sum(tok(context).input_ids.__len__() + tok(c, add_special_tokens=False).input_ids.__len__()
+               for c in choices)
+    assert ev.executed.tokens == real  # padding is not counted
+
+
+@pytest.mark.parametrize("window,stride", [(64, 64), (16, 8), (16, 16), (10, 3)])
+def test_perplexity_strided_windows(make_tiny, window, stride):
+    class Tok:  # ids are given directly as space-separated numbers
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False, return_tensors=None):
+            return type("E", (), {"input_ids": torch.tensor([[int(x) for x in text.split()]])})()
+
+    model = make_tiny("llama")
+    ids = _ids(shape=(40,))
+    ev = Evaluator(model, Tok(), DensePolicy())
+    got = ev.perplexity(" ".join(map(str, ids.tolist())), window=window, stride=stride)
+    assert got["n_tokens"] == 39
+    if window >= 40:  # one window: the plain full-sequence perplexity
+        logits = model(input_ids=ids.unsqueeze(0)).logits[0, :-1]
+        assert got["ppl"] == pytest.approx(math.exp(float(F.cross_entropy(logits, ids[1:]))), rel=1e-5)
+    # every token after the first is scored exactly once, with at least one token of context
+    assert math.isfinite(got["ppl"]) and got["ppl"] > 1
+
+
+def test_right_pad_and_batch_invariance(tiny_truthfulqa_lm):
+    model, tok = tiny_truthfulqa_lm()
+    ids, mask = right_pad([torch.tensor([3, 4, 5]), torch.tensor([6])], 0)
+    assert ids.tolist() == [[3, 4, 5], [6, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ev = Evaluator(model, tok, DensePolicy())
+    both = ev.choice_logprobs("Q: What happens ?", [" Nothing happens", " You"])
+    one = ev.choice_logprobs("Q: What happens ?", [" You"])
+    assert both[1] == pytest.approx(one[0], abs=1e-4)
