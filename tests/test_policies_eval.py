@@ -114,9 +114,13 @@ def test_choice_logprobs_match_direct_sum(tiny_truthfulqa_lm):
         logp = torch.log_softmax(model(input_ids=seq.unsqueeze(0)).logits[0].float(), -1)
         want = sum(float(logp[ctx.numel() - 1 + i, cont[i]]) for i in range(cont.numel()))
         assert value == pytest.approx(want, abs=1e-4)
-    real = sum(tok(context).input_ids.__len__() + tok(c, add_special_tokens=False).input_ids.__len__()
-               for c in choices)
-    assert ev.executed.tokens == real  # padding is not counted
+    # the shared context runs once, then each choice's tokens; padding is not counted
+    real = len(tok(context).input_ids) + sum(len(tok(c, add_special_tokens=False).input_ids) for c in choices)
+    assert ev.executed.tokens == real
+    full = Evaluator(model, tok, OraclePolicy(get_metric("magnitude"), 1.0))  # no prefix cache
+    assert full.choice_logprobs(context, choices) == pytest.approx(got, abs=1e-4)
+    assert full.executed.tokens == sum(len(tok(context).input_ids) + len(tok(c, add_special_tokens=False).input_ids)
+                                       for c in choices)
 
 
 @pytest.mark.parametrize("window,stride", [(64, 64), (16, 8), (16, 16), (10, 3)])
@@ -147,3 +151,22 @@ def test_right_pad_and_batch_invariance(tiny_truthfulqa_lm):
     both = ev.choice_logprobs("Q: What happens ?", [" Nothing happens", " You"])
     one = ev.choice_logprobs("Q: What happens ?", [" You"])
     assert both[1] == pytest.approx(one[0], abs=1e-4)
+
+
+class _DigitTok:
+    """Token ids written as space-separated numbers (no special tokens)."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        return type("E", (), {"input_ids": torch.tensor([[int(x) for x in text.split()]])})()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "opt", "phi3"])
+def test_shared_context_cache_equals_full_sequences(make_tiny, arch):
+    model = make_tiny(arch)
+    context = "5 9 13 22 7 31"
+    choices = [" 4 8", " 17", " 40 41 42 43"]
+    cached = Evaluator(model, _DigitTok(), DensePolicy()).choice_logprobs(context, choices)
+    full = Evaluator(model, _DigitTok(), OraclePolicy(get_metric("magnitude"), 1.0)).choice_logprobs(context, choices)
+    assert cached == pytest.approx(full, abs=1e-4)

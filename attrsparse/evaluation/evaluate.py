@@ -62,15 +62,19 @@ class Evaluator:
         return self.tok(text, add_special_tokens=special, return_tensors="pt").input_ids[0]
 
     def choice_logprobs(self, context: str, choices: list[str]) -> list[float]:
-        """Summed log-probability of every choice's tokens after ``context``."""
+        """Summed log-probability of every choice's tokens after ``context``.
+
+        Policies with ``prefix_cache`` run the shared context once and the choices as one batch on
+        a copy of its KV cache (the context's masks do not depend on the choice: they are causal);
+        the others run every ``context + choice`` sequence in full.
+        """
         ctx = self._encode(context, True)
         conts = [self._encode(c, False) for c in choices]
-        seqs = []
-        for cont in conts:
-            if cont.numel() == 0:
-                raise UserError(f"empty answer choice in an item with context {context[:60]!r}")
-            seq = torch.cat([ctx, cont])[-self.max_seq_len:]
-            seqs.append(seq)
+        if any(c.numel() == 0 for c in conts):
+            raise UserError(f"empty answer choice in an item with context {context[:60]!r}")
+        if getattr(self.policy, "prefix_cache", False) and ctx.numel() + max(c.numel() for c in conts) <= self.max_seq_len:
+            return self._choice_logprobs_cached(ctx, conts)
+        seqs = [torch.cat([ctx, cont])[-self.max_seq_len:] for cont in conts]
         logits, _ = self.logits(seqs)
         logp = torch.log_softmax(logits, dim=-1)
         out = []
@@ -79,6 +83,30 @@ class Evaluator:
             pred = logp[row, n - t - 1: n - 1]  # position i predicts token i + 1
             out.append(float(pred.gather(-1, seq[n - t:].view(-1, 1)).sum()))
         return out
+
+    def _choice_logprobs_cached(self, ctx: torch.Tensor, conts: list[torch.Tensor]) -> list[float]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        first = self.policy.forward(self.model, ctx.unsqueeze(0), None, cache=cache, use_cache=True)
+        self.executed = self.executed.add(account(first.masks, None, self.units))
+        first_logp = torch.log_softmax(first.logits[0, -1], dim=-1)  # predicts each choice's token 0
+        b, c = len(conts), ctx.numel()
+        cache.batch_repeat_interleave(b)
+        ids, mask = right_pad(conts, self.pad_id)
+        full_mask = torch.cat([torch.ones(b, c, dtype=mask.dtype), mask], dim=1)
+        positions = (c + torch.arange(ids.shape[1])).expand(b, -1)
+        out = self.policy.forward(self.model, ids, full_mask, cache=cache, use_cache=True,
+                                  position_ids=positions)
+        self.executed = self.executed.add(account(out.masks, mask, self.units))
+        logp = torch.log_softmax(out.logits, dim=-1)
+        result = []
+        for row, cont in enumerate(conts):
+            total = float(first_logp[cont[0]])
+            if cont.numel() > 1:
+                total += float(logp[row, : cont.numel() - 1].gather(-1, cont[1:].view(-1, 1)).sum())
+            result.append(total)
+        return result
 
     # -- task kinds ----------------------------------------------------------------------------
     def multiple_choice(self, items, scoring: str, progress=None) -> dict:

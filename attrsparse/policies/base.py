@@ -48,6 +48,7 @@ class SparsityPolicy:
 
     mode: str = "dense"
     deployable: bool = True  # masks decided before the skipped work, without labels
+    prefix_cache: bool = False  # forward() takes ``cache``/``position_ids`` (shared contexts)
 
     def __init__(self, name: str = "dense", ratio: float = 1.0):
         self.name = name
@@ -56,8 +57,11 @@ class SparsityPolicy:
     def prepare(self, model: nn.Module, calibration: list[torch.Tensor] | None = None) -> None:
         """Calibrate on ``calibration`` sequences (1-D id tensors); default: nothing to do."""
 
-    def forward(self, model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PolicyOutput:
-        """Logits of ``ids [B, S]`` under this policy's masks."""
+    def forward(self, model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **model_kwargs) -> PolicyOutput:
+        """Logits of ``ids [B, S]`` under this policy's masks. Policies with ``prefix_cache`` accept
+        ``cache``, ``use_cache`` and ``position_ids`` in ``model_kwargs`` (then
+        ``attention_mask`` covers the cached positions too; logits and masks cover ``ids`` only)."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -65,9 +69,11 @@ class SparsityPolicy:
                 "deployable": self.deployable}
 
 
-def model_logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Plain forward without a cache: ``[B, S, V]`` float32."""
-    return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits.float()
+def model_logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 **model_kwargs) -> torch.Tensor:
+    """Plain forward (no cache unless ``model_kwargs`` give one): ``[B, S, V]`` float32."""
+    model_kwargs.setdefault("use_cache", False)
+    return model(input_ids=ids, attention_mask=attention_mask, **model_kwargs).logits.float()
 
 
 def _dense_masks(model: nn.Module, batch: int, seq: int) -> UnitMasks:
@@ -78,28 +84,31 @@ class DensePolicy(SparsityPolicy):
     """All units; the reference every other policy is compared with."""
 
     mode = "dense"
+    prefix_cache = True
 
     @torch.no_grad()
-    def forward(self, model, ids, attention_mask=None):
-        return PolicyOutput(model_logits(model, ids, attention_mask), _dense_masks(model, *ids.shape))
+    def forward(self, model, ids, attention_mask=None, **model_kwargs):
+        return PolicyOutput(model_logits(model, ids, attention_mask, **model_kwargs),
+                            _dense_masks(model, *ids.shape))
 
 
 class StaticPolicy(SparsityPolicy):
     """One fixed mask ``mlp [L, N]``, ``heads [L, H]`` at every position."""
 
     mode = "static"
+    prefix_cache = True
 
     def __init__(self, name: str, ratio: float, masks: UnitMasks | None = None):
         super().__init__(name, ratio)
         self.masks = masks
 
     @torch.no_grad()
-    def forward(self, model, ids, attention_mask=None):
+    def forward(self, model, ids, attention_mask=None, **model_kwargs):
         if self.masks is None:
             raise RuntimeError(f"{self.name}: static masks are not prepared; call prepare() first")
         with UnitHooks(model) as hooks:
             hooks.mlp_mult, hooks.head_mult = self.masks.mlp, self.masks.heads
-            logits = model_logits(model, ids, attention_mask)
+            logits = model_logits(model, ids, attention_mask, **model_kwargs)
         b, s = ids.shape
         return PolicyOutput(logits, UnitMasks(self.masks.mlp.expand(b, s, *self.masks.mlp.shape),
                                               self.masks.heads.expand(b, s, *self.masks.heads.shape)))
@@ -109,6 +118,7 @@ class OnlinePolicy(SparsityPolicy):
     """Masks decided in the pass by :meth:`mlp_keep` / :meth:`head_keep` from the live inputs."""
 
     mode = "online"
+    prefix_cache = True
 
     def mlp_keep(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """``x [B, q, N]`` -> keep ``[B, q, N]`` (bool)."""
@@ -122,10 +132,10 @@ class OnlinePolicy(SparsityPolicy):
         hooks.mlp_rule, hooks.head_rule = self.mlp_keep, self.head_keep
 
     @torch.no_grad()
-    def forward(self, model, ids, attention_mask=None):
+    def forward(self, model, ids, attention_mask=None, **model_kwargs):
         with UnitHooks(model) as hooks:
             self.install(hooks)
-            logits = model_logits(model, ids, attention_mask)
+            logits = model_logits(model, ids, attention_mask, **model_kwargs)
             masks = UnitMasks(torch.stack([m.bool() for m in hooks.rule_mlp], dim=2),
                               torch.stack([m.bool() for m in hooks.rule_heads], dim=2))
         return PolicyOutput(logits, masks)
