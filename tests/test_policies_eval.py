@@ -170,3 +170,31 @@ def test_shared_context_cache_equals_full_sequences(make_tiny, arch):
     cached = Evaluator(model, _DigitTok(), DensePolicy()).choice_logprobs(context, choices)
     full = Evaluator(model, _DigitTok(), OraclePolicy(get_metric("magnitude"), 1.0)).choice_logprobs(context, choices)
     assert cached == pytest.approx(full, abs=1e-4)
+
+
+def test_generation_dense_oracle_and_cached_static(tiny_truthfulqa_lm):
+    from attrsparse.evaluation import evaluate_task
+
+    model, tok = tiny_truthfulqa_lm()
+    data = str(FIXTURES / "truthfulqa_3.csv")
+    dense = evaluate_task(model, tok, "truthfulqa_gen", DensePolicy(), data=data, max_new_tokens=6)
+    assert dense["bleu_vs_dense"] == 100.0 and dense["exact_vs_dense"] == 1.0 and dense["n"] == 3
+    full = OraclePolicy(get_metric("corrected_gxo"), 1.0)
+    assert evaluate_task(model, tok, "truthfulqa_gen", full, data=data, max_new_tokens=6)["exact_vs_dense"] == 1.0
+    oracle = evaluate_task(model, tok, "truthfulqa_gen", OraclePolicy(get_metric("corrected_gxo"), 0.5),
+                           data=data, max_new_tokens=6)
+    assert 0.5 <= oracle["executed_ratio"] < 0.6 and oracle["executed_tokens"] > 0
+
+    units = unit_map(model)
+    masks = UnitMasks(torch.rand(units.num_layers, units.mlp_size, generator=torch.Generator().manual_seed(0)) > 0.4,
+                      torch.ones(units.num_layers, units.num_heads, dtype=torch.bool))
+
+    class Uncached(StaticPolicy):
+        prefix_cache = False
+
+    items = __import__("attrsparse").tasks.load_truthfulqa(data)
+    cached_ev = Evaluator(model, tok, StaticPolicy("s", 0.6, masks))
+    plain_ev = Evaluator(model, tok, Uncached("s", 0.6, masks))
+    for item in items:
+        prompt = tok(f"Instruct: {item.question}\nOutput:", return_tensors="pt").input_ids[0]
+        assert cached_ev.greedy(prompt, 6, {2}) == plain_ev.greedy(prompt, 6, {2})

@@ -8,9 +8,10 @@ Every registered task kind runs through :meth:`SparsityPolicy.forward` (teacher-
   batch. Measured against the ground truth.
 * ``perplexity``: strided windows (``window`` tokens, ``stride`` new tokens scored per window,
   the rest as context), ``ppl = exp(mean NLL)`` over the first ``max_tokens`` tokens.
-* ``generation`` (TruthfulQA): greedy answers re-run teacher-forced each step (no KV cache, so any
-  non-oracle policy applies unchanged); BLEU/ROUGE-L against the *dense* answer and truthfulness
-  against the references. The oracle's generation protocol is ``attrsparse sweep``.
+* ``generation`` (TruthfulQA): greedy answers (chat template when the tokenizer has one) under
+  the policy, on a KV cache for policies with ``prefix_cache``; the oracle follows the paper's
+  protocol (masks scored along the dense answer, then replayed). BLEU/ROUGE-L against the *dense*
+  answer, truthfulness against the references.
 
 The executed ratio counts every real (unpadded) position of every forward pass, context included.
 """
@@ -26,7 +27,7 @@ from ..architectures import unit_map
 from ..errors import UserError
 from ..policies import SparsityPolicy, account
 from ..tasks import get_task, load_task, mc_correct, mc2_score
-from ..units import ExecutedRatio
+from ..units import ExecutedRatio, executed_ratio
 
 
 def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,41 +150,72 @@ class Evaluator:
                 break
         return {"ppl": math.exp(nll / count), "nll": nll / count, "n_tokens": count}
 
-    def generation(self, items, prompt_fn, max_new_tokens: int = 32, progress=None) -> dict:
+    def generation(self, items, max_new_tokens: int = 32, template: str = "auto", progress=None) -> dict:
+        """Greedy answers under the policy vs the dense answers (same prompt and length cap)."""
+        from ..prompts import encode_prompt, resolve_template, stop_token_ids
         from ..textmetrics import rouge_l, sentence_bleu, truth_scores
 
-        if self.policy.mode == "oracle":
-            raise UserError(f"{self.policy.name}: oracle generation is the paper's protocol; "
-                            "run `attrsparse sweep` for it")
-        from ..policies import DensePolicy
-
-        dense = Evaluator(self.model, self.tok, DensePolicy(), self.max_seq_len)
+        template = resolve_template(self.tok, template)
+        stop = stop_token_ids(self.tok, self.model)
         rows = []
         for item in items:
-            prompt = self._encode(prompt_fn(item), True)
-            dense_text = dense.greedy(prompt, max_new_tokens)
-            text = self.greedy(prompt, max_new_tokens)
+            prompt = encode_prompt(self.tok, item.question, template)
+            dense = self._decode_dense(prompt, max_new_tokens, stop)
+            tokens = self.oracle_decode(prompt, dense, stop) if self.policy.mode == "oracle" \
+                else self.greedy(prompt, max_new_tokens, stop)
+            dense_text = self.tok.decode(dense, skip_special_tokens=True).strip()
+            text = self.tok.decode(tokens, skip_special_tokens=True).strip()
             truth = truth_scores(text, item.correct_answers, item.incorrect_answers)
             rows.append({"bleu_vs_dense": sentence_bleu(text, dense_text),
                          "rougeL_vs_dense": rouge_l(text, dense_text),
-                         "truth_bleu_acc": truth["bleu_acc"]})
+                         "truth_bleu_acc": truth["bleu_acc"], "exact_vs_dense": float(text == dense_text)})
             if progress is not None:
                 progress.update(1)
-        return {k: _mean([r[k] for r in rows]) for k in rows[0]} | {"n": len(rows)}
+        return {k: _mean([r[k] for r in rows]) for k in rows[0]} | {"n": len(rows), "template": template}
 
-    def greedy(self, prompt: torch.Tensor, max_new_tokens: int) -> str:
-        """Greedy continuation text, each step a full teacher-forced pass under the policy."""
-        seq = prompt
-        stop = {self.tok.eos_token_id}
-        out = []
+    def _decode_dense(self, prompt: torch.Tensor, max_new_tokens: int, stop: set[int]) -> list[int]:
+        from ..prompts import greedy_continuation
+
+        return greedy_continuation(self.model, prompt, max_new_tokens, stop).tolist()
+
+    @torch.no_grad()
+    def greedy(self, prompt: torch.Tensor, max_new_tokens: int, stop: set[int]) -> list[int]:
+        """Greedy tokens under the policy (stop token kept). With ``prefix_cache`` the policy decodes
+        on a KV cache; otherwise each step re-runs the whole sequence."""
+        from transformers import DynamicCache
+
+        cached = getattr(self.policy, "prefix_cache", False)
+        cache = DynamicCache(config=self.model.config) if cached else None
+        seq, step_ids, out = prompt, prompt, []
         for _ in range(max_new_tokens):
-            logits, _ = self.logits([seq[-self.max_seq_len:]])
+            if cached:
+                positions = torch.arange(seq.numel() - step_ids.numel(), seq.numel()).unsqueeze(0)
+                result = self.policy.forward(self.model, step_ids.unsqueeze(0), None, cache=cache,
+                                             use_cache=True, position_ids=positions)
+                self.executed = self.executed.add(account(result.masks, None, self.units))
+                logits = result.logits
+            else:
+                logits, _ = self.logits([seq[-self.max_seq_len:]])
             token = int(logits[0, -1].argmax())
+            out.append(token)
             if token in stop:
                 break
-            out.append(token)
-            seq = torch.cat([seq, torch.tensor([token])])
-        return self.tok.decode(out, skip_special_tokens=True).strip()
+            step_ids = torch.tensor([token])
+            seq = torch.cat([seq, step_ids])
+        return out
+
+    def oracle_decode(self, prompt: torch.Tensor, dense: list[int], stop: set[int]) -> list[int]:
+        """The paper's protocol: masks scored along the dense answer, replayed token by token
+        (prefill dense except its last position, as in ``attrsparse sweep``)."""
+        from ..decoding import masked_greedy_decode
+        from ..units import UnitMasks
+
+        label = torch.tensor(dense)
+        masks = self.policy.schedule(self.model, prompt, label)  # [T, L, *]
+        out = masked_greedy_decode(self.model, [prompt], UnitMasks.stack([masks]), label.numel(), stop,
+                                   self.pad_id)[0]
+        self.executed = self.executed.add(executed_ratio(masks[: max(1, out.numel())], self.units))
+        return out.tolist()
 
 
 def _mean(values) -> float:
@@ -200,7 +232,8 @@ def _stderr(values) -> float:
 
 def evaluate_task(model: nn.Module, tokenizer, task: str, policy: SparsityPolicy, *,
                   limit: int | None = 100, offset: int = 0, data: str | None = None,
-                  max_tokens: int = 4096, max_new_tokens: int = 32, progress: bool = False) -> dict:
+                  max_tokens: int = 4096, max_new_tokens: int = 32, template: str = "auto",
+                  progress: bool = False) -> dict:
     """Score ``task`` under ``policy``: the task's numbers plus the executed ratio.
 
     Returns e.g. ``{"task": "arc_easy", "acc": .., "acc_norm": .., "n": .., "executed_ratio": ..,
@@ -223,6 +256,6 @@ def evaluate_task(model: nn.Module, tokenizer, task: str, policy: SparsityPolicy
         if spec.kind == "multiple_choice":
             result = ev.multiple_choice(items, spec.scoring, progress=bar)
         else:
-            result = ev.generation(items, spec.prompt, max_new_tokens, progress=bar)
+            result = ev.generation(items, max_new_tokens, template, progress=bar)
     bar.close()
     return {"task": task, **result, **policy.describe(), **ev.executed.as_dict()}

@@ -48,6 +48,15 @@ class OraclePolicy(SparsityPolicy):
                                      target_ids=target, labels=labels, trace=trace, units=units,
                                      head_reduction=self.head_reduction)
 
+    def schedule(self, model, prompt: torch.Tensor, label: torch.Tensor) -> UnitMasks:
+        """Masks ``[T, L, *]`` for generating ``label`` after ``prompt`` (the sweep's protocol)."""
+        trace = trace_gradients(model, prompt, label).row(0)
+        scores = None if self.metric.kind == "selector" else \
+            self.metric.from_model(model, prompt, label, trace, head_reduction=self.head_reduction)
+        return self.metric.masks_for(scores, self.ratio, self.policy, model=model, prompt_ids=prompt,
+                                     target_ids=label, trace=trace, units=unit_map(model),
+                                     head_reduction=self.head_reduction)
+
     def forward(self, model, ids, attention_mask=None):
         units = unit_map(model)
         b, s = ids.shape
