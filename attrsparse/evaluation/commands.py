@@ -83,6 +83,26 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import Bench, BenchConfig
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = BenchConfig(model=args.model, ratios=_floats(args.ratios, "--ratios"), modes=_names(args.modes),
+                         static_from=args.static_from, predictor_from=args.predictor_from,
+                         allocation=args.allocation, oracle_selector=args.oracle_selector, dtype=args.dtype,
+                         speed_prompts=args.speed_prompts, new_tokens=args.new_tokens, repeats=args.repeats,
+                         batch_size=args.batch_size, gen_questions=args.gen_questions, mc1_items=args.mc1_items,
+                         task=args.task, task_items=args.task_items, ppl_tokens=args.ppl_tokens,
+                         quality=not args.no_quality, speed=not args.no_speed)
+    out = Path(args.out)
+    Bench(config, out).run()
+    print(f"results: {out / 'bench.json'}\ntable:   {out / 'bench.md'}\nplot:    {out / 'bench.png'}")
+    return 0
+
+
 def register_evaluation_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="one task under one selector at one ratio (JSON on stdout)")
     p.add_argument("--model", default="smollm2-135m")
@@ -104,3 +124,29 @@ def register_evaluation_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (resumes if it holds a run)")
     _add_common(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="dense vs static vs predictor (vs oracle): decode speed, ideal "
+                                     "speed-up, memory and quality in one run")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--ratios", default="0.3,0.5,0.7", help="parameter-weighted activation ratios")
+    p.add_argument("--modes", default="dense,static,predictor,oracle")
+    p.add_argument("--static-from", default=None, help="a calibrate directory (default: calibrate into OUT/static)")
+    p.add_argument("--predictor-from", default=None,
+                   help="a train-predictor directory (default: train into OUT/predictor)")
+    p.add_argument("--allocation", default="uniform", help="static allocation when calibrating: uniform or greedy")
+    p.add_argument("--oracle-selector", default="corrected_gxo", help="metric of the oracle mode")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--speed-prompts", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gen-questions", type=int, default=20, help="TruthfulQA questions for BLEU vs dense")
+    p.add_argument("--mc1-items", type=int, default=100)
+    p.add_argument("--task", default="arc_easy", help="ground-truth multiple-choice task (arc_easy or sciq)")
+    p.add_argument("--task-items", type=int, default=100)
+    p.add_argument("--ppl-tokens", type=int, default=4096)
+    p.add_argument("--no-quality", action="store_true", help="speed only")
+    p.add_argument("--no-speed", action="store_true", help="quality only")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_bench)

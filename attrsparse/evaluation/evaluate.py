@@ -30,6 +30,17 @@ from ..tasks import get_task, load_task, mc_correct, mc2_score
 from ..units import ExecutedRatio, executed_ratio
 
 
+def takes_prefix_cache(policy: SparsityPolicy) -> bool:
+    """Whether ``policy.forward`` runs on a KV cache: ``prefix_cache`` set and ``**model_kwargs``
+    still in its signature (a subclass that overrides ``forward`` without them cannot)."""
+    import inspect
+
+    if not getattr(policy, "prefix_cache", False):
+        return False
+    params = inspect.signature(policy.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids ``[B, S]``, attention mask ``[B, S]``), each sequence left-aligned."""
     width = max(s.numel() for s in seqs)
@@ -73,7 +84,7 @@ class Evaluator:
         conts = [self._encode(c, False) for c in choices]
         if any(c.numel() == 0 for c in conts):
             raise UserError(f"empty answer choice in an item with context {context[:60]!r}")
-        if getattr(self.policy, "prefix_cache", False) and ctx.numel() + max(c.numel() for c in conts) <= self.max_seq_len:
+        if takes_prefix_cache(self.policy) and ctx.numel() + max(c.numel() for c in conts) <= self.max_seq_len:
             return self._choice_logprobs_cached(ctx, conts)
         seqs = [torch.cat([ctx, cont])[-self.max_seq_len:] for cont in conts]
         logits, _ = self.logits(seqs)
@@ -184,7 +195,7 @@ class Evaluator:
         on a KV cache; otherwise each step re-runs the whole sequence."""
         from transformers import DynamicCache
 
-        cached = getattr(self.policy, "prefix_cache", False)
+        cached = takes_prefix_cache(self.policy)
         cache = DynamicCache(config=self.model.config) if cached else None
         seq, step_ids, out = prompt, prompt, []
         for _ in range(max_new_tokens):
