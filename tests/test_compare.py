@@ -78,3 +78,6 @@ def test_compare_bad_input_is_one_line(capsys, tmp_path):
     assert "TASK=PATH" in capsys.readouterr().err
     assert compare_mod.slug("Qwen/Qwen2.5 0.5B") == "Qwen_Qwen2.5_0.5B"
     assert json.loads(json.dumps(CompareConfig().__dict__))  # serialisable defaults
+    dense_only = _config(selectors=["dense"]).validate()
+    assert dense_only.selectors == [] and Compare(dense_only, tmp_path).jobs() == [
+        ("tiny", "truthfulqa_mc1", "dense", 1.0), ("tiny", "wikitext2", "dense", 1.0)]

@@ -42,6 +42,7 @@ TOLERANCE = {"acc": 0.05, "mc2": 0.05, "ppl": 0.10}
 class CompareConfig:
     models: list = field(default_factory=lambda: ["smollm2-135m"])
     tasks: list = field(default_factory=lambda: ["arc_easy", "sciq", "truthfulqa_mc1", "wikitext2"])
+    # [] or ["dense"] = dense baselines only
     selectors: list = field(default_factory=lambda: ["corrected_gxo", "magnitude", "teal", "cats",
                                                      "wina", "wanda", "random"])
     ratios: list = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
@@ -59,8 +60,8 @@ class CompareConfig:
     def validate(self) -> "CompareConfig":
         from ..metrics import get_metric, resolve_metric_names
 
-        if not self.models or not self.tasks or not self.selectors or not self.ratios:
-            raise UserError("compare needs at least one model, task, selector and ratio")
+        if not self.models or not self.tasks:
+            raise UserError("compare needs at least one model and one task")
         for task in list(self.tasks) + list(self.data):
             get_task(task)  # unknown names fail here, with a hint
         self.selectors = [s for s in resolve_metric_names(
@@ -70,7 +71,7 @@ class CompareConfig:
             if ":" not in s and get_metric(s).is_ig:
                 raise UserError(f"{s}: IG needs 20+ passes per sequence; use it in `attrsparse sweep`")
         self.ratios = sorted({round(check_ratio(r), 6) for r in self.ratios if float(r) < 1.0})
-        if not self.ratios:
+        if self.selectors and not self.ratios:
             raise UserError("give at least one ratio below 1.0 (dense is always included)")
         return self
 
