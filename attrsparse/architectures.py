@@ -34,28 +34,31 @@ class ArchSpec:
     attn_qkv: tuple[str, ...]  # q, k, v projections, or one fused qkv projection
     attn_out: str  # projection whose input is the concatenated head outputs
     examples: str = ""
+    # activation module of a gated MLP (its output is act(gate x), before the product with up x);
+    # "" for non-gated MLPs, where the activation's output is the down-projection input itself
+    mlp_act: str = ""
 
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "mistral", "mobillama"), "model.layers",
              ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
-             "SmolLM2, TinyLlama, MobiLlama-style"),
+             "SmolLM2, TinyLlama, MobiLlama-style", mlp_act="mlp.act_fn"),
     ArchSpec("qwen2", ("qwen2", "qwen3"), "model.layers",
              ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
-             "Qwen2/2.5, Qwen3"),
+             "Qwen2/2.5, Qwen3", mlp_act="mlp.act_fn"),
     ArchSpec("gemma", ("gemma", "gemma2", "gemma3_text", "gemma3"), "model.layers",
              ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
-             "Gemma, Gemma 2, Gemma 3 (text)"),
+             "Gemma, Gemma 2, Gemma 3 (text)", mlp_act="mlp.act_fn"),
     ArchSpec("phi", ("phi",), "model.layers",
              ("mlp.fc1",), "mlp.fc2",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.dense",
              "phi-1.5, phi-2"),
     ArchSpec("phi3", ("phi3",), "model.layers",
              ("mlp.gate_up_proj",), "mlp.down_proj",
-             ("self_attn.qkv_proj",), "self_attn.o_proj", "Phi-3"),
+             ("self_attn.qkv_proj",), "self_attn.o_proj", "Phi-3", mlp_act="mlp.activation_fn"),
     ArchSpec("gpt2", ("gpt2",), "transformer.h",
              ("mlp.c_fc",), "mlp.c_proj", ("attn.c_attn",), "attn.c_proj", "GPT-2 (Conv1D)"),
     ArchSpec("opt", ("opt",), "model.decoder.layers",
@@ -125,6 +128,11 @@ class UnitMap:
     layer_modules: list[nn.Module] = field(repr=False, default_factory=list)
     down_modules: list[nn.Module] = field(repr=False, default_factory=list)
     out_modules: list[nn.Module] = field(repr=False, default_factory=list)
+    # first attention input projection (q_proj, c_attn, qkv_proj) / first MLP input projection
+    # (gate_proj, fc1, c_fc, gate_up_proj) per layer: their input is the (normed) hidden state
+    # entering the attention / MLP block, available before that block's work (predictors read it)
+    attn_in_modules: list[nn.Module] = field(repr=False, default_factory=list)
+    mlp_in_modules: list[nn.Module] = field(repr=False, default_factory=list)
 
     @property
     def group_size(self) -> int:
@@ -220,6 +228,8 @@ def unit_map(model: nn.Module) -> UnitMap:
         layer_modules=layers,
         down_modules=[_get(layer, spec.mlp_down) for layer in layers],
         out_modules=[_get(layer, spec.attn_out) for layer in layers],
+        attn_in_modules=[_get(layer, spec.attn_qkv[0]) for layer in layers],
+        mlp_in_modules=[_get(layer, spec.mlp_in[0]) for layer in layers],
     )
     model._attrsparse_unit_map = umap
     return umap

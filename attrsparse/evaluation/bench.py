@@ -217,7 +217,7 @@ class Bench:
 
         cfg = self.config
         policy = make_policy(self.selector(mode), ratio if mode != "dense" else 1.0)
-        if policy.mode == "online":
+        if policy.mode in ("online", "static", "predictor"):
             policy.prepare(self.model, calibration_sequences(self.tok, "wikitext2", cfg.calib_sequences, 128))
         runs = {"gen": evaluate_task(self.model, self.tok, "truthfulqa_gen", policy, limit=cfg.gen_questions),
                 "mc1": evaluate_task(self.model, self.tok, "truthfulqa_mc1", policy, limit=cfg.mc1_items),

@@ -1,6 +1,7 @@
 """Importance metrics and selectors, one module each, behind one interface and a registry."""
 
 from . import baselines, corrected_gxo, gradient, gxo, ig, magnitude, progressive, snip  # noqa: F401
+from . import cats, teal, wanda  # noqa: F401  (the field's calibrated baselines)
 from .base import Metric, get_metric, list_metrics, register_metric
 
 PAPER_METRICS = ("magnitude", "gradient", "gxo", "snip", "ig", "corrected_gxo")

@@ -7,6 +7,11 @@
   original: WINA sparsifies the inputs of every linear layer with one global threshold; here it
   scores the paper's units (MLP neurons and heads) and uses the same selection policies as every
   other metric.
+
+In task evaluations (``make_policy``): ``random`` is one seeded random static mask (``k = ceil(r*C)``
+units per layer); ``wina`` keeps, per token and layer, the top k units by ``|x_i| * ||W[:, i]||`` of
+the live inputs (online; the rule reads the down / output-projection input, so a skipped unit still
+ran its gate/up rows: ``decision_cost``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import torch
 from torch import nn
 
 from ..architectures import unit_map
-from ..units import UnitScores
+from ..policies.base import OnlinePolicy, StaticPolicy
+from ..selection import keep_count, select, top_k_mask
+from ..units import UnitMasks, UnitScores
 from .base import Metric, register_metric
 
 
@@ -29,6 +36,9 @@ class RandomScores(Metric):
         gen = torch.Generator().manual_seed(0)
         return UnitScores(torch.rand(trace.mlp_x.shape, generator=gen),
                           torch.rand(trace.head_x.shape[:-1], generator=gen))
+
+    def make_policy(self, ratio, seed: int = 0, **_):
+        return RandomStaticPolicy(ratio, seed)
 
 
 def _input_column_norms(module: nn.Module) -> torch.Tensor:
@@ -52,3 +62,60 @@ class Wina(Metric):
         out = torch.stack([_input_column_norms(m) for m in units.out_modules])  # [L, H*D]
         head_norm = out.view(units.num_layers, units.num_heads, units.head_dim).norm(dim=-1)  # [L, H]
         return UnitScores(trace.mlp_x.abs() * down, trace.head_x.norm(dim=-1) * head_norm)
+
+    def make_policy(self, ratio, **_):
+        return WinaPolicy(ratio)
+
+
+class RandomStaticPolicy(StaticPolicy):
+    """``random`` on tasks: a seeded random static mask, ``keep_count(ratio, C)`` units per layer."""
+
+    def __init__(self, ratio: float, seed: int = 0):
+        super().__init__("random", ratio)
+        self.seed = seed
+
+    def prepare(self, model, calibration=None) -> None:
+        units = unit_map(model)
+        gen = torch.Generator().manual_seed(self.seed)
+        scores = UnitScores(torch.rand(units.num_layers, units.mlp_size, generator=gen),
+                            torch.rand(units.num_layers, units.num_heads, generator=gen))
+        masks = select(scores, self.ratio)
+        device = next(model.parameters()).device
+        self.masks = UnitMasks(masks.mlp.to(device), masks.heads.to(device))
+
+    def forward(self, model, ids, attention_mask=None):
+        if self.masks is None:
+            self.prepare(model)
+        return super().forward(model, ids, attention_mask)
+
+
+class WinaPolicy(OnlinePolicy):
+    """``wina`` on tasks: per token and layer, top ``keep_count(ratio, C)`` of ``|x_i| * ||W[:, i]||``
+    (heads ``||o_h|| * ||W_o[:, h]||_F``) over the live inputs."""
+
+    def __init__(self, ratio: float):
+        super().__init__("wina", ratio)
+        self.down = self.out = None
+
+    def prepare(self, model, calibration=None) -> None:
+        units = unit_map(model)
+        self.down = [_input_column_norms(m) for m in units.down_modules]  # [N] each
+        self.out = [_input_column_norms(m).view(units.num_heads, units.head_dim).norm(dim=-1)
+                    for m in units.out_modules]  # [H] each
+        self.k_mlp, self.k_heads = keep_count(self.ratio, units.mlp_size), keep_count(self.ratio, units.num_heads)
+
+    def mlp_keep(self, layer, x):
+        return top_k_mask(x.detach().abs().float() * self.down[layer], self.k_mlp)
+
+    def head_keep(self, layer, o):
+        return top_k_mask(o.detach().float().norm(dim=-1) * self.out[layer], self.k_heads)
+
+    def forward(self, model, ids, attention_mask=None):
+        if self.down is None:
+            self.prepare(model)
+        return super().forward(model, ids, attention_mask)
+
+    def decision_cost(self, masks, units):
+        from .calibrated import decision_cost_fraction, prepaid_on_unit_inputs
+
+        return decision_cost_fraction(masks, units, *prepaid_on_unit_inputs(units))
