@@ -151,3 +151,11 @@ def register_commands(sub) -> None:
     from .evaluation.commands import register_evaluation_commands  # evaluate, compare
 
     register_evaluation_commands(sub)
+
+    from .deploy.commands import register_deploy_commands  # calibrate, export, generate
+
+    register_deploy_commands(sub)
+
+    from .deploy.predictor_cli import register_predictor_commands  # train-predictor
+
+    register_predictor_commands(sub)

@@ -45,7 +45,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     """Save tensors as safetensors atomically (contiguous CPU copies)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per process (ranks share caches)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
     return path

@@ -9,6 +9,9 @@ log-likelihood, each candidate answer scored with its own oracle masks.
 
 Each finished question is written atomically to ``out/records/q<index>.json``; a re-run with the
 same settings skips them. Traces are cached under ``out/cache``, keyed by model, data and settings.
+Under ``torchrun`` the questions are sharded across ranks and merged on rank 0
+(:func:`attrsparse.distributed.run_sharded`, ``docs/distributed.md``); with ``stream_scores`` the
+per-token scores are kept in safetensors shards under ``out/scores`` (:mod:`attrsparse.streaming`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from . import __version__
 from .architectures import unit_map
 from .decoding import masked_greedy_decode, masked_loglik
+from .distributed import init_distributed, run_sharded
 from .errors import UserError, check_ratio
 from .io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
 from .metrics import PAPER_METRICS, get_metric, resolve_metric_names
@@ -57,6 +61,8 @@ class SweepConfig:
     mc1: bool = True
     mc1_ratios: list | None = None  # ratios at which MC1 runs under masks (None = all)
     seed: int = 0
+    stream_scores: bool = False  # keep per-token scores in out/scores (safetensors shards)
+    max_memory_mb: float = 256.0  # budget of the streamed-scores buffer
 
     def validate(self) -> "SweepConfig":
         if self.dataset not in DATASETS:
@@ -69,12 +75,14 @@ class SweepConfig:
         self.ratios = sorted({round(check_ratio(r), 6) for r in self.ratios})
         if self.max_new_tokens < 1:
             raise UserError("--max-new-tokens must be at least 1")
+        if not self.max_memory_mb > 0:
+            raise UserError(f"--max-memory must be a positive number of MB, got {self.max_memory_mb:g}")
         return self
 
     def fingerprint(self) -> str:
         """Hash of everything that changes a question's record."""
         keys = asdict(self)
-        for k in ("limit", "offset", "questions"):
+        for k in ("limit", "offset", "questions", "stream_scores", "max_memory_mb"):
             keys.pop(k)
         return stable_hash(keys)
 
@@ -113,6 +121,7 @@ class Sweep:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.records_dir = self.out / "records"
         self.cache_dir = self.out / "cache"
+        self.score_writer = None  # a streaming.ScoreWriter while a run streams scores
         self.key_base = {"model": config.model, "weights": model_fingerprint(model), "dtype": config.dtype,
                          "template": self.template, "attrsparse": __version__}
 
@@ -126,7 +135,7 @@ class Sweep:
         return [(m, r) for m in self.config.metrics for r in self.config.ratios
                 if r < 1.0 and (use_ig or not get_metric(m).is_ig)]
 
-    def _masks(self, prompt, target, trace, variants) -> list[UnitMasks]:
+    def _masks(self, prompt, target, trace, variants, stream_key: str | None = None) -> list[UnitMasks]:
         cfg = self.config
         names = {m for m, _ in variants}
         scores = {}
@@ -137,6 +146,11 @@ class Sweep:
             else:  # from_model defaults to from_trace (no extra passes)
                 scores[name] = metric.from_model(self.model, prompt, target, trace,
                                                  head_reduction=cfg.head_reduction, ig_steps=cfg.ig_steps)
+        if stream_key is not None and self.score_writer is not None:
+            tensors = {"prompt_ids": prompt, "target_ids": target}
+            for name in sorted(n for n in scores if scores[n] is not None):
+                tensors.update({f"{name}.mlp": scores[name].mlp, f"{name}.heads": scores[name].heads})
+            self.score_writer.add(stream_key, tensors)
         context = {"model": self.model, "prompt_ids": prompt, "target_ids": target, "trace": trace,
                    "units": self.units, "head_reduction": cfg.head_reduction}
         chosen = {}
@@ -187,7 +201,7 @@ class Sweep:
         t0 = time.perf_counter()
         trace = _trace_cached(self.model, prompt, label, self.cache_dir, self.key_base)
         variants = self._variants(q_pos)
-        masks = self._masks(prompt, label, trace, variants)
+        masks = self._masks(prompt, label, trace, variants, stream_key=self._record_key(q_pos, item))
         timings["scoring"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -221,24 +235,44 @@ class Sweep:
                 "variants": rows}
 
     # -- whole run ----------------------------------------------------------------------------
-    def run(self, progress: bool = True) -> dict:
-        from tqdm.auto import tqdm
-
+    def _record_key(self, q_pos: int, item) -> str:
+        """File stem of a question's record (and its streamed scores' key)."""
         fingerprint = stable_hash([self.config.fingerprint(), self.key_base])
-        records = []
-        bar = tqdm(self.items, desc="sweep", unit="q", disable=not progress)
-        for q_pos, item in enumerate(bar):
-            ig = "ig" if self._uses_ig(q_pos) else "noig"  # records differ with and without IG rows
-            path = self.records_dir / f"q{item.index:04d}-{fingerprint}-{ig}.json"
-            record = _read_json(path)
-            expected = set(self._variants(q_pos)) | {("dense", 1.0)}
-            if record is not None and {(v["metric"], v["requested_ratio"]) for v in record.get("variants", [])} != expected:
-                record = None  # written by another version: recompute rather than reuse
-            if record is None:
-                bar.set_postfix_str(f"question {item.index}")
-                record = self.run_question(q_pos, item)
-                atomic_write_json(path, record)
-            records.append(record)
+        ig = "ig" if self._uses_ig(q_pos) else "noig"  # records differ with and without IG rows
+        return f"q{item.index:04d}-{fingerprint}-{ig}"
+
+    def _record_is_valid(self, q_pos: int, item, record: dict, streamed=None) -> bool:
+        expected = set(self._variants(q_pos)) | {("dense", 1.0)}
+        if {(v["metric"], v["requested_ratio"]) for v in record.get("variants", [])} != expected:
+            return False  # written by another version
+        return streamed is None or self._record_key(q_pos, item) in streamed  # scores were lost
+
+    def run(self, progress: bool = True) -> dict | None:
+        """Run (or resume) every question; returns the results on rank 0, None on other ranks.
+
+        Under torchrun each rank runs its shard of the questions; only rank 0 writes
+        ``results.json``, the CSV, the plots and the report, from all records in question order.
+        """
+        from .streaming import ScoreReader, ScoreWriter
+
+        ctx = init_distributed(device="cpu")  # the scoring and decoding code runs on CPU tensors
+        streamed = None
+        if self.config.stream_scores:
+            streamed = set(ScoreReader(self.out / "scores").keys())
+            self.score_writer = ScoreWriter(self.out / "scores", prefix=f"rank{ctx.rank:03d}",
+                                            max_memory_mb=self.config.max_memory_mb)
+        try:
+            records = run_sharded(
+                self.items, self._record_key, self.run_question, self.records_dir,
+                valid_fn=lambda q_pos, item, record: self._record_is_valid(q_pos, item, record, streamed),
+                manifest_dir=self.out / "shards", ctx=ctx, progress=progress, desc="sweep",
+                after_shard=self.score_writer.close if self.score_writer else None)
+        finally:  # scores of questions whose records were written reach disk, even on an interrupt
+            if self.score_writer is not None:
+                self.score_writer.close()
+            self.score_writer = None
+        if records is None:
+            return None  # not rank 0: rank 0 writes the merged outputs
         results = self.results(records)
         from .report import write_csv, write_report
         from .plots import plot_curves
