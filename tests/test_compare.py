@@ -81,3 +81,33 @@ def test_compare_bad_input_is_one_line(capsys, tmp_path):
     dense_only = _config(selectors=["dense"]).validate()
     assert dense_only.selectors == [] and Compare(dense_only, tmp_path).jobs() == [
         ("tiny", "truthfulqa_mc1", "dense", 1.0), ("tiny", "wikitext2", "dense", 1.0)]
+
+
+def test_compare_under_torchrun_equals_one_process(tiny_truthfulqa_lm, tmp_path):
+    """2 gloo ranks shard the jobs round-robin; rank 0's merged compare.json equals one process's."""
+    import os
+    import subprocess
+    import sys
+
+    model, tok = tiny_truthfulqa_lm()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    args = ["compare", "--models", str(tmp_path / "model"), "--tasks", "truthfulqa_mc1,wikitext2",
+            "--selectors", "magnitude,teal,wanda", "--ratios", "0.5", "--limit", "3", "--max-tokens", "48",
+            "--calib", str(FIXTURES / "wikitext_tiny.txt"), "--calib-sequences", "2", "--calib-len", "8",
+            "--data", f"truthfulqa_mc1={FIXTURES / 'truthfulqa_3.csv'},wikitext2={FIXTURES / 'wikitext_tiny.txt'}"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           "2", "-m", "attrsparse", *args, "--out", str(tmp_path / "two")],
+                          env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("table: ") == 1  # only rank 0 merges and reports
+
+    def comparable(out):
+        results = json.loads((out / "compare.json").read_text())
+        results["config"]["models"] = ["m"]
+        return json.dumps([{k: v for k, v in r.items() if k != "model"} for r in results["records"]])
+
+    assert comparable(tmp_path / "two") == comparable(tmp_path / "one")
+    assert len(list((tmp_path / "two" / "records").rglob("*.json"))) == 2 * (1 + 3)

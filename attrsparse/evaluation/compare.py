@@ -108,9 +108,13 @@ class Compare:
                 out += [(model, task, s, r) for s in cfg.selectors for r in cfg.ratios]
         return out
 
-    def record_path(self, model: str, task: str, selector: str, ratio: float, weights: str) -> Path:
+    def record_key(self, model: str, task: str, selector: str, ratio: float, weights: str) -> str:
+        """``<model>/<task>/<selector>@<ratio>-<settings hash>``: the record's path under ``records/``."""
         key = stable_hash([self.config.job_key(model, task), weights])
-        return self.out / "records" / slug(model) / task / f"{slug(selector)}@{ratio:g}-{key}.json"
+        return f"{slug(model)}/{task}/{slug(selector)}@{ratio:g}-{key}"
+
+    def record_path(self, model: str, task: str, selector: str, ratio: float, weights: str) -> Path:
+        return self.out / "records" / f"{self.record_key(model, task, selector, ratio, weights)}.json"
 
     def _load(self, spec: str):
         if spec not in self.loaded:
@@ -135,25 +139,28 @@ class Compare:
                                max_tokens=cfg.max_tokens, max_new_tokens=cfg.max_new_tokens)
         return {"model": model_spec, **result, "selector": selector, "requested_ratio": ratio}
 
-    def run(self, progress: bool = True) -> dict:
-        from tqdm.auto import tqdm
+    def run(self, progress: bool = True) -> dict | None:
+        """Run (this rank's share of) the jobs; on rank 0 merge and write the outputs.
 
+        Under ``torchrun`` the jobs are sharded round-robin over the ranks
+        (:func:`attrsparse.distributed.run_sharded`); every rank writes its own records and rank 0
+        merges them in job order, so the outputs equal a single-process run. Returns the results
+        on rank 0, None on the other ranks.
+        """
+        from ..distributed import run_sharded
         from ..sweep import model_fingerprint
 
-        jobs = self.jobs()
-        records, calib_cache, weights = [], {}, {}
-        bar = tqdm(jobs, desc="compare", unit="job", disable=not progress)
-        for model_spec, task, selector, ratio in bar:
+        calib_cache, weights = {}, {}
+
+        def key(_, job):
+            model_spec, task, selector, ratio = job
             if model_spec not in weights:
                 weights[model_spec] = model_fingerprint(self._load(model_spec)[0])
-            path = self.record_path(model_spec, task, selector, ratio, weights[model_spec])
-            record = _read_json(path)
-            if record is None:
-                bar.set_postfix_str(f"{slug(model_spec)} {task} {selector}@{ratio:g}")
-                record = self.run_job(model_spec, task, selector, ratio, calib_cache)
-                atomic_write_json(path, record)
-            records.append(record)
-        return self.write(records)
+            return self.record_key(model_spec, task, selector, ratio, weights[model_spec])
+
+        records = run_sharded(self.jobs(), key, lambda _, job: self.run_job(*job, calib_cache),
+                              self.out / "records", progress=progress, desc="compare")
+        return None if records is None else self.write(records)
 
     def write(self, records: list[dict]) -> dict:
         import torch
