@@ -68,14 +68,16 @@ def forward_units(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
 
     ``labels`` ``[T]`` (default: ``target_ids``) are the tokens whose losses are attributed; the
     oracle policy of :mod:`attrsparse.policies` feeds a text as ``target`` and the dense model's own
-    predictions as ``labels``.
+    predictions as ``labels`` (``labels="argmax"`` takes them from this very pass: unmasked, its
+    forward values are the dense model's).
 
     ``mlp_mult`` / ``head_mult`` follow :class:`attrsparse.hooks.UnitHooks` (``q`` = S positions).
     ``grads`` is ``(mlp_grads, head_grads)``: per layer in ``grad_layers`` (default all), the
     gradient ``[B, S, N]`` / ``[B, S, H, D]`` of ``sum(losses)`` w.r.t. the unit outputs.
     """
     ids, p, t = teacher_forced_ids(prompt_ids, target_ids)
-    target = as_ids(target_ids if labels is None else labels, "labels")
+    argmax = isinstance(labels, str) and labels == "argmax"
+    target = as_ids(target_ids if labels is None or argmax else labels, "labels")
     if target.numel() != t:
         raise ValueError(f"{target.numel()} labels for {t} target tokens")
     embed = model.get_input_embeddings()
@@ -87,6 +89,8 @@ def forward_units(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
             torch.set_grad_enabled(want_grad):
         hooks.mlp_mult, hooks.head_mult = mlp_mult, head_mult
         out = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=t)
+        if argmax:  # the model's own prediction at each position (the forward values are dense)
+            target = out.logits[0, -t:].detach().argmax(-1)
         losses = token_losses(out.logits[:, -t:], target)
         grads = (None, None)
         if want_grad:

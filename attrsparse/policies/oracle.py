@@ -37,9 +37,11 @@ class OraclePolicy(SparsityPolicy):
 
     def row_masks(self, model, ids: torch.Tensor) -> UnitMasks:
         """Masks ``[S, L, *]`` for one unpadded sequence ``ids [S]``."""
-        with torch.no_grad():
-            labels = model_logits(model, ids.unsqueeze(0), None)[0].argmax(-1)  # [S]
-        prompt, target = ids[:1], torch.cat([ids[1:], labels[-1:]])
+        labels = "argmax"  # the dense prediction at each position, taken from the trace's own pass
+        if self.metric.kind == "selector":  # re-scoring passes need the labels themselves
+            with torch.no_grad():
+                labels = model_logits(model, ids.unsqueeze(0), None)[0].argmax(-1)  # [S]
+        prompt, target = ids[:1], torch.cat([ids[1:], ids[-1:]])  # target's last token is never input
         trace = trace_gradients(model, prompt, target, labels=labels).row(0)
         units = unit_map(model)
         scores = None if self.metric.kind == "selector" else \
