@@ -1,7 +1,8 @@
 """``attrsparse bench``: speed and quality of dense, static, predictor and oracle sparsity in one run.
 
-For every (mode, ratio) one record (``DIR/records/<mode>@<ratio>.json``, atomic, so a re-run
-resumes) holding:
+For every (mode, ratio) one record (``DIR/records/<mode>@<ratio>-<settings hash>.json``, atomic,
+so a re-run with the same settings resumes; ``--no-speed``/``--no-quality`` parts are added later)
+holding:
 
 * speed (not for the oracle, which needs the dense pass itself): greedy decoding with a KV cache
   through :func:`attrsparse.generate` on ``speed_prompts`` TruthfulQA prompts, ``new_tokens`` tokens
@@ -36,7 +37,7 @@ import torch
 
 from .. import __version__
 from ..errors import UserError, check_ratio
-from ..io import atomic_write_json
+from ..io import atomic_write_json, stable_hash
 
 MODES = ("dense", "static", "predictor", "oracle")
 TOLERANCE = {"mc1": 0.05, "task_acc": 0.05, "wikitext2_ppl": 0.10}
@@ -240,8 +241,12 @@ class Bench:
         cfg = self.config
         records = []
         bar = tqdm(self.jobs(), desc="bench", unit="job", disable=not progress)
+        settings = asdict(cfg)
+        for key in ("ratios", "modes", "quality", "speed"):
+            settings.pop(key)
+        fingerprint = stable_hash([settings, __version__])
         for mode, ratio in bar:
-            path = self.out / "records" / f"{mode}@{ratio:g}.json"
+            path = self.out / "records" / f"{mode}@{ratio:g}-{fingerprint}.json"
             record = _read_json(path)
             wanted = {"speed": cfg.speed and mode != "oracle", "quality": cfg.quality}
             if record is None or any(want and not record.get(f"has_{k}") for k, want in wanted.items()):
