@@ -22,6 +22,7 @@ from .scoring import score
 from .selection import POLICIES, select
 from .trace import GradientTrace, trace_gradients
 from .units import ExecutedRatio, UnitMasks, UnitScores, executed_ratio
+from .deploy import generate  # noqa: E402  (also registers the static_gxo selector)
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,6 @@ def load_model(spec: str = "smollm2-135m", **kwargs):
 __all__ = [
     "ARCHITECTURES", "ExecutedRatio", "GradientTrace", "POLICIES", "UnitMap", "UnitMasks",
     "UnitScores", "UnsupportedArchitectureError", "UserError", "apply_masks", "capture_units",
-    "executed_ratio", "get_metric", "list_metrics", "load_model", "register_metric", "score",
+    "executed_ratio", "generate", "get_metric", "list_metrics", "load_model", "register_metric", "score",
     "select", "supported_model_types", "trace_gradients", "unit_map",
 ]
