@@ -75,9 +75,29 @@ def weights_fingerprint(model: nn.Module) -> str:
                         units.num_kv_heads, units.head_dim, sum(p.numel() for p in params), probe])
 
 
+def _sequence_sums(model, metric: Metric, seq: torch.Tensor, labels: str, head_reduction: str):
+    """Per-sequence sums of the per-token scores: (mlp ``[L, N]``, heads ``[L, H]``) float64."""
+    prompt, target = seq[:1], seq[1:]
+    y = None
+    if labels == "dense":
+        with torch.no_grad():
+            y = model_logits(model, seq[:-1].unsqueeze(0), None)[0].argmax(-1)
+    trace = trace_gradients(model, prompt, target, labels=y).row(0)
+    scores = metric.from_model(model, prompt, target, trace, head_reduction=head_reduction)
+    return scores.mlp.double().sum(0), scores.heads.double().sum(0)
+
+
 def calibrate(model: nn.Module, sequences: list[torch.Tensor], metric: str = "corrected_gxo",
-              labels: str = "text", head_reduction: str = "sum", progress: bool = False) -> CalibratedScores:
-    """Mean per-token scores of ``metric`` over ``sequences`` (1-D id tensors, >= 2 tokens each)."""
+              labels: str = "text", head_reduction: str = "sum", progress: bool = False,
+              parts_dir: Path | None = None, ctx=None) -> CalibratedScores | None:
+    """Mean per-token scores of ``metric`` over ``sequences`` (1-D id tensors, >= 2 tokens each).
+
+    With ``parts_dir`` every sequence's score sums are written there (one safetensors file per
+    sequence, keyed by its ids and the settings) and reused by a re-run, and under ``torchrun``
+    the sequences are sharded round-robin over the ranks (:mod:`attrsparse.distributed`): rank 0
+    adds the parts in sequence order, so the result is bitwise the single-process one; the other
+    ranks return None.
+    """
     m = get_metric(metric)
     if m.kind == "selector":
         raise UserError(f"{metric} is a selector, not a score; calibrate with an attribution metric "
@@ -88,29 +108,46 @@ def calibrate(model: nn.Module, sequences: list[torch.Tensor], metric: str = "co
     if not seqs:
         raise UserError("calibration needs at least one sequence of at least 2 tokens")
     units = unit_map(model)
-    mlp = torch.zeros(units.num_layers, units.mlp_size, dtype=torch.float64)
-    heads = torch.zeros(units.num_layers, units.num_heads, dtype=torch.float64)
-    tokens = 0
+    if parts_dir is not None:
+        from ..distributed import init_distributed
+
+        ctx = ctx or init_distributed(device="cpu")
+        settings = [weights_fingerprint(model), m.name, labels, head_reduction]
+        paths = [Path(parts_dir) / f"seq{i:05d}-{stable_hash([settings, s.tolist()])}.safetensors"
+                 for i, s in enumerate(seqs)]
+        mine = ctx.shard_positions(len(seqs))
+    else:
+        paths, mine = [None] * len(seqs), list(range(len(seqs)))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(seqs), desc=f"calibrating {metric}", unit="seq")
-    for seq in seqs:
-        prompt, target = seq[:1], seq[1:]
-        y = None
-        if labels == "dense":
-            with torch.no_grad():
-                y = model_logits(model, seq[:-1].unsqueeze(0), None)[0].argmax(-1)
-        trace = trace_gradients(model, prompt, target, labels=y).row(0)
-        scores = m.from_model(model, prompt, target, trace, head_reduction=head_reduction)
-        mlp += scores.mlp.double().sum(0)
-        heads += scores.heads.double().sum(0)
-        tokens += target.numel()
+        bar = tqdm(total=len(mine), desc=f"calibrating {metric}", unit="seq")
+    sums = {}
+    for i in mine:
+        stored = load_tensors(paths[i]) if paths[i] is not None else None
+        if stored is None:
+            mlp_i, heads_i = _sequence_sums(model, m, seqs[i], labels, head_reduction)
+            if paths[i] is not None:
+                atomic_save_tensors(paths[i], {"mlp": mlp_i, "heads": heads_i})
+        else:
+            mlp_i, heads_i = stored["mlp"], stored["heads"]
+        sums[i] = (mlp_i, heads_i)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if parts_dir is not None and ctx.distributed:
+        ctx.barrier()  # every part is on disk
+        if not ctx.is_main:
+            return None
+        sums = {i: (t["mlp"], t["heads"]) for i, t in ((i, load_tensors(p)) for i, p in enumerate(paths))}
+    mlp = torch.zeros(units.num_layers, units.mlp_size, dtype=torch.float64)
+    heads = torch.zeros(units.num_layers, units.num_heads, dtype=torch.float64)
+    for i in range(len(seqs)):  # in sequence order, whoever computed them
+        mlp += sums[i][0]
+        heads += sums[i][1]
+    tokens = sum(s.numel() - 1 for s in seqs)
     return CalibratedScores(UnitScores((mlp / tokens).float(), (heads / tokens).float()), tokens,
                             m.name, labels, head_reduction)
 
@@ -339,7 +376,9 @@ def run_calibration(model: nn.Module, tokenizer, out: str | Path, *, ratios, met
         except UserError:
             cal = None  # unreadable or foreign: recompute and overwrite
     if cal is None:
-        cal = calibrate(model, seqs, metric, labels=labels, progress=progress)
+        cal = calibrate(model, seqs, metric, labels=labels, progress=progress, parts_dir=Path(out) / "parts")
+        if cal is None:  # a non-main rank under torchrun: rank 0 chooses the masks and writes
+            return None
     chosen = static_masks(model, cal.scores, ratios, allocation, search_sequences=seqs[:search_sequences],
                           head_power=head_power, progress=progress)
     return save_static(out, model, cal, chosen, {"model": {"spec": spec}, "calibration": calibration})

@@ -64,6 +64,8 @@ def cmd_calibrate(args) -> int:
     ratios = _ratios(args.ratios)
     model, tok = load_model(args.model, dtype=args.dtype)
     doc = _calibrate(model, tok, args, ratios, Path(args.out))
+    if doc is None:  # another rank of a torchrun job: rank 0 reports
+        return 0
     print(f"{'ratio':>6} {'executed':>9} {'mlp':>6} {'heads':>6} {'kv':>5}  allocation")
     for key, entry in doc["ratios"].items():
         print(f"{key:>6} {entry['executed_ratio']:9.4f} {entry['executed_ratio_mlp']:6.3f} "
