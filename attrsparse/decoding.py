@@ -7,6 +7,7 @@ rows have stopped or ``max_new_tokens`` is reached.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 
 import torch
@@ -31,6 +32,51 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
+def greedy_loop(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, stop_ids: set[int],
+                pad_id: int = 0, before_call=None, after_call=None) -> dict:
+    """Batched greedy decoding on a ``DynamicCache``: left padding, per-row stop.
+
+    ``before_call(ids [B, q], attn [B, S], done [B])`` and ``after_call()`` run around every
+    forward call (the sparse runtime accounts there). Returns ``{"tokens": B tensors [T_b] (each
+    ending at its stop token), "prefill_s", "decode_s", "decode_tokens"}``; the first call (the
+    prefill, which also yields token 0) is timed apart from the decode steps.
+    """
+    ids, attn = left_pad([as_ids(p, "prompt") for p in prompts], pad_id)
+    batch = ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    done = torch.zeros(batch, dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    prefill_s = decode_s = 0.0
+    decode_tokens = 0
+    for step in range(max_new_tokens):
+        if before_call is not None:
+            before_call(ids, attn, done)
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions,
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        tokens = logits.argmax(-1)
+        elapsed = time.perf_counter() - t0
+        if after_call is not None:
+            after_call()
+        if step == 0:
+            prefill_s = elapsed
+        else:
+            decode_s += elapsed
+            decode_tokens += int((~done).sum())
+        for row in range(batch):
+            if not done[row]:
+                out[row].append(int(tokens[row]))
+                done[row] = int(tokens[row]) in stop_ids
+        if bool(done.all()):
+            break
+        ids = torch.where(done, torch.full_like(tokens, pad_id), tokens).view(-1, 1)
+        attn = torch.cat([attn, torch.ones(batch, 1, dtype=attn.dtype)], dim=1)
+        positions = positions[:, -1:] + 1
+    return {"tokens": [torch.tensor(t, dtype=torch.long) for t in out], "prefill_s": prefill_s,
+            "decode_s": decode_s, "decode_tokens": decode_tokens}
+
+
 def masked_greedy_decode(model: nn.Module, prompts: list[torch.Tensor], masks: UnitMasks | None,
                          max_new_tokens: int, stop_ids: set[int], pad_id: int = 0,
                          mask_prefill: bool = False) -> list[torch.Tensor]:
@@ -44,31 +90,11 @@ def masked_greedy_decode(model: nn.Module, prompts: list[torch.Tensor], masks: U
     Returns:
         B tensors ``[T_b]`` of generated ids, each ending at (and including) its stop token.
     """
-    prompts = [as_ids(p, "prompt") for p in prompts]
     if masks is not None and masks.mlp.shape[0] != len(prompts):
         raise ValueError(f"{masks.mlp.shape[0]} mask rows for {len(prompts)} prompts")
-    ids, attn = left_pad(prompts, pad_id)
-    batch = ids.shape[0]
-    cache = DynamicCache(config=model.config)
-    done = torch.zeros(batch, dtype=torch.bool)
-    out = [[] for _ in range(batch)]
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
     context = apply_masks(model, masks, mask_prefill=mask_prefill) if masks is not None else nullcontext()
     with context:
-        for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=positions,
-                           cache=cache, use_cache=True).logits[:, -1]
-            tokens = logits.argmax(-1)
-            for row in range(batch):
-                if not done[row]:
-                    out[row].append(int(tokens[row]))
-                    done[row] = int(tokens[row]) in stop_ids
-            if bool(done.all()):
-                break
-            ids = torch.where(done, torch.full_like(tokens, pad_id), tokens).view(-1, 1)
-            attn = torch.cat([attn, torch.ones(batch, 1, dtype=attn.dtype)], dim=1)
-            positions = positions[:, -1:] + 1
-    return [torch.tensor(tokens, dtype=torch.long) for tokens in out]
+        return greedy_loop(model, prompts, max_new_tokens, stop_ids, pad_id)["tokens"]
 
 
 @torch.no_grad()

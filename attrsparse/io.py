@@ -41,6 +41,15 @@ def atomic_write_json(path: Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
+def read_json(path: Path):
+    """The JSON object in ``path``, or None when it is missing or not valid JSON (a partial or
+    foreign record is recomputed, never used)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     """Save tensors as safetensors atomically (contiguous CPU copies)."""
     path = Path(path)

@@ -28,7 +28,7 @@ from .architectures import unit_map
 from .decoding import masked_greedy_decode, masked_loglik
 from .distributed import init_distributed, run_sharded
 from .errors import UserError, check_ratio
-from .io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
+from .io import atomic_save_tensors, atomic_write_json, load_tensors, read_json, sha256_file, stable_hash
 from .metrics import PAPER_METRICS, get_metric, resolve_metric_names
 from .prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from .tasks import load_truthfulqa
@@ -280,7 +280,7 @@ class Sweep:
         atomic_write_json(self.out / "results.json", results)
         write_csv(results, self.out)
         plot_curves(results, self.out)
-        write_report(results, self.out, dependency=_read_json(self.out / "dependency.json"))
+        write_report(results, self.out, dependency=read_json(self.out / "dependency.json"))
         return results
 
     def results(self, records: list[dict]) -> dict:
@@ -317,14 +317,6 @@ def _model_source(spec: str) -> dict:
     except Exception as err:  # provenance is best-effort; never fail a finished sweep on it
         return {"source": {"spec": spec, "error": str(err)}}
 
-
-def _read_json(path: Path):
-    import json
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def _dense_aggregate(records: list[dict]) -> dict:

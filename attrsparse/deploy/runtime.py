@@ -24,13 +24,11 @@ dense fallbacks, padding included). Embeddings and the LM head are outside both,
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from ..architectures import UnitMap, find_arch, linear_dims, unit_map
 from ..errors import UserError
@@ -279,52 +277,24 @@ class GenerationResult:
                 "decode_tokens": self.decode_tokens, "tokens_per_s": self.tokens_per_s, **self.details}
 
 
-@torch.no_grad()
 def greedy_decode(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int,
                   stop_ids: set[int], pad_id: int = 0, runtime: SparseRuntime | None = None) -> dict:
-    """Batched greedy decoding with a ``DynamicCache`` (left padding, per-row stop).
+    """Batched greedy decoding with a ``DynamicCache`` (left padding, per-row stop), telling
+    ``runtime`` which token rows of every call are real and which produce generated tokens.
 
     Returns ``{"tokens": [T_b] per row, "prefill_s", "decode_s", "decode_tokens"}``.
     """
-    from ..decoding import left_pad
+    from ..decoding import greedy_loop
 
-    ids, attn = left_pad(prompts, pad_id)
-    batch = ids.shape[0]
-    cache = DynamicCache(config=model.config)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    done = torch.zeros(batch, dtype=torch.bool)
-    out: list[list[int]] = [[] for _ in range(batch)]
-    prefill_s = decode_s = 0.0
-    decode_tokens = 0
-    for step in range(max_new_tokens):
-        if runtime is not None:
-            real = attn[:, -ids.shape[1]:].bool() & ~done.view(-1, 1)
-            generated = torch.zeros_like(real)
-            generated[:, -1] = True
-            runtime.begin(real, generated)
-        t0 = time.perf_counter()
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions,
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        tokens = logits.argmax(-1)
-        elapsed = time.perf_counter() - t0
-        if runtime is not None:
-            runtime.end()
-        if step == 0:
-            prefill_s = elapsed
-        else:
-            decode_s += elapsed
-            decode_tokens += int((~done).sum())
-        for row in range(batch):
-            if not done[row]:
-                out[row].append(int(tokens[row]))
-                done[row] = int(tokens[row]) in stop_ids
-        if bool(done.all()):
-            break
-        ids = torch.where(done, torch.full_like(tokens, pad_id), tokens).view(-1, 1)
-        attn = torch.cat([attn, torch.ones(batch, 1, dtype=attn.dtype)], dim=1)
-        positions = positions[:, -1:] + 1
-    return {"tokens": [torch.tensor(t, dtype=torch.long) for t in out], "prefill_s": prefill_s,
-            "decode_s": decode_s, "decode_tokens": decode_tokens}
+    def before_call(ids, attn, done):
+        real = attn[:, -ids.shape[1]:].bool() & ~done.view(-1, 1)
+        generated = torch.zeros_like(real)
+        generated[:, -1] = True
+        runtime.begin(real, generated)
+
+    if runtime is None:
+        return greedy_loop(model, prompts, max_new_tokens, stop_ids, pad_id)
+    return greedy_loop(model, prompts, max_new_tokens, stop_ids, pad_id, before_call, runtime.end)
 
 
 def _resolve_sparsity(sparsity, ratio, model):

@@ -26,7 +26,6 @@ holding:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -37,7 +36,7 @@ import torch
 
 from .. import __version__
 from ..errors import UserError, check_ratio
-from ..io import atomic_write_json, stable_hash
+from ..io import atomic_write_json, read_json, stable_hash
 
 MODES = ("dense", "static", "predictor", "oracle")
 TOLERANCE = {"mc1": 0.05, "task_acc": 0.05, "wikitext2_ppl": 0.10}
@@ -247,7 +246,7 @@ class Bench:
         fingerprint = stable_hash([settings, __version__])
         for mode, ratio in bar:
             path = self.out / "records" / f"{mode}@{ratio:g}-{fingerprint}.json"
-            record = _read_json(path)
+            record = read_json(path)
             wanted = {"speed": cfg.speed and mode != "oracle", "quality": cfg.quality}
             if record is None or any(want and not record.get(f"has_{k}") for k, want in wanted.items()):
                 bar.set_postfix_str(f"{mode}@{ratio:g}")
@@ -310,10 +309,3 @@ def quality_frontier(records: list[dict]) -> dict:
         out[mode] = None if lowest is None else {"requested_ratio": lowest["requested_ratio"],
                                                  "executed_ratio": lowest.get("executed_ratio")}
     return out
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, ValueError):
-        return None

@@ -20,7 +20,6 @@ on calibration sequences disjoint from the evaluated data (:mod:`attrsparse.cali
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import re
@@ -203,12 +202,6 @@ def within_tolerance(record: dict) -> bool | None:
     tol = TOLERANCE[metric]
     return rel <= 1 + tol if metric in LOWER_IS_BETTER else rel >= 1 - tol
 
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def command_line(argv: list[str]) -> str:
