@@ -159,7 +159,21 @@ class Compare:
 
         records = run_sharded(self.jobs(), key, lambda _, job: self.run_job(*job, calib_cache),
                               self.out / "records", progress=progress, desc="compare")
-        return None if records is None else self.write(records)
+        return None if records is None else self.write([self.with_read_ratio(r) for r in records])
+
+    def with_read_ratio(self, record: dict) -> dict:
+        """Add ``executed_ratio_with_decision_cost`` to an online selector's record written before
+        evaluations reported it (exact: it follows from the record's mean unit ratios)."""
+        if "executed_ratio_with_decision_cost" in record or record["selector"] == "dense":
+            return record
+        from ..architectures import unit_map
+        from ..policies import make_policy
+        from ..policies.base import with_decision_cost
+
+        units = unit_map(self._load(record["model"])[0])
+        policy = make_policy(record["selector"], record["requested_ratio"], policy=self.config.policy)
+        read = with_decision_cost(record, units, policy.prepaid_params(units))
+        return record if read is None else {**record, "executed_ratio_with_decision_cost": read}
 
     def write(self, records: list[dict]) -> dict:
         import torch

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..io import atomic_write_text
 
 CSV_FIELDS = ["model", "task", "selector", "mode", "deployable", "requested_ratio", "executed_ratio",
+              "executed_ratio_with_decision_cost",
               "executed_ratio_mlp", "executed_ratio_heads", "executed_ratio_kv_heads",
               "primary_metric", "value", "dense_value", "relative_to_dense", "within_tolerance",
               "acc", "acc_norm", "acc_stderr", "mc2", "ppl", "bleu_vs_dense", "n", "n_tokens"]
@@ -94,7 +95,10 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
              f"Requested ratios: {', '.join(f'{r:g}' for r in cfg['ratios'])}. "
              f"Items per task: {cfg['limit']} (perplexity: {cfg['max_tokens']} tokens of the test split).",
              "",
-             "Each cell is `value (executed parameter-weighted ratio)`; accuracy in %, measured against "
+             "Each cell is `value (executed parameter-weighted ratio)`; online rules on the unit inputs "
+             "(TEAL, CATS, WINA) must compute a unit's gate/up rows (or its query rows and every "
+             "key/value head) before they can skip it, so their cells add `reads R`: the parameter "
+             "ratio really read per token. Accuracy in %, measured against "
              "the ground truth; perplexity on WikiText-2 test; **bold** = within tolerance of dense "
              "(accuracy and MC2: 5% relative, perplexity: 10% relative). Every position of every "
              "sequence runs sparse (context included). Modes: `oracle` needs the dense pass and a "
@@ -124,7 +128,9 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
                 if r is None:
                     row.append("–")
                     continue
-                text = f"{_fmt(r['value'], metric)} ({r['executed_ratio']:.2f})"
+                read = r.get("executed_ratio_with_decision_cost")
+                text = f"{_fmt(r['value'], metric)} ({r['executed_ratio']:.2f}" + \
+                    (f"; reads {read:.2f})" if read is not None else ")")
                 row.append(f"**{text}**" if within_tolerance(r) else text)
             rows_md.append(row)
         lines += _table(header, rows_md) + [""]

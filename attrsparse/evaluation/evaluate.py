@@ -26,6 +26,7 @@ from torch import nn
 from ..architectures import unit_map
 from ..errors import UserError
 from ..policies import SparsityPolicy, account
+from ..policies.base import with_decision_cost
 from ..tasks import get_task, load_task, mc_correct, mc2_score
 from ..units import ExecutedRatio, executed_ratio
 
@@ -269,4 +270,7 @@ def evaluate_task(model: nn.Module, tokenizer, task: str, policy: SparsityPolicy
         else:
             result = ev.generation(items, max_new_tokens, template, progress=bar)
     bar.close()
-    return {"task": task, **result, **policy.describe(), **ev.executed.as_dict()}
+    executed = ev.executed.as_dict()
+    read = with_decision_cost(executed, ev.units, policy.prepaid_params(ev.units))
+    return {"task": task, **result, **policy.describe(), **executed,
+            **({} if read is None else {"executed_ratio_with_decision_cost": read})}

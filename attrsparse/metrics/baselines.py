@@ -116,6 +116,11 @@ class WinaPolicy(OnlinePolicy):
         return super().forward(model, ids, attention_mask)
 
     def decision_cost(self, masks, units):
-        from .calibrated import decision_cost_fraction, prepaid_on_unit_inputs
+        from .calibrated import decision_cost_fraction
 
-        return decision_cost_fraction(masks, units, *prepaid_on_unit_inputs(units))
+        return decision_cost_fraction(masks, units, *self.prepaid_params(units))
+
+    def prepaid_params(self, units):
+        from .calibrated import prepaid_on_unit_inputs
+
+        return prepaid_on_unit_inputs(units)

@@ -313,6 +313,9 @@ class ThresholdPolicy(OnlinePolicy):
     def decision_cost(self, masks: UnitMasks, units) -> torch.Tensor:
         return decision_cost_fraction(masks, units, *self.selector.prepaid_params(units))
 
+    def prepaid_params(self, units):
+        return self.selector.prepaid_params(units)
+
 
 def prepaid_on_unit_inputs(units) -> tuple[int, int, bool]:
     """(parameters of one MLP unit, of one head, whether all key/value heads) that must run before a

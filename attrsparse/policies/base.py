@@ -68,6 +68,27 @@ class SparsityPolicy:
         return {"selector": self.name, "mode": self.mode, "requested_ratio": self.ratio,
                 "deployable": self.deployable}
 
+    def prepaid_params(self, units) -> tuple[int, int, bool] | None:
+        """What must run before this policy can skip a unit: (parameters of a skipped MLP unit,
+        of a skipped head, whether every key/value head runs); None when masks are decided before
+        the unit's work (static, predictor). Online rules on the down-projection input must compute
+        the unit's gate/up rows first."""
+        return None
+
+
+def with_decision_cost(executed: dict, units, prepaid: tuple[int, int, bool] | None) -> float | None:
+    """Parameter-weighted ratio really *read*: the executed ratio plus what an online rule had to
+    compute for the units it then skipped (exact from the mean unit ratios, since every layer has
+    the same size). ``executed`` holds the keys of :meth:`ExecutedRatio.as_dict`."""
+    if prepaid is None:
+        return None
+    mlp_prepaid, head_prepaid, all_kv = prepaid
+    extra = (1 - executed["executed_ratio_mlp"]) * units.mlp_size * mlp_prepaid \
+        + (1 - executed["executed_ratio_heads"]) * units.num_heads * head_prepaid
+    if all_kv:
+        extra += (1 - executed["executed_ratio_kv_heads"]) * units.num_kv_heads * units.kv_group_params
+    return executed["executed_ratio"] + extra / (units.mlp_params_per_layer + units.attn_params_per_layer)
+
 
 def model_logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  **model_kwargs) -> torch.Tensor:
