@@ -116,6 +116,8 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
                   + f" (n = {dense.get('n', dense.get('n_tokens', '–'))}).", ""]
         ratios = sorted({r["requested_ratio"] for rows in by_selector.values() for r in rows
                          if r["selector"] != "dense"})
+        if not ratios:  # a dense-only run
+            continue
         header = ["selector", "mode"] + [f"{r:g}" for r in ratios]
         rows_md = []
         for selector, rows in by_selector.items():
@@ -134,6 +136,8 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
                 row.append(f"**{text}**" if within_tolerance(r) else text)
             rows_md.append(row)
         lines += _table(header, rows_md) + [""]
+    if not results["frontier"]:
+        return atomic_write_text(Path(out_dir) / "compare.md", "\n".join(lines))
     lines += ["## Frontier: the lowest requested ratio within tolerance", "",
               "`lowest ok` = the lowest requested ratio from which on the selector stays within "
               "tolerance (executed ratio in brackets); `fails at` = the highest ratio where it loses "
