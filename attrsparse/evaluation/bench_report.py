@@ -60,7 +60,8 @@ def write_bench_markdown(results: dict, out_dir: Path) -> Path:
     lines = [f"# Deployable sparsity on {cfg['model']}: speed and quality", "",
              f"Decode speed: batch {cfg['batch_size']}, {cfg['new_tokens']} new tokens on "
              f"{cfg['speed_prompts']} prompts, {cfg['dtype']}, {results['machine']['threads']} threads; "
-             f"median of {cfg['repeats']} runs after a warm-up, dense timed alternately in the same run. "
+             f"median of {cfg['repeats']} runs after a warm-up, dense timed alternately in the same record "
+             "(tok/s across rows depends on the machine's load at the time; the speed-ups are paired). "
              "Ideal = dense multiply-adds per token / the mode's (LM head and predictor included). "
              f"Quality: BLEU vs dense on {cfg['gen_questions']} TruthfulQA questions, MC1 on "
              f"{cfg['mc1_items']}, {task} accuracy on {cfg['task_items']} (ground truth), WikiText-2 "
