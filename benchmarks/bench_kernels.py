@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,16 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_scoring.py
 
 import torch  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from bench_scoring import cpu_name  # noqa: E402  (same folder: run as a script)
 
 
 def decode_seconds(model, prompt, n, runtime=None) -> tuple[float, int]:

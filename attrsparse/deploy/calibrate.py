@@ -197,6 +197,21 @@ def _key(ratio: float) -> str:
     return f"{ratio:g}"
 
 
+def check_same_model(model: nn.Module, want_units: dict, want_model: dict, name: str, verb: str) -> None:
+    """UserError unless ``model`` has the units (``want_units``, see :func:`_units_dict`) and the
+    weights (``want_model["fingerprint"]``) a sparsity or predictor file was ``verb`` for."""
+    have = _units_dict(unit_map(model))
+    core = ("model_type", "num_layers", "mlp_size", "num_heads", "num_kv_heads", "head_dim")
+    diff = [k for k in dict.fromkeys(core + tuple(want_units)) if k in have and want_units.get(k) != have[k]]
+    if diff:
+        raise UserError(f"{name} was {verb} for another model ("
+                        + ", ".join(f"{k} {want_units.get(k)} != {have[k]}" for k in diff) + ")")
+    fingerprint = want_model.get("fingerprint")
+    if fingerprint and fingerprint != weights_fingerprint(model):
+        raise UserError(f"{name} was {verb} on different weights (fingerprint mismatch; "
+                        f"model {want_model.get('spec', '?')})")
+
+
 def _units_dict(units: UnitMap) -> dict:
     return {name: getattr(units, name) for name in _UNIT_FIELDS}
 
@@ -292,17 +307,7 @@ class CalibratedStaticPolicy(StaticPolicy):
         """UserError unless ``model`` has the units and weights the masks were calibrated on."""
         if id(model) in self._checked:
             return
-        units, want = unit_map(model), self.doc["units"]
-        have = _units_dict(units)
-        diff = [k for k in ("model_type", "num_layers", "mlp_size", "num_heads", "num_kv_heads", "head_dim")
-                if have.get(k) != want.get(k)]
-        if diff:
-            raise UserError(f"{self.name} was calibrated for another model ("
-                            + ", ".join(f"{k} {want.get(k)} != {have.get(k)}" for k in diff) + ")")
-        fingerprint = self.doc.get("model", {}).get("fingerprint")
-        if fingerprint and fingerprint != weights_fingerprint(model):
-            raise UserError(f"{self.name} was calibrated on different weights (fingerprint mismatch; "
-                            f"model {self.doc.get('model', {}).get('spec', '?')})")
+        check_same_model(model, self.doc["units"], self.doc.get("model", {}), self.name, "calibrated")
         device = next(model.parameters()).device
         self.masks = UnitMasks(self.masks.mlp.to(device), self.masks.heads.to(device))
         self._checked.add(id(model))

@@ -395,7 +395,7 @@ def _label_selector():
 
 # -- files ----------------------------------------------------------------------------------------
 
-_UNIT_KEYS = ("model_type", "num_layers", "mlp_size", "num_heads", "num_kv_heads", "head_dim")
+_UNIT_KEYS = ("model_type", "num_layers", "mlp_size", "num_heads", "num_kv_heads", "head_dim")  # checked on load
 
 
 def _units_dict(units: UnitMap) -> dict:
@@ -461,17 +461,9 @@ def load_predictor(path: str | Path) -> Predictor:
 
 def check_model(predictor: Predictor, model: nn.Module, name: str = "predictor") -> None:
     """UserError unless ``model`` has the units and weights the predictor was trained on."""
-    from .calibrate import weights_fingerprint
+    from .calibrate import check_same_model
 
-    want, have = predictor.meta.get("units", {}), _units_dict(unit_map(model))
-    diff = [k for k in _UNIT_KEYS if want.get(k) != have[k]]
-    if diff:
-        raise UserError(f"{name} was trained for another model ("
-                        + ", ".join(f"{k} {want.get(k)} != {have[k]}" for k in diff) + ")")
-    fingerprint = predictor.meta.get("model", {}).get("fingerprint")
-    if fingerprint and fingerprint != weights_fingerprint(model):
-        raise UserError(f"{name} was trained on different weights (fingerprint mismatch; "
-                        f"model {predictor.meta.get('model', {}).get('spec', '?')})")
+    check_same_model(model, predictor.meta.get("units", {}), predictor.meta.get("model", {}), name, "trained")
 
 
 # -- policy for masked evaluation ---------------------------------------------------------------
