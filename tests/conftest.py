@@ -80,55 +80,71 @@ def make_tiny():
     return build_tiny
 
 
-@pytest.fixture(scope="session")
-def tiny_truthfulqa_lm():
-    """``make(seed=0, attn=None)`` -> (tiny seeded Llama, word-level tokenizer) for the sweep tests.
+#: Vocabulary of :func:`tiny_tokenizer`, sized for the :func:`build_tiny` models.
+WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
 
-    The tokenizer (a ``PreTrainedTokenizerFast`` over a ``tokenizers`` WordLevel model, whitespace
-    and punctuation split, no chat template) covers every word of ``fixtures/truthfulqa_3.csv`` and
-    of the "paper"/"qa" templates, plus ``[PAD]`` (0), ``[UNK]`` (1) and ``[EOS]`` (2). The model's
-    vocabulary is the tokenizer's size; weights are re-drawn like :func:`build_tiny` so that logits
-    are far from ties.
-    """
-    import csv as _csv
-    import math as _math
-    from pathlib import Path as _Path
 
-    import torch as _torch
+def word_tokenizer(vocab: list[str], *, unk: str, pad: str, eos: str, bos: str | None = None):
+    """A ``PreTrainedTokenizerFast`` over a ``tokenizers`` WordLevel model of ``vocab`` (id = list
+    position; whitespace and punctuation split, no chat template)."""
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-    from transformers import AutoModelForCausalLM as _Auto, LlamaConfig as _LlamaConfig
     from transformers import PreTrainedTokenizerFast
 
-    fixture = _Path(__file__).parent / "fixtures" / "truthfulqa_3.csv"
+    backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = {"bos_token": bos} if bos is not None else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=unk, pad_token=pad, eos_token=eos,
+                                   **special)
+
+
+def tiny_tokenizer():
+    """Word-level tokenizer of :data:`WORDS` (``w0``, ``w1``, ...) for the :func:`build_tiny` models."""
+    return word_tokenizer(WORDS, unk="<unk>", pad="<unk>", eos="</s>", bos="<s>")
+
+
+def tiny_word_lm(words, seed: int = 0, attn: str | None = None):
+    """(tiny seeded Llama, word-level tokenizer) whose vocabulary is ``[PAD]`` (0), ``[UNK]`` (1),
+    ``[EOS]`` (2) and ``sorted(words)``; weights re-drawn like :func:`build_tiny` so that logits are
+    far from ties."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    vocab = ["[PAD]", "[UNK]", "[EOS]"] + sorted(words)
+    tokenizer = word_tokenizer(vocab, unk="[UNK]", pad="[PAD]", eos="[EOS]")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    model = AutoModelForCausalLM.from_config(config, **({} if attn is None else {"attn_implementation": attn}))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "embed" in name or "lm_head" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    return model.eval().requires_grad_(False), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_truthfulqa_lm():
+    """``make(seed=0, attn=None)`` -> :func:`tiny_word_lm` over every word of
+    ``fixtures/truthfulqa_3.csv`` and of the "paper"/"qa" templates, for the sweep tests."""
+    import csv
+    from pathlib import Path
+
+    from tokenizers import pre_tokenizers
+
+    fixture = Path(__file__).parent / "fixtures" / "truthfulqa_3.csv"
     splitter = pre_tokenizers.Whitespace()
     words = {"Instruct", "Output", "Q", "A", ":"}
     with fixture.open(encoding="utf-8", newline="") as fh:
-        for row in _csv.DictReader(fh):
+        for row in csv.DictReader(fh):
             for column in ("Question", "Best Answer", "Correct Answers", "Incorrect Answers"):
                 words.update(piece for piece, _ in splitter.pre_tokenize_str(row[column]))
-    vocab = ["[PAD]", "[UNK]", "[EOS]"] + sorted(words)
 
     def make(seed: int = 0, attn: str | None = None):
-        backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-        backend.pre_tokenizer = pre_tokenizers.Whitespace()
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
-                                            pad_token="[PAD]", eos_token="[EOS]")
-        _torch.manual_seed(seed)
-        config = _LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              max_position_embeddings=128, pad_token_id=0, eos_token_id=2,
-                              bos_token_id=None)
-        kwargs = {} if attn is None else {"attn_implementation": attn}
-        model = _Auto.from_config(config, **kwargs)
-        gen = _torch.Generator().manual_seed(seed + 1)
-        with _torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() < 2:
-                    p.add_(_torch.randn(p.shape, generator=gen) * 0.1)
-                elif "embed" in name or "lm_head" in name:
-                    p.copy_(_torch.randn(p.shape, generator=gen) * 0.3)
-                else:
-                    p.copy_(_torch.randn(p.shape, generator=gen) / _math.sqrt(p.shape[-1]))
-        return model.eval().requires_grad_(False), tokenizer
+        return tiny_word_lm(words, seed, attn)
 
     return make

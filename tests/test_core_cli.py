@@ -6,28 +6,17 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
+from transformers import BloomConfig, BloomForCausalLM
 
 from attrsparse import UnsupportedArchitectureError, UserError, supported_model_types, unit_map
 from attrsparse.cli import main
-from conftest import VOCAB, build_tiny
-
-WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
-
-
-def _tokenizer():
-    backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
-
+from conftest import VOCAB, build_tiny, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     build_tiny("llama").save_pretrained(path)
-    _tokenizer().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return str(path)
 
 
@@ -43,7 +32,7 @@ def bloom_model():
 def bloom_dir(tmp_path_factory, bloom_model):
     path = tmp_path_factory.mktemp("tiny-bloom")
     bloom_model.save_pretrained(path)
-    _tokenizer().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return str(path)
 
 

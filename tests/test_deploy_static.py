@@ -14,8 +14,7 @@ import types
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from attrsparse import UnitMasks, UnitScores, UserError, executed_ratio, score, unit_map
 from attrsparse.cli import main
@@ -28,17 +27,7 @@ from attrsparse.deploy.kernels import CBackend, TorchBackend, gather_backend
 from attrsparse.deploy.runtime import SparseRuntime, StaticChooser, UnitChooser, generate
 from attrsparse.hooks import UnitHooks
 from attrsparse.policies import StaticPolicy, make_policy
-from conftest import ARCHS, VOCAB, build_tiny
-
-WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
-
-
-def tokenizer():
-    backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
-
+from conftest import ARCHS, VOCAB, build_tiny, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def calib_text(tmp_path_factory):
@@ -53,7 +42,7 @@ def calib_text(tmp_path_factory):
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     build_tiny("llama").save_pretrained(path)
-    tokenizer().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return str(path)
 
 
@@ -169,7 +158,7 @@ def test_calibrate_refuses_selectors_and_bad_labels(make_tiny):
 
 def test_sparsity_file_round_trip_and_policy(tmp_path, calib_text):
     model = build_tiny("llama")
-    doc = run_calibration(model, tokenizer(), tmp_path, ratios=[0.3, 0.5], calib=calib_text,
+    doc = run_calibration(model, tiny_tokenizer(), tmp_path, ratios=[0.3, 0.5], calib=calib_text,
                           n_sequences=3, seq_len=16, progress=False)
     assert (tmp_path / JSON_NAME).exists() and (tmp_path / TENSORS_NAME).exists()
     assert set(doc["ratios"]) == {"0.3", "0.5"} and doc["calibration"]["n_sequences"] == 3
@@ -182,7 +171,7 @@ def test_sparsity_file_round_trip_and_policy(tmp_path, calib_text):
     derived = load_static_policy(tmp_path, 0.4)  # uniform: derived from the stored scores
     assert executed_ratio(derived.masks, unit_map(model)).param == pytest.approx(0.4, abs=0.01)
     # a rerun with another ratio reuses the stored scores and keeps the earlier ratios
-    doc2 = run_calibration(model, tokenizer(), tmp_path, ratios=[0.7], calib=calib_text,
+    doc2 = run_calibration(model, tiny_tokenizer(), tmp_path, ratios=[0.7], calib=calib_text,
                            n_sequences=3, seq_len=16, progress=False)
     assert set(doc2["ratios"]) == {"0.3", "0.5", "0.7"}
 
@@ -191,7 +180,7 @@ def test_bad_sparsity_files_are_user_errors(tmp_path, calib_text):
     model = build_tiny("llama")
     with pytest.raises(UserError, match="no sparsity file"):
         load_static_policy(tmp_path / "missing", 0.5)
-    run_calibration(model, tokenizer(), tmp_path / "ok", ratios=[0.5], calib=calib_text,
+    run_calibration(model, tiny_tokenizer(), tmp_path / "ok", ratios=[0.5], calib=calib_text,
                     n_sequences=2, seq_len=16, progress=False)
     with pytest.raises(UserError, match="no masks at ratio 0.3|ratio"):
         doc = json.loads((tmp_path / "ok" / JSON_NAME).read_text())
@@ -432,7 +421,7 @@ def test_static_gxo_selector_calibrates_when_prepared(make_tiny):
 # -- generate ----------------------------------------------------------------------------------------
 
 def test_generate_static_dynamic_and_masked_agree(tmp_path, calib_text, llama_dir):
-    model, tok = AutoModelForCausalLM.from_pretrained(llama_dir).eval(), tokenizer()
+    model, tok = AutoModelForCausalLM.from_pretrained(llama_dir).eval(), tiny_tokenizer()
     run_calibration(model, tok, tmp_path, ratios=[0.5], calib=calib_text, n_sequences=2, seq_len=16,
                     progress=False)
     prompts = ["w1 w2 w3 w4", "w9 w10"]

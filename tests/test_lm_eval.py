@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from attrsparse.errors import UserError
 from attrsparse.lm_eval import AttrsparseLM, right_padding_mask, sparse_generation
 from attrsparse.policies import make_policy
 from attrsparse.selection import keep_count
+from conftest import tiny_word_lm
 
 FIXTURE = Path(__file__).parent / "fixtures" / "arc_3.jsonl"
 REPO = Path(__file__).resolve().parents[1]
@@ -48,34 +48,14 @@ CALIB = "calib_sequences=4,calib_len=16"
 
 def _tiny_lm(rows: list[dict]):
     """A seeded tiny Llama and a word-level tokenizer covering the fixture's words."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
 
     split = pre_tokenizers.Whitespace()
     words = {"Question", "Answer", ":"}
     for row in rows:
         for text in [row["question"], *row["choices"]["text"]]:
             words.update(piece for piece, _ in split.pre_tokenize_str(text))
-    vocab = ["[PAD]", "[UNK]", "[EOS]"] + sorted(words)
-    backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = split
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        eos_token="[EOS]")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=None)
-    model = AutoModelForCausalLM.from_config(config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() < 2:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "embed" in name or "lm_head" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
-    return model.eval(), tokenizer
+    return tiny_word_lm(words)
 
 
 @pytest.fixture(scope="module")
