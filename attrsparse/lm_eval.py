@@ -51,6 +51,7 @@ from .calibration import calibration_sequences
 from .errors import UserError
 from .hooks import UnitHooks
 from .policies import OnlinePolicy, SparsityPolicy, StaticPolicy, account, make_policy
+from .policies.base import with_decision_cost
 from .units import ExecutedRatio, UnitMasks
 
 log = logging.getLogger("lm_eval.models.attrsparse")  # shown with lm-eval's own logging
@@ -136,7 +137,6 @@ class AttrsparseLM(HFLM):
                                                 int(calib_len))
         self.sparsity.prepare(self.model, calibration)
         self.executed = ExecutedRatio()
-        self._decision_cost = 0.0
         self._accounting = True
 
     # -- accounting --------------------------------------------------------------------------
@@ -145,15 +145,14 @@ class AttrsparseLM(HFLM):
             return
         real = None if real is None else real.to(masks.mlp.device)
         self.executed = self.executed.add(account(masks, real, self.units))
-        if hasattr(self.sparsity, "decision_cost"):
-            kept = masks if real is None else UnitMasks(masks.mlp[real.bool()], masks.heads[real.bool()])
-            self._decision_cost += float(self.sparsity.decision_cost(kept, self.units).sum())
 
     def executed_summary(self) -> dict:
         """The policy, and the ratios really executed so far over the real (unpadded) tokens."""
         out = {**self.sparsity.describe(), "model": self.attrsparse_model, **self.executed.as_dict()}
-        if hasattr(self.sparsity, "decision_cost") and self.executed.tokens:
-            out["executed_ratio_with_decision_cost"] = self.executed.param + self._decision_cost / self.executed.tokens
+        read = with_decision_cost(out, self.units, self.sparsity.prepaid_params(self.units)) \
+            if self.executed.tokens else None
+        if read is not None:
+            out["executed_ratio_with_decision_cost"] = read
         return out
 
     def get_model_info(self) -> dict:

@@ -202,6 +202,7 @@ def test_generation_dense_oracle_and_cached_static(tiny_truthfulqa_lm):
 
 def test_decision_cost_from_mean_ratios_equals_per_row_sum(make_tiny):
     """The analytic read ratio (from mean unit ratios) equals the per-row decision cost summed."""
+    from attrsparse.metrics.calibrated import decision_cost_fraction
     from attrsparse.policies.base import with_decision_cost
 
     model = make_tiny("llama")
@@ -210,8 +211,8 @@ def test_decision_cost_from_mean_ratios_equals_per_row_sum(make_tiny):
     policy.prepare(model, [_ids(seed=s, shape=(12,)) for s in range(3)])
     out = policy.forward(model, _ids(shape=(2, 9)))
     acc = account(out.masks, None, units)
-    per_row = float(policy.decision_cost(UnitMasks(out.masks.mlp.flatten(0, 1), out.masks.heads.flatten(0, 1)),
-                                         units).mean())
+    per_row = float(decision_cost_fraction(UnitMasks(out.masks.mlp.flatten(0, 1), out.masks.heads.flatten(0, 1)),
+                                           units, *policy.prepaid_params(units)).mean())
     read = with_decision_cost(acc.as_dict(), units, policy.prepaid_params(units))
     assert read == pytest.approx(acc.param + per_row, rel=1e-9)
     assert read > acc.param and DensePolicy().prepaid_params(units) is None

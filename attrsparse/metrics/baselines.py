@@ -11,7 +11,8 @@
 In task evaluations (``make_policy``): ``random`` is one seeded random static mask (``k = ceil(r*C)``
 units per layer); ``wina`` keeps, per token and layer, the top k units by ``|x_i| * ||W[:, i]||`` of
 the live inputs (online; the rule reads the down / output-projection input, so a skipped unit still
-ran its gate/up rows: ``decision_cost``).
+ran its gate/up rows: ``prepaid_params``, added back by
+:func:`attrsparse.policies.base.with_decision_cost`).
 """
 
 from __future__ import annotations
@@ -114,11 +115,6 @@ class WinaPolicy(OnlinePolicy):
         if self.down is None:
             self.prepare(model)
         return super().forward(model, ids, attention_mask)
-
-    def decision_cost(self, masks, units):
-        from .calibrated import decision_cost_fraction
-
-        return decision_cost_fraction(masks, units, *self.prepaid_params(units))
 
     def prepaid_params(self, units):
         from .calibrated import prepaid_on_unit_inputs

@@ -310,9 +310,6 @@ class ThresholdPolicy(OnlinePolicy):
                               torch.stack([m.bool() for m in hooks.rule_heads], dim=2))
         return PolicyOutput(logits, masks)
 
-    def decision_cost(self, masks: UnitMasks, units) -> torch.Tensor:
-        return decision_cost_fraction(masks, units, *self.selector.prepaid_params(units))
-
     def prepaid_params(self, units):
         return self.selector.prepaid_params(units)
 

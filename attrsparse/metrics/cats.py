@@ -16,7 +16,8 @@ Here:
   requested fraction exceeds it (as TEAL and CATS both calibrate on dense activations).
 * Heads are all kept (CATS does not sparsify attention), so the executed parameter-weighted ratio
   lies above the requested MLP ratio; the accounting reports it as executed. A dropped unit still
-  ran its gate row: ``decision_cost`` of the policy adds that back.
+  ran its gate row: the policy's ``prepaid_params`` adds that back
+  (:func:`attrsparse.policies.base.with_decision_cost`).
 * CATS's fine-tuning variant (CATS+FT) is not modelled.
 """
 

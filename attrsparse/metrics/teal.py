@@ -18,8 +18,9 @@ Here, on the paper's units:
   TEAL are outside the unit space. The reverse also holds: a unit skipped by a rule on the
   down-projection input still needed its gate/up rows to decide, and a skipped head its query and
   key/value rows. The unit accounting (``executed_ratio``) counts them as skipped, as for every
-  selector; ``decision_cost`` of the policy gives what must really run, and the lm-eval model
-  reports both.
+  selector; the policy's ``prepaid_params`` and
+  :func:`attrsparse.policies.base.with_decision_cost` give what must really run, which evaluations,
+  ``compare`` and the lm-eval model report beside it.
 
 In the oracle sweep, scores are the same statistics along the dense label and the masks apply the
 calibrated thresholds (the tokenizer saved beside the model gives the calibration text); without a
