@@ -125,15 +125,9 @@ def test_choice_logprobs_match_direct_sum(tiny_truthfulqa_lm):
 
 @pytest.mark.parametrize("window,stride", [(64, 64), (16, 8), (16, 16), (10, 3)])
 def test_perplexity_strided_windows(make_tiny, window, stride):
-    class Tok:  # ids are given directly as space-separated numbers
-        pad_token_id = 0
-
-        def __call__(self, text, add_special_tokens=False, return_tensors=None):
-            return type("E", (), {"input_ids": torch.tensor([[int(x) for x in text.split()]])})()
-
     model = make_tiny("llama")
     ids = _ids(shape=(40,))
-    ev = Evaluator(model, Tok(), DensePolicy())
+    ev = Evaluator(model, _DigitTok(), DensePolicy())
     got = ev.perplexity(" ".join(map(str, ids.tolist())), window=window, stride=stride)
     assert got["n_tokens"] == 39
     if window >= 40:  # one window: the plain full-sequence perplexity

@@ -125,6 +125,7 @@ class Bench:
             model, tokenizer = load_model(config.model, dtype=config.dtype)
         self.model, self.tok = model, tokenizer
         self._sources: dict[str, str] = {}
+        self._prompts: list[str] | None = None
 
     # -- sparsity sources ----------------------------------------------------------------------
     def static_dir(self) -> str:
@@ -162,9 +163,12 @@ class Bench:
 
     # -- measurements --------------------------------------------------------------------------
     def prompts(self) -> list[str]:
-        from ..tasks import load_truthfulqa
+        """The speed prompts: the first ``speed_prompts`` TruthfulQA questions (read once)."""
+        if self._prompts is None:
+            from ..tasks import load_truthfulqa
 
-        return [it.question for it in load_truthfulqa(limit=self.config.speed_prompts)]
+            self._prompts = [it.question for it in load_truthfulqa(limit=self.config.speed_prompts)]
+        return self._prompts
 
     def _generate(self, sparsity, ratio):
         from ..deploy.runtime import generate

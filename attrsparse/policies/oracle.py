@@ -35,29 +35,27 @@ class OraclePolicy(SparsityPolicy):
         self.policy = policy
         self.head_reduction = head_reduction
 
+    def _masks(self, model, prompt: torch.Tensor, target: torch.Tensor, labels=None) -> UnitMasks:
+        """Masks ``[T, L, *]`` from one trace of ``prompt + target`` attributing ``labels``
+        (default ``target``; ``"argmax"``: the trace's own dense predictions)."""
+        trace = trace_gradients(model, prompt, target, labels=labels).row(0)
+        scores = None if self.metric.kind == "selector" else \
+            self.metric.from_model(model, prompt, target, trace, head_reduction=self.head_reduction)
+        return self.metric.masks_for(scores, self.ratio, self.policy, model=model, prompt_ids=prompt,
+                                     target_ids=target, labels=labels, trace=trace, units=unit_map(model),
+                                     head_reduction=self.head_reduction)
+
     def row_masks(self, model, ids: torch.Tensor) -> UnitMasks:
         """Masks ``[S, L, *]`` for one unpadded sequence ``ids [S]``."""
         labels = "argmax"  # the dense prediction at each position, taken from the trace's own pass
         if self.metric.kind == "selector":  # re-scoring passes need the labels themselves
             with torch.no_grad():
                 labels = model_logits(model, ids.unsqueeze(0), None)[0].argmax(-1)  # [S]
-        prompt, target = ids[:1], torch.cat([ids[1:], ids[-1:]])  # target's last token is never input
-        trace = trace_gradients(model, prompt, target, labels=labels).row(0)
-        units = unit_map(model)
-        scores = None if self.metric.kind == "selector" else \
-            self.metric.from_model(model, prompt, target, trace, head_reduction=self.head_reduction)
-        return self.metric.masks_for(scores, self.ratio, self.policy, model=model, prompt_ids=prompt,
-                                     target_ids=target, labels=labels, trace=trace, units=units,
-                                     head_reduction=self.head_reduction)
+        return self._masks(model, ids[:1], torch.cat([ids[1:], ids[-1:]]), labels)  # last target token is never input
 
     def schedule(self, model, prompt: torch.Tensor, label: torch.Tensor) -> UnitMasks:
         """Masks ``[T, L, *]`` for generating ``label`` after ``prompt`` (the sweep's protocol)."""
-        trace = trace_gradients(model, prompt, label).row(0)
-        scores = None if self.metric.kind == "selector" else \
-            self.metric.from_model(model, prompt, label, trace, head_reduction=self.head_reduction)
-        return self.metric.masks_for(scores, self.ratio, self.policy, model=model, prompt_ids=prompt,
-                                     target_ids=label, trace=trace, units=unit_map(model),
-                                     head_reduction=self.head_reduction)
+        return self._masks(model, prompt, label)
 
     def forward(self, model, ids, attention_mask=None):
         units = unit_map(model)
