@@ -11,11 +11,21 @@ DEMO_METRICS = "magnitude,gradient,gxo,snip,ig,corrected_gxo,recommended"
 ALL_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
 
 
-def _floats(text: str, what: str) -> list[float]:
+def comma_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (the CLI's list options)."""
+    return [x.strip() for x in str(text or "").split(",") if x.strip()]
+
+
+def comma_floats(text: str, what: str, nonempty: bool = False) -> list[float]:
+    """Comma-separated numbers of option ``what``; a bad number (or, with ``nonempty``, no number)
+    is a :class:`UserError`."""
     try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
+        values = [float(x) for x in comma_list(text)]
     except ValueError:
         raise UserError(f"{what} must be comma-separated numbers, got '{text}'") from None
+    if nonempty and not values:
+        raise UserError(f"{what} is empty")
+    return values
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:
@@ -30,7 +40,7 @@ def _ints(text: str | None, what: str) -> list[int] | None:
 def _metric_names(text: str) -> list[str]:
     from .metrics import resolve_metric_names
 
-    return resolve_metric_names([m.strip() for m in text.split(",") if m.strip()])
+    return resolve_metric_names(comma_list(text))
 
 
 def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
@@ -70,13 +80,13 @@ def _sweep_config(args):
         raise UserError("--max-memory bounds the streamed scores; add --stream-scores")
     return SweepConfig(
         model=args.model, dataset=args.dataset, data=args.data, metrics=_metric_names(args.metrics),
-        ratios=_floats(args.ratios, "--ratios"), policy=args.policy, template=args.template,
+        ratios=comma_floats(args.ratios, "--ratios"), policy=args.policy, template=args.template,
         limit=args.limit, offset=args.offset, questions=_ints(args.questions, "--questions"),
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, head_reduction=args.head_reduction,
         ig_steps=args.ig_steps, ig_questions=args.ig_questions, mask_prefill=args.mask_prefill,
         mc1=not args.no_mc1, seed=args.seed, stream_scores=args.stream_scores,
         max_memory_mb=256.0 if args.max_memory is None else args.max_memory,
-        mc1_ratios=_floats(args.mc1_ratios, "--mc1-ratios") if args.mc1_ratios else None)
+        mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios") if args.mc1_ratios else None)
 
 
 def cmd_sweep(args) -> int:
@@ -92,7 +102,7 @@ def cmd_dependency(args) -> int:
     from .dependency import DependencyConfig, run_dependency
 
     config = DependencyConfig(model=args.model, data=args.data, limit=args.limit, offset=args.offset,
-                              ratios=_floats(args.ratios, "--ratios"), template=args.template,
+                              ratios=comma_floats(args.ratios, "--ratios"), template=args.template,
                               max_new_tokens=args.max_new_tokens, ablations=args.ablations)
     run_dependency(config, Path(args.out))
     print(f"dependency analysis: {Path(args.out) / 'dependency.json'}")
@@ -112,7 +122,7 @@ def cmd_demo(args) -> int:
                                     offset=args.offset), out, model=model, tokenizer=tok)
     config = SweepConfig(model=args.model, metrics=_metric_names(DEMO_METRICS), limit=args.limit,
                          offset=args.offset, ig_steps=args.ig_steps, ig_questions=args.ig_questions,
-                         mc1_ratios=_floats(args.mc1_ratios, "--mc1-ratios"))
+                         mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios"))
     Sweep(config, out, model=model, tokenizer=tok).run()
     print(f"\nreport: {out / 'report.md'}\nplots:  {out / 'curves.png'} (and .svg)\n"
           f"data:   {out / 'results.json'}, {out / 'results.csv'}, {out / 'dependency.json'}")

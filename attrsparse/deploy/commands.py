@@ -12,15 +12,10 @@ from ..errors import UserError
 
 
 def _ratios(text: str) -> list[float]:
+    from ..commands import comma_floats
     from ..errors import check_ratio
 
-    try:
-        values = [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--ratios must be comma-separated numbers, got '{text}'") from None
-    if not values:
-        raise UserError("--ratios is empty")
-    return [check_ratio(v, "ratio") for v in values]
+    return [check_ratio(v, "ratio") for v in comma_floats(text, "--ratios", nonempty=True)]
 
 
 def _positive(value: int, name: str) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..commands import comma_floats
 from ..errors import UserError, check_ratio
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, stable_hash
 
@@ -78,16 +79,6 @@ def evaluate_predictor(predictor, data, units, ratio: float) -> dict:
         "executed_ratio_predicted": executed_ratio(pred, units).param,
         "executed_ratio_oracle": executed_ratio(true, units).param,
     }
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        values = [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated numbers, got '{text}'") from None
-    if not values:
-        raise UserError(f"{what} is empty")
-    return values
 
 
 def _cached_data(model, sequences, path: Path, key: dict, progress: bool):
@@ -205,7 +196,7 @@ def cmd_train_predictor(args) -> int:
 
     config = PredictorConfig(rank=args.rank, head_rank=args.head_rank, epochs=args.epochs, lr=args.lr,
                              batch_size=args.batch_size, seed=args.seed).validate()
-    ratios = _floats(args.ratios, "--ratios")
+    ratios = comma_floats(args.ratios, "--ratios", nonempty=True)
     tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()] if args.eval_tasks else None
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     report = run_train_predictor(model, tokenizer, args.out, ratios=ratios, calib=args.calib, data=args.data,

@@ -7,24 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+from ..commands import comma_floats, comma_list
 from ..errors import UserError
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in str(text).split(",") if x.strip()]
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in _names(text)]
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated numbers, got '{text}'") from None
 
 
 def _task_paths(text: str | None) -> dict:
     """``"truthfulqa_mc1=path.csv,wikitext2=dir"`` -> ``{task: path}``."""
     out = {}
-    for part in _names(text or ""):
+    for part in comma_list(text):
         task, sep, path = part.partition("=")
         if not sep or not path:
             raise UserError(f"--data entries must be TASK=PATH, got '{part}'")
@@ -68,8 +58,8 @@ def cmd_evaluate(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import Compare, CompareConfig, save_command
 
-    config = CompareConfig(models=_names(args.models), tasks=_names(args.tasks),
-                           selectors=_names(args.selectors), ratios=_floats(args.ratios, "--ratios"),
+    config = CompareConfig(models=comma_list(args.models), tasks=comma_list(args.tasks),
+                           selectors=comma_list(args.selectors), ratios=comma_floats(args.ratios, "--ratios"),
                            limit=args.limit, offset=args.offset, max_tokens=args.max_tokens,
                            max_new_tokens=args.max_new_tokens, calib=args.calib,
                            calib_sequences=args.calib_sequences, calib_len=args.calib_len,
@@ -90,7 +80,8 @@ def cmd_bench(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    config = BenchConfig(model=args.model, ratios=_floats(args.ratios, "--ratios"), modes=_names(args.modes),
+    config = BenchConfig(model=args.model, ratios=comma_floats(args.ratios, "--ratios"),
+                         modes=comma_list(args.modes),
                          static_from=args.static_from, predictor_from=args.predictor_from,
                          allocation=args.allocation, oracle_selector=args.oracle_selector, dtype=args.dtype,
                          speed_prompts=args.speed_prompts, new_tokens=args.new_tokens, repeats=args.repeats,
