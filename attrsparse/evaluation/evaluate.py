@@ -62,6 +62,7 @@ class Evaluator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_seq_len = max_seq_len
         self.executed = ExecutedRatio()
+        self.prefix_cache = takes_prefix_cache(policy)  # decided once, not per item
 
     # -- building blocks ---------------------------------------------------------------------
     def logits(self, seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +86,7 @@ class Evaluator:
         conts = [self._encode(c, False) for c in choices]
         if any(c.numel() == 0 for c in conts):
             raise UserError(f"empty answer choice in an item with context {context[:60]!r}")
-        if takes_prefix_cache(self.policy) and ctx.numel() + max(c.numel() for c in conts) <= self.max_seq_len:
+        if self.prefix_cache and ctx.numel() + max(c.numel() for c in conts) <= self.max_seq_len:
             return self._choice_logprobs_cached(ctx, conts)
         seqs = [torch.cat([ctx, cont])[-self.max_seq_len:] for cont in conts]
         logits, _ = self.logits(seqs)
@@ -196,7 +197,7 @@ class Evaluator:
         on a KV cache; otherwise each step re-runs the whole sequence."""
         from transformers import DynamicCache
 
-        cached = takes_prefix_cache(self.policy)
+        cached = self.prefix_cache
         cache = DynamicCache(config=self.model.config) if cached else None
         seq, step_ids, out = prompt, prompt, []
         for _ in range(max_new_tokens):
