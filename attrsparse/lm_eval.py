@@ -75,15 +75,13 @@ def sparse_generation(model, policy: SparsityPolicy,
     attention_mask [B, q] | None)`` receives what ran on the q new positions."""
     units = unit_map(model)
     if isinstance(policy, OnlinePolicy):
-        hooks_cm = policy.hooks(model) if hasattr(policy, "hooks") else UnitHooks(model)
+        hooks_cm = policy.hooks(model)
     elif isinstance(policy, StaticPolicy) or policy.mode == "dense":
         hooks_cm = UnitHooks(model) if policy.mode != "dense" else nullcontext(None)
     else:
         raise UserError(f"selector '{policy.name}' ({policy.mode}) cannot generate: its masks need "
                         "the whole sequence; use log-likelihood tasks, or an online/static selector")
     with hooks_cm as hooks:
-        if isinstance(policy, OnlinePolicy) and not hasattr(policy, "hooks"):
-            policy.install(hooks)
         if isinstance(policy, StaticPolicy):
             hooks.mlp_mult, hooks.head_mult = policy.masks.mlp, policy.masks.heads
 

@@ -210,3 +210,16 @@ def test_decision_cost_from_mean_ratios_equals_per_row_sum(make_tiny):
     read = with_decision_cost(acc.as_dict(), units, policy.prepaid_params(units))
     assert read == pytest.approx(acc.param + per_row, rel=1e-9)
     assert read > acc.param and DensePolicy().prepaid_params(units) is None
+
+
+@pytest.mark.parametrize("selector", ["teal", "cats", "wina", "wanda", "random"])
+def test_baselines_score_choices_on_the_shared_context_cache(make_tiny, selector):
+    model = make_tiny("llama")
+    policy = make_policy(selector, 0.5)
+    policy.prepare(model, [_ids(seed=s, shape=(12,)) for s in range(3)])
+    context, choices = "5 9 13 22 7 31", [" 4 8", " 17", " 40 41 42 43"]
+    cached = Evaluator(model, _DigitTok(), policy)
+    assert cached.prefix_cache
+    full = Evaluator(model, _DigitTok(), policy)
+    full.prefix_cache = False  # every context + choice sequence in full
+    assert cached.choice_logprobs(context, choices) == pytest.approx(full.choice_logprobs(context, choices), abs=1e-4)

@@ -84,10 +84,10 @@ class RandomStaticPolicy(StaticPolicy):
         device = next(model.parameters()).device
         self.masks = UnitMasks(masks.mlp.to(device), masks.heads.to(device))
 
-    def forward(self, model, ids, attention_mask=None):
+    def forward(self, model, ids, attention_mask=None, **model_kwargs):
         if self.masks is None:
             self.prepare(model)
-        return super().forward(model, ids, attention_mask)
+        return super().forward(model, ids, attention_mask, **model_kwargs)
 
 
 class WinaPolicy(OnlinePolicy):
@@ -111,10 +111,10 @@ class WinaPolicy(OnlinePolicy):
     def head_keep(self, layer, o):
         return top_k_mask(o.detach().float().norm(dim=-1) * self.out[layer], self.k_heads)
 
-    def forward(self, model, ids, attention_mask=None):
+    def forward(self, model, ids, attention_mask=None, **model_kwargs):
         if self.down is None:
             self.prepare(model)
-        return super().forward(model, ids, attention_mask)
+        return super().forward(model, ids, attention_mask, **model_kwargs)
 
     def prepaid_params(self, units):
         from .calibrated import prepaid_on_unit_inputs

@@ -35,7 +35,7 @@ from ..architectures import linear_dims, unit_map
 from ..errors import UserError
 from ..hooks import UnitHooks
 from ..io import stable_hash
-from ..policies.base import OnlinePolicy, PolicyOutput, model_logits
+from ..policies.base import OnlinePolicy
 from ..selection import keep_count
 from ..trace import teacher_forced_ids
 from ..units import UnitMasks, UnitScores
@@ -301,14 +301,6 @@ class ThresholdPolicy(OnlinePolicy):
                 yield hooks
             finally:
                 self._state = None
-
-    @torch.no_grad()
-    def forward(self, model, ids, attention_mask=None):
-        with self.hooks(model) as hooks:
-            logits = model_logits(model, ids, attention_mask)
-            masks = UnitMasks(torch.stack([m.bool() for m in hooks.rule_mlp], dim=2),
-                              torch.stack([m.bool() for m in hooks.rule_heads], dim=2))
-        return PolicyOutput(logits, masks)
 
     def prepaid_params(self, units):
         return self.selector.prepaid_params(units)

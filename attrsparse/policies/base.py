@@ -21,7 +21,9 @@ Build one with :func:`make_policy`; a metric chooses its mode through :meth:`Met
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -152,10 +154,17 @@ class OnlinePolicy(SparsityPolicy):
     def install(self, hooks: UnitHooks) -> None:
         hooks.mlp_rule, hooks.head_rule = self.mlp_keep, self.head_keep
 
-    @torch.no_grad()
-    def forward(self, model, ids, attention_mask=None, **model_kwargs):
+    @contextmanager
+    def hooks(self, model: nn.Module) -> Iterator[UnitHooks]:
+        """Unit hooks with this policy's rules installed, for any forward calls in the block
+        (subclasses add the state their rules read)."""
         with UnitHooks(model) as hooks:
             self.install(hooks)
+            yield hooks
+
+    @torch.no_grad()
+    def forward(self, model, ids, attention_mask=None, **model_kwargs):
+        with self.hooks(model) as hooks:
             logits = model_logits(model, ids, attention_mask, **model_kwargs)
             masks = UnitMasks(torch.stack([m.bool() for m in hooks.rule_mlp], dim=2),
                               torch.stack([m.bool() for m in hooks.rule_heads], dim=2))
