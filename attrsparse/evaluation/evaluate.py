@@ -31,17 +31,6 @@ from ..tasks import get_task, load_task, mc_correct, mc2_score
 from ..units import ExecutedRatio, executed_ratio
 
 
-def takes_prefix_cache(policy: SparsityPolicy) -> bool:
-    """Whether ``policy.forward`` runs on a KV cache: ``prefix_cache`` set and ``**model_kwargs``
-    still in its signature (a subclass that overrides ``forward`` without them cannot)."""
-    import inspect
-
-    if not getattr(policy, "prefix_cache", False):
-        return False
-    params = inspect.signature(policy.forward).parameters.values()
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids ``[B, S]``, attention mask ``[B, S]``), each sequence left-aligned."""
     width = max(s.numel() for s in seqs)
@@ -62,7 +51,7 @@ class Evaluator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_seq_len = max_seq_len
         self.executed = ExecutedRatio()
-        self.prefix_cache = takes_prefix_cache(policy)  # decided once, not per item
+        self.prefix_cache = policy.prefix_cache  # forward() takes cache/position_ids
 
     # -- building blocks ---------------------------------------------------------------------
     def logits(self, seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
