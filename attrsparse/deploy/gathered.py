@@ -3,14 +3,20 @@
 Clean module swaps (the original module is kept, and restored by
 :class:`attrsparse.deploy.runtime.SparseRuntime`):
 
-* :class:`GatheredMLP` replaces a layer's MLP module (one fused C call per token);
+* :class:`GatheredMLP` replaces a layer's MLP module;
 * :class:`GatheredIn` replaces the query (or fused qkv) projection, and OPT's ``fc1``;
 * :class:`GatheredOut` replaces the attention output projection, and OPT's ``fc2``.
 
-A per-layer :class:`LayerChoice` carries the keep-mask from the block's first projection (which asks
-the runtime's unit chooser) to its output projection (which clears it). When a call keeps more
-than the runtime's break-even, it runs dense and multiplies the output projection's input by the
-mask instead (the same result). Every path equals masked dense computation (tests).
+One token row with the C backend: each group (the layer's heads, its MLP units) has a
+:class:`~attrsparse.deploy.kernels.OneTokenPlan` prepared once by the runtime, and one C call
+chooses the units (a native predictor, or the keep-mask already in the plan's buffer) and runs the
+gathered projections: the MLP in one call, the kept heads' query rows in one and their
+output-projection columns in another. Several rows, or the torch backend: a per-layer
+:class:`LayerChoice` carries the keep-mask from the block's first projection (which asks the
+runtime's unit chooser) to its output projection (which clears it), and the union of the rows'
+units is gathered. When a call keeps more than the runtime's break-even, it runs dense and
+multiplies the output projection's input by the mask instead (the same result). Every path equals
+masked dense computation (tests).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import _SUFFIX
 
 def _row_major(module: nn.Module) -> torch.Tensor:
     """Weight as ``[out, in]`` row-major (nn.Linear as is; GPT-2 Conv1D transposed, copied)."""
@@ -51,17 +56,19 @@ class LayerChoice:
 
     ``keep [rows, K]`` (bool, rows = token rows of the call); for the generic path ``idx [k]``,
     the units computed (union over rows) and ``features`` (their head rows/columns); ``dense``:
-    the call runs dense and masks the output projection's input.
+    the call runs dense and masks the output projection's input; ``fast``: the one-token plan
+    chose and computed the query rows, so the output projection uses the plan too.
     """
 
     keep: torch.Tensor | None = None
     idx: torch.Tensor | None = None
     dense: bool = False
     features: torch.Tensor | None = None
+    fast: bool = False
 
     def clear(self) -> None:
         self.keep = self.idx = self.features = None
-        self.dense = False
+        self.dense = self.fast = False
 
 
 @dataclass
@@ -82,6 +89,9 @@ class UnitGroup:
     count: int  # K: units per layer
     width: int  # output features per unit (1 for MLP units, head_dim for heads)
     choice: LayerChoice = field(default_factory=LayerChoice)
+    plan: object = None  # OneTokenPlan of one-token calls (C backend), set by the runtime
+    native: bool = False  # the plan chooses (or holds fixed units): no Python chooser call
+    keep_row: torch.Tensor | None = None  # [1, K] view of the plan's keep-mask
 
     def feature_index(self, idx: torch.Tensor) -> torch.Tensor:
         """Unit indices ``[k]`` -> feature indices ``[k * width]`` (head rows/columns)."""
@@ -90,10 +100,10 @@ class UnitGroup:
         return (idx.unsqueeze(-1) * self.width + torch.arange(self.width)).reshape(-1)
 
 
-def _fast(runtime, choice: LayerChoice, x: torch.Tensor) -> bool:
-    """One token row, the C backend and a dtype it reads: the mask-driven fused path."""
-    return (choice.keep.shape[0] == 1 and runtime.backend.fused and x.device.type == "cpu"
-            and x.dtype in _SUFFIX)
+def _flat32(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` -> contiguous fp32 ``[numel]`` (no copy when it already is)."""
+    x = x.reshape(-1)
+    return x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
 
 
 class GatheredIn(nn.Module):
@@ -112,8 +122,6 @@ class GatheredIn(nn.Module):
         bias = getattr(original, "bias", None)
         self.bias_rm = None if bias is None else bias.detach()
         self.q_bias = _float_bias(original, slice(0, group.count * group.width))
-        width = group.count * group.width
-        self.scratch = (torch.empty(width, dtype=torch.long), torch.empty(width))
 
     def _rest(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of the blocks that are always computed (keys/values of a fused projection)."""
@@ -126,21 +134,12 @@ class GatheredIn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group, choice, runtime = self.group, self.group.choice, self.runtime
+        plan = group.plan
+        if plan is not None and group.kind == "heads" and x.numel() == plan.D:
+            return self._one_token(x, plan)
         if choice.keep is None:  # the layer's first input projection of this call chooses
             runtime.choose(group, x)
         lead = x.shape[:-1]
-        if group.kind == "heads" and _fast(runtime, choice, x):
-            flat = x.reshape(-1).float().contiguous()
-            kept, q = runtime.backend.head_rows(self.weight_rm, self.q_bias, choice.keep, group.width, flat,
-                                                runtime.limit(group), self.scratch)
-            if kept < 0:
-                choice.dense = True
-                runtime.count(group, group.count)
-                return self.original(x)
-            runtime.count(group, kept)
-            q = q.to(x.dtype).view(1, -1)
-            out = torch.cat([q] + self._rest(x.reshape(1, -1)), dim=-1) if len(self.blocks) > 1 else q
-            return out.reshape(*lead, -1)
         if choice.idx is None and not choice.dense:
             runtime.resolve(group)
         if choice.dense:
@@ -164,6 +163,22 @@ class GatheredIn(nn.Module):
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return out.to(x.dtype).reshape(*lead, out.shape[-1])
 
+    def _one_token(self, x: torch.Tensor, plan) -> torch.Tensor:
+        """One token row: the plan chooses the heads (or reads the chooser's mask) and computes
+        their query rows in one C call."""
+        group, choice, runtime = self.group, self.group.choice, self.runtime
+        runtime.choose_one(group, x)
+        kept, q = plan.head_rows(_flat32(x))
+        if kept < 0:
+            choice.keep, choice.dense = group.keep_row, True
+            runtime.count(group, group.count)
+            return self.original(x)
+        choice.fast = True
+        runtime.count(group, kept)
+        q = q.view(1, -1) if x.dtype == torch.float32 else q.to(x.dtype).view(1, -1)
+        out = torch.cat([q] + self._rest(x.reshape(1, -1)), dim=-1) if len(self.blocks) > 1 else q
+        return out.view(*x.shape[:-1], -1)
+
 
 class GatheredOut(nn.Module):
     """Replaces an output projection (o_proj / dense / out_proj / c_proj; OPT's fc2).
@@ -179,8 +194,6 @@ class GatheredOut(nn.Module):
         self.group, self.runtime = group, runtime
         self.weight_cm = _col_major(original)
         self.bias = _float_bias(original)
-        width = group.count * group.width
-        self.scratch = (torch.empty(width, dtype=torch.long), torch.empty(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group, choice, runtime = self.group, self.group.choice, self.runtime
@@ -189,10 +202,9 @@ class GatheredOut(nn.Module):
         if choice.dense:
             mask = keep.repeat_interleave(group.width, dim=-1) if group.width > 1 else keep
             out = self.original(x * mask.reshape(*lead, -1).to(x.dtype))
-        elif group.kind == "heads" and choice.idx is None:  # the fast path chose in GatheredIn
-            a = x.reshape(-1).float().contiguous()
-            out = runtime.backend.head_cols(self.weight_cm, self.bias, keep, group.width, a, self.scratch)
-            out = out.to(x.dtype).reshape(*lead, -1)
+        elif choice.fast:  # the one-token plan chose in GatheredIn
+            out = group.plan.head_cols(_flat32(x))
+            out = (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
         else:
             flat = x.reshape(-1, x.shape[-1])
             features = choice.features
@@ -226,10 +238,10 @@ def activation_code(module: nn.Module) -> int | None:
 class GatheredMLP(nn.Module):
     """Replaces a layer's MLP module (gated: gate/up/down or fused gate_up; plain: fc1/fc2).
 
-    One token, C backend: one fused kernel call (kept rows of the input projections, the
-    activation, kept columns of the down-projection), given the keep-mask itself. Several token
-    rows: the union of their units, gathered, each row masked. Dense calls: the original
-    projections with the down-projection's input masked.
+    One token, C backend: one call of the group's plan (the choice, kept rows of the input
+    projections, the activation, kept columns of the down-projection). Several token rows: the
+    union of their units, gathered, each row masked. Dense calls: the original projections with
+    the down-projection's input masked.
     """
 
     def __init__(self, original: nn.Module, group: UnitGroup, runtime, ins: list[nn.Module],
@@ -247,9 +259,7 @@ class GatheredMLP(nn.Module):
         self.b_gate, self.b_up = biases[0], (biases[1] if gated else None)
         self.wt_down = _col_major(down)
         self.b_down = _float_bias(down)
-        self.code = activation_code(act)
-        self.idx = torch.empty(n, dtype=torch.long)
-        self.g, self.u = torch.empty(n), torch.empty(n)
+        self.code = activation_code(act)  # None: no one-token plan (the C kernel lacks it)
 
     def _dense(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if self.gated and len(self.ins) == 1:
@@ -263,19 +273,19 @@ class GatheredMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group, choice, runtime = self.group, self.group.choice, self.runtime
-        runtime.choose(group, x)
-        keep = choice.keep
-        if self.code is not None and _fast(runtime, choice, x):
-            k, out = runtime.backend.mlp(self, keep, x.reshape(-1).float().contiguous(), runtime.limit(group))
+        plan = group.plan
+        if plan is not None and x.numel() == plan.D:  # one token: choose + MLP in one C call
+            runtime.choose_one(group, x)
+            k, out = plan.mlp(_flat32(x))
             if k >= 0:
                 runtime.count(group, k)
-                choice.clear()
-                return out.to(x.dtype).reshape(x.shape)
+                return out.view(x.shape) if x.dtype == torch.float32 else out.to(x.dtype).view(x.shape)
             runtime.count(group, group.count)
-            out = self._dense(x, keep)
-        else:
-            runtime.resolve(group)
-            out = self._dense(x, keep) if choice.dense else self._gathered(x, keep, choice.idx)
+            return self._dense(x, group.keep_row)
+        runtime.choose(group, x)
+        keep = choice.keep
+        runtime.resolve(group)
+        out = self._dense(x, keep) if choice.dense else self._gathered(x, keep, choice.idx)
         choice.clear()
         return out
 

@@ -14,10 +14,16 @@ exactly the kept rows in place, compiled once with the system C compiler into at
 and called through ``ctypes``; ``torch`` (used when no compiler is available, or with
 ``ATTRSPARSE_KERNEL=torch``) copies the kept rows with ``index_select`` first, which is slower.
 
-The C library also has one-token entry points driven by the keep-mask itself: a whole MLP
-(kept gate/up or fc1 rows, the activation, kept down-projection columns) in one call, and the
-query rows / output-projection columns of the kept heads. The modules that use them are in
-:mod:`attrsparse.deploy.gathered`.
+One-token plans (:class:`OneTokenPlan`, built once per layer and group by the runtime; a C struct
+of pointers to the weights, scratch and keep buffer): one call chooses the units and runs the
+gathered projections. The choice is either the keep-mask already in the plan's buffer (static
+masks, or a Python chooser's) or a native low-rank predictor: ``logits = W2 relu(W1 x + b1) + b2``
+in C, then the top ``k`` by quickselect (ties to the lower index, as a stable descending sort),
+``k`` from a budget table indexed by the heads kept in the layer (MLP units). Entry points: a whole
+MLP (kept gate/up or fc1 rows, the activation, kept down-projection columns), the kept heads' query
+rows, their output-projection columns. A call that keeps more than the plan's limit computes
+nothing and returns ``-(kept + 1)`` (the caller runs dense with the mask). The modules that use
+them are in :mod:`attrsparse.deploy.gathered`.
 """
 
 from __future__ import annotations
@@ -126,44 +132,117 @@ void gathered_mlp_##NAME(const T* Wg, const T* Wu, const float* bg, const float*
     }                                                                                           \
     gather_cols_##NAME(Wdt, Do, idx, k, g, 1, out, nt);                                         \
     if (bd) for (int64_t j = 0; j < Do; j++) out[j] += bd[j];                                   \
-}                                                                                               \
-/* Mask-driven one-token entry points: keep [K] (bool bytes) -> the kept count k. When k > limit \
-   nothing is computed and -(k + 1) is returned (the caller runs dense). idx: scratch [K * Dh]. */ \
-int64_t masked_mlp_##NAME(const T* Wg, const T* Wu, const float* bg, const float* bu,            \
-                          const T* Wdt, const float* bd, int64_t D, int64_t Do,                 \
-                          const uint8_t* keep, int64_t N, int64_t limit, const float* x,        \
-                          int64_t* idx, float* g, float* u, float* out, int kind, int nt) {    \
-    int64_t k = 0;                                                                              \
-    for (int64_t i = 0; i < N; i++) if (keep[i]) idx[k++] = i;                                  \
-    if (k > limit) return -(k + 1);                                                             \
-    gathered_mlp_##NAME(Wg, Wu, bg, bu, Wdt, bd, D, Do, idx, k, x, g, u, out, kind, nt);        \
-    return k;                                                                                   \
-}                                                                                               \
-/* query rows of the kept heads (+ bias), zero elsewhere: W [H*Dh, D], out [H*Dh] */            \
-int64_t masked_head_rows_##NAME(const T* W, const float* b, int64_t D, const uint8_t* keep,     \
-                                int64_t H, int64_t Dh, int64_t limit, const float* x,           \
-                                int64_t* idx, float* compact, float* out, int nt) {            \
-    int64_t kh = 0, k = 0;                                                                      \
-    for (int64_t h = 0; h < H; h++) if (keep[h]) { kh++; for (int64_t t = 0; t < Dh; t++) idx[k++] = h * Dh + t; } \
-    if (kh > limit) return -(kh + 1);                                                           \
-    gather_rows_##NAME(W, D, idx, k, x, 1, compact, nt);                                        \
-    for (int64_t r = 0; r < H * Dh; r++) out[r] = 0.0f;                                         \
-    for (int64_t r = 0; r < k; r++) out[idx[r]] = compact[r] + (b ? b[idx[r]] : 0.0f);          \
-    return kh;                                                                                  \
-}                                                                                               \
-/* output projection of the kept heads: Wt [H*Dh, Do] row-major, a [H*Dh] -> out [Do] (+ bias) */ \
-int64_t masked_head_cols_##NAME(const T* Wt, const float* b, int64_t Do, const uint8_t* keep,   \
-                                int64_t H, int64_t Dh, const float* a, int64_t* idx,            \
-                                float* compact, float* out, int nt) {                          \
-    int64_t kh = 0, k = 0;                                                                      \
-    for (int64_t h = 0; h < H; h++) if (keep[h]) { kh++; for (int64_t t = 0; t < Dh; t++) { idx[k] = h * Dh + t; compact[k] = a[h * Dh + t]; k++; } } \
-    gather_cols_##NAME(Wt, Do, idx, k, compact, 1, out, nt);                                    \
-    if (b) for (int64_t j = 0; j < Do; j++) out[j] += b[j];                                     \
-    return kh;                                                                                  \
 }
 
 DEFINE(f32, float, id_f32)
 DEFINE(bf16, bf16, bf2f)
+
+/* ---- one-token plans: choose a layer's units and run its gathered projections in one call ---- */
+
+/* out[r] = W[r] . x + b[r] (ReLU'd if relu) for r < R: W [R, D] fp32 row-major; NaN -> -inf */
+static void matvec_f32(const float* W, const float* b, int64_t R, int64_t D, const float* x,
+                       float* out, int relu, int nt) {
+    int64_t R4 = R / 4;
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (int64_t q = 0; q < R4; q++)
+        dot4_f32(W + 4 * q * D, W + (4 * q + 1) * D, W + (4 * q + 2) * D, W + (4 * q + 3) * D, x, D, out + 4 * q);
+    for (int64_t r = 4 * R4; r < R; r++) out[r] = dot1_f32(W + r * D, x, D);
+    for (int64_t r = 0; r < R; r++) {
+        float v = out[r] + (b ? b[r] : 0.0f);
+        out[r] = relu ? (v > 0.0f ? v : 0.0f) : (v == v ? v : -INFINITY);
+    }
+}
+
+/* a ranks before b: higher value, ties to the lower index (a stable descending sort) */
+static inline int before(const float* v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
+
+/* keep[i] = 1 for the k entries of v [K] that rank first (quickselect); order: scratch [K] */
+void select_top_k(const float* v, int64_t K, int64_t k, int32_t* order, uint8_t* keep) {
+    for (int64_t i = 0; i < K; i++) { order[i] = (int32_t)i; keep[i] = k >= K; }
+    if (k <= 0 || k >= K) return;
+    int64_t lo = 0, hi = K - 1, want = k - 1;
+    while (lo < hi) {  /* Hoare partition around the middle entry; the order is total */
+        int32_t p = order[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (before(v, order[i], p)) i++;
+            while (before(v, p, order[j])) j--;
+            if (i <= j) { int32_t t = order[i]; order[i] = order[j]; order[j] = t; i++; j--; }
+        }
+        if (want <= j) hi = j; else if (want >= i) lo = i; else break;
+    }
+    for (int64_t i = 0; i < k; i++) keep[order[i]] = 1;
+}
+
+/* One layer's units of one kind (MLP units or heads) for one token row. Every field is 8 bytes
+   (ctypes mirror: attrsparse.deploy.kernels.Plan). */
+typedef struct {
+    const float *w1, *b1, *w2, *b2;   /* predictor: logits = w2 relu(w1 x + b1) + b2; w1 [rank, D], w2 [K, rank] */
+    int64_t rank;                      /* 0: the keep-mask is given in keep (static masks, or set by the caller) */
+    const int64_t* budget;             /* units kept: budget[0], or budget[nh * (G + 1) + ng] when heads != NULL */
+    const uint8_t* heads;              /* the layer's head keep-mask [G * S] sizing an MLP budget, or NULL */
+    int64_t G, S;                      /* key/value groups, query heads per group */
+    float *hid, *logits; int32_t* order;  /* scratch [rank], [K], [K] */
+    uint8_t* keep;                     /* [K] the keep-mask (written when chosen) */
+    int64_t K, width, limit;           /* units, features per unit, most units a gathered call keeps */
+    const void *w_in, *w_up, *w_out;   /* [K * width, D] rows (gate/fc1/query); up [K, D] or NULL; [K * width, Do] */
+    const float *b_in, *b_up, *b_out;  /* biases (fp32) or NULL */
+    int64_t D, Do, act;                /* input and output features; activation code (MLP) */
+    int64_t* idx; float *g, *u;        /* scratch [K * width] */
+} Plan;
+
+/* Choose the units (when the plan has a predictor) and list their features in idx: units kept. */
+static int64_t plan_choose(Plan* p, const float* x, int nt) {
+    if (p->rank > 0) {
+        matvec_f32(p->w1, p->b1, p->rank, p->D, x, p->hid, 1, nt);
+        matvec_f32(p->w2, p->b2, p->K, p->rank, p->hid, p->logits, 0, nt);
+        int64_t k = p->budget[0];
+        if (p->heads) {
+            int64_t nh = 0, ng = 0;
+            for (int64_t g = 0; g < p->G; g++) {
+                int any = 0;
+                for (int64_t s = 0; s < p->S; s++) if (p->heads[g * p->S + s]) { nh++; any = 1; }
+                ng += any;
+            }
+            k = p->budget[nh * (p->G + 1) + ng];
+        }
+        select_top_k(p->logits, p->K, k, p->order, p->keep);
+    }
+    int64_t n = 0, w = p->width;
+    for (int64_t i = 0; i < p->K; i++) if (p->keep[i]) for (int64_t t = 0; t < w; t++) p->idx[n++] = i * w + t;
+    return n / w;
+}
+
+/* Entry points -> units kept; when more than limit, nothing is computed and -(kept + 1) returned
+   (the caller runs dense with the keep-mask). mlp: x [D] -> out [Do]; head_rows: query rows of the
+   kept heads (+ bias), zero elsewhere, out [K * width]; head_cols: a [K * width] -> out [Do]. */
+#define DEFINE_PLAN(NAME, T)                                                                    \
+int64_t plan_mlp_##NAME(Plan* p, const float* x, float* out, int nt) {                          \
+    int64_t k = plan_choose(p, x, nt);                                                          \
+    if (k > p->limit) return -(k + 1);                                                          \
+    gathered_mlp_##NAME((const T*)p->w_in, (const T*)p->w_up, p->b_in, p->b_up, (const T*)p->w_out, \
+                        p->b_out, p->D, p->Do, p->idx, k, x, p->g, p->u, out, (int)p->act, nt); \
+    return k;                                                                                   \
+}                                                                                               \
+int64_t plan_head_rows_##NAME(Plan* p, const float* x, float* out, int nt) {                    \
+    int64_t kh = plan_choose(p, x, nt), k = kh * p->width;                                      \
+    if (kh > p->limit) return -(kh + 1);                                                        \
+    gather_rows_##NAME((const T*)p->w_in, p->D, p->idx, k, x, 1, p->g, nt);                     \
+    for (int64_t r = 0; r < p->K * p->width; r++) out[r] = 0.0f;                                \
+    for (int64_t r = 0; r < k; r++) out[p->idx[r]] = p->g[r] + (p->b_in ? p->b_in[p->idx[r]] : 0.0f); \
+    return kh;                                                                                  \
+}                                                                                               \
+int64_t plan_head_cols_##NAME(Plan* p, const float* a, float* out, int nt) {                    \
+    int64_t k = 0, w = p->width;                                                                \
+    for (int64_t h = 0; h < p->K; h++) if (p->keep[h])                                          \
+        for (int64_t t = 0; t < w; t++) { p->idx[k] = h * w + t; p->g[k] = a[h * w + t]; k++; } \
+    gather_cols_##NAME((const T*)p->w_out, p->Do, p->idx, k, p->g, 1, out, nt);                 \
+    if (p->b_out) for (int64_t j = 0; j < p->Do; j++) out[j] += p->b_out[j];                    \
+    return k / w;                                                                               \
+}
+
+DEFINE_PLAN(f32, float)
+DEFINE_PLAN(bf16, bf16)
 """
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -216,10 +295,73 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class Plan(ctypes.Structure):
+    """ctypes mirror of the C ``Plan`` (every field 8 bytes; see :data:`_SOURCE`)."""
+
+    _fields_ = ([(n, _P) for n in ("w1", "b1", "w2", "b2")] + [("rank", _I64), ("budget", _P), ("heads", _P)]
+                + [(n, _I64) for n in ("G", "S")] + [(n, _P) for n in ("hid", "logits", "order", "keep")]
+                + [(n, _I64) for n in ("K", "width", "limit")]
+                + [(n, _P) for n in ("w_in", "w_up", "w_out", "b_in", "b_up", "b_out")]
+                + [(n, _I64) for n in ("D", "Do", "act")] + [(n, _P) for n in ("idx", "g", "u")])
+
+
+class OneTokenPlan:
+    """One layer's units of one kind (MLP units or heads), prepared once for one-token calls.
+
+    ``keep [K]`` (bool) is the keep-mask the calls read, or write when ``predictor`` is given:
+    ``(w1 [r, D], b1 [r], w2 [K, r], b2 [K])`` fp32, whose top ``budget[0]`` logits are kept, or
+    with ``heads [G * S]`` (the layer's head keep-mask) the top ``budget[nh * (G + 1) + ng]``.
+    Weights: ``w_in [K * width, D]`` rows (gate/fc1 or query), ``w_up [K, D]`` (gated MLP),
+    ``w_out [K * width, Do]`` (down/output projection, transposed), fp32 biases or None. Holds the
+    tensors the C struct points to.
+    """
+
+    def __init__(self, fns: dict, keep: torch.Tensor, width: int, limit: int, w_in: torch.Tensor,
+                 w_out: torch.Tensor, w_up=None, b_in=None, b_up=None, b_out=None, act: int = 0,
+                 predictor=None, budget=None, heads=None, groups: int = 1):
+        K = keep.numel()
+        self.keep, self.D, self.Do = keep, w_in.shape[1], w_out.shape[1]
+        self.width, self.count = width, K
+        scratch = K * width
+        self.idx, self.g, self.u = torch.empty(scratch, dtype=torch.long), torch.empty(scratch), torch.empty(scratch)
+        w1, b1, w2, b2 = predictor if predictor is not None else (None,) * 4
+        rank = 0 if w1 is None else w1.shape[0]
+        self.hid, self.logits, self.order = torch.empty(rank), torch.empty(K), torch.empty(K, dtype=torch.int32)
+        self._alive = (w_in, w_out, w_up, b_in, b_up, b_out, w1, b1, w2, b2, budget, heads)
+        self.c = Plan(w1=_ptr(w1), b1=_ptr(b1), w2=_ptr(w2), b2=_ptr(b2), rank=rank, budget=_ptr(budget),
+                      heads=_ptr(heads), G=groups, S=(heads.numel() // groups if heads is not None else 1),
+                      hid=_ptr(self.hid), logits=_ptr(self.logits), order=_ptr(self.order), keep=_ptr(keep),
+                      K=K, width=width, limit=limit, w_in=_ptr(w_in), w_up=_ptr(w_up), w_out=_ptr(w_out),
+                      b_in=_ptr(b_in), b_up=_ptr(b_up), b_out=_ptr(b_out), D=self.D, Do=self.Do, act=act,
+                      idx=_ptr(self.idx), g=_ptr(self.g), u=_ptr(self.u))
+        self.addr = ctypes.addressof(self.c)
+        suffix = _SUFFIX[w_in.dtype]
+        self._mlp, self._rows, self._cols = (fns[f"plan_{n}_{suffix}"] for n in ("mlp", "head_rows", "head_cols"))
+
+    def mlp(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """One token ``x [D]`` (fp32, contiguous) through the kept units: ``(k, out [Do])``;
+        ``k < 0``: more than ``limit`` were kept and nothing was computed."""
+        out = torch.empty(self.Do)
+        return self._mlp(self.addr, x.data_ptr(), out.data_ptr(), torch.get_num_threads()), out
+
+    def head_rows(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Query rows of the kept heads for ``x [D]``, zero elsewhere: ``(kept, out [K * width])``."""
+        out = torch.empty(self.count * self.width)
+        return self._rows(self.addr, x.data_ptr(), out.data_ptr(), torch.get_num_threads()), out
+
+    def head_cols(self, a: torch.Tensor) -> torch.Tensor:
+        """Output projection of the kept heads' slices of ``a [K * width]``: ``[Do]``."""
+        out = torch.empty(self.Do)
+        self._cols(self.addr, a.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+
 class CBackend:
-    """Gathered products by the compiled C library (reads the kept rows in place), plus fused
-    one-token entry points driven by the keep-mask itself (:meth:`mlp`, :meth:`head_rows`,
-    :meth:`head_cols`)."""
+    """Gathered products by the compiled C library (reads the kept rows in place), plus one-token
+    plans (:meth:`plan`) that choose a layer's units and run its gathered projections in one call."""
 
     name = "c"
     fused = True
@@ -227,19 +369,16 @@ class CBackend:
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        signatures = {
-            "gather_rows": ([p, i64, p, i64, p, i64, p, i32], None),
-            "gather_cols": ([p, i64, p, i64, p, i64, p, i32], None),
-            "masked_mlp": ([p, p, p, p, p, p, i64, i64, p, i64, i64, p, p, p, p, p, i32, i32], i64),
-            "masked_head_rows": ([p, p, i64, p, i64, i64, i64, p, p, p, p, i32], i64),
-            "masked_head_cols": ([p, p, i64, p, i64, i64, p, p, p, p, i32], i64),
-        }
+        signatures = {"gather_rows": ([p, i64, p, i64, p, i64, p, i32], None),
+                      "gather_cols": ([p, i64, p, i64, p, i64, p, i32], None)}
+        signatures.update({f"plan_{n}": ([p, p, p, i32], i64) for n in ("mlp", "head_rows", "head_cols")})
         self.fns = {}
         for name, (args, res) in signatures.items():
             for dtype, suffix in _SUFFIX.items():
                 fn = getattr(self.lib, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = args, res
-                self.fns[name, dtype] = fn
+                self.fns[name, dtype] = self.fns[f"{name}_{suffix}"] = fn
+        self.lib.select_top_k.argtypes, self.lib.select_top_k.restype = [p, i64, i64, p, p], None
 
     def _product(self, op: str, W, idx, X, width: int) -> torch.Tensor:
         fn = self.fns.get((op, W.dtype))
@@ -261,33 +400,20 @@ class CBackend:
         """``A [M, k]`` -> ``A @ Wt[idx]``: ``[M, D]`` float32."""
         return self._product("gather_cols", Wt, idx, A, Wt.shape[1])
 
-    def mlp(self, m, keep: torch.Tensor, x: torch.Tensor, limit: int) -> tuple[int, torch.Tensor]:
-        """One token ``x [D]`` through the kept units of a :class:`~attrsparse.deploy.gathered.
-        GatheredMLP` ``m``: ``(k, out [Do])``; ``k < 0`` means
-        more than ``limit`` units were kept and nothing was computed."""
-        out = torch.empty(m.wt_down.shape[1])
-        k = self.fns["masked_mlp", m.w_gate.dtype](
-            m.w_gate.data_ptr(), _ptr(m.w_up), _ptr(m.b_gate), _ptr(m.b_up), m.wt_down.data_ptr(),
-            _ptr(m.b_down), m.w_gate.shape[1], m.wt_down.shape[1], keep.data_ptr(), keep.numel(), limit,
-            x.data_ptr(), m.idx.data_ptr(), m.g.data_ptr(), m.u.data_ptr(), out.data_ptr(), m.code,
-            torch.get_num_threads())
-        return k, out
+    def plan(self, keep: torch.Tensor, width: int, limit: int, **kwargs) -> OneTokenPlan | None:
+        """A :class:`OneTokenPlan` (None when the weights' dtype or device has no kernel)."""
+        weights = [kwargs["w_in"], kwargs["w_out"]] + ([kwargs["w_up"]] if kwargs.get("w_up") is not None else [])
+        if any(w.dtype not in _SUFFIX or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
+            return None
+        return OneTokenPlan(self.fns, keep, width, limit, **kwargs)
 
-    def head_rows(self, W, bias, keep, head_dim: int, x, limit: int, scratch) -> tuple[int, torch.Tensor]:
-        """Query rows of the kept heads for one token ``x [D]``: ``(kept, out [H * head_dim])``."""
-        out = torch.empty(keep.numel() * head_dim)
-        k = self.fns["masked_head_rows", W.dtype](
-            W.data_ptr(), _ptr(bias), W.shape[1], keep.data_ptr(), keep.numel(), head_dim, limit,
-            x.data_ptr(), scratch[0].data_ptr(), scratch[1].data_ptr(), out.data_ptr(), torch.get_num_threads())
-        return k, out
-
-    def head_cols(self, Wt, bias, keep, head_dim: int, a, scratch) -> torch.Tensor:
-        """Output projection of the kept heads' slices of ``a [H * head_dim]``: ``[Do]``."""
-        out = torch.empty(Wt.shape[1])
-        self.fns["masked_head_cols", Wt.dtype](
-            Wt.data_ptr(), _ptr(bias), Wt.shape[1], keep.data_ptr(), keep.numel(), head_dim, a.data_ptr(),
-            scratch[0].data_ptr(), scratch[1].data_ptr(), out.data_ptr(), torch.get_num_threads())
-        return out
+    def top_k(self, values: torch.Tensor, k: int) -> torch.Tensor:
+        """Keep-mask ``[K]`` of the ``k`` largest of ``values [K]`` (fp32; ties -> lower index)."""
+        v = values.float().contiguous()
+        keep = torch.empty(v.numel(), dtype=torch.bool)
+        order = torch.empty(v.numel(), dtype=torch.int32)
+        self.lib.select_top_k(v.data_ptr(), v.numel(), k, order.data_ptr(), keep.data_ptr())
+        return keep
 
 
 _BACKENDS: dict[str, object] = {}

@@ -48,7 +48,7 @@ from ..hooks import UnitHooks
 from ..io import atomic_write_bytes
 from ..policies.base import PolicyOutput, SparsityPolicy, model_logits
 from ..units import UnitMasks, UnitScores
-from .runtime import UnitChooser
+from .runtime import NativeChoice, UnitChooser
 
 WEIGHTS_NAME = "predictor.safetensors"
 REPORT_NAME = "predictor.json"
@@ -96,13 +96,23 @@ class BudgetRule:
         the rule's head count, all key/value heads)."""
         u = self.units
         if heads is None:
-            attn = torch.full(leading, float(self.head_keep * u.head_params + u.num_kv_heads * u.kv_group_params
-                                             + u.attn_fixed_params))
-        else:
-            groups = heads.reshape(*heads.shape[:-1], u.num_kv_heads, u.group_size).any(-1)
-            attn = heads.sum(-1) * u.head_params + groups.sum(-1) * u.kv_group_params + u.attn_fixed_params
+            return self._mlp_units(torch.full(leading, self.head_keep), torch.full(leading, u.num_kv_heads))
+        groups = heads.reshape(*heads.shape[:-1], u.num_kv_heads, u.group_size).any(-1)
+        return self._mlp_units(heads.sum(-1), groups.sum(-1))
+
+    def _mlp_units(self, n_heads: torch.Tensor, n_groups: torch.Tensor) -> torch.Tensor:
+        """MLP units that fill the layer budget with ``n_heads`` query heads in ``n_groups``
+        key/value groups (int64 tensors, broadcast)."""
+        u = self.units
+        attn = n_heads * u.head_params + n_groups * u.kv_group_params + u.attn_fixed_params
         room = self.ratio * (u.attn_params_per_layer + u.mlp_params_per_layer) - attn - u.mlp_fixed_params
         return torch.clamp(torch.round(room / u.mlp_unit_params), 1, u.mlp_size).long()
+
+    def mlp_budget_table(self) -> torch.Tensor:
+        """:meth:`mlp_count` for every head outcome: ``[(H + 1) * (G + 1)]``, entry
+        ``nh * (G + 1) + ng`` for ``nh`` heads in ``ng`` key/value groups (the C library's table)."""
+        u = self.units
+        return self._mlp_units(torch.arange(u.num_heads + 1).unsqueeze(1), torch.arange(u.num_kv_heads + 1)).reshape(-1)
 
     def mlp(self, logits: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
         """``logits [..., N]`` -> keep ``[..., N]`` (bool) with :meth:`mlp_count` units per row."""
@@ -202,6 +212,13 @@ class PredictorChooser(UnitChooser):
         else:
             heads = None
         return self.rule.mlp(logits, heads)
+
+    def native(self, kind: str, layer: int) -> NativeChoice:
+        """The same choice for one token row, made by the C library (the budget as a table)."""
+        net = (self.predictor.mlp if kind == "mlp" else self.predictor.heads)[layer]
+        budget = self.rule.mlp_budget_table() if kind == "mlp" else torch.tensor([self.rule.head_keep])
+        return NativeChoice(w1=net.down.weight, b1=net.down.bias, w2=net.up.weight, b2=net.up.bias,
+                            budget=budget, by_heads=kind == "mlp")
 
     def cost_params(self) -> int:
         return sum(m.macs() for m in self.predictor.mlp) + sum(m.macs() for m in self.predictor.heads)

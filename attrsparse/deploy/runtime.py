@@ -14,7 +14,11 @@ texts with the executed activation ratio and the speed:
   :class:`SparseRuntime`. Keys and values are computed for every key/value head, so the cache
   stays complete; this is counted in :attr:`GenerationResult.computed_fraction`. A call whose kept
   fraction (union over its token rows) is above the break-even runs dense and masks instead
-  (prefill of a long prompt, or a layer that keeps nearly everything).
+  (prefill of a long prompt, or a layer that keeps nearly everything). One-token calls with the C
+  backend run per-layer plans prepared in ``__enter__``; a chooser that describes itself to the
+  C library (:meth:`UnitChooser.native`: static masks, the trained predictor) is then not called
+  from Python at all: the library computes the predictor's logits, the top-k and the gathered
+  projections in one call per block.
 
 Accounting: ``executed`` is the masks' parameter-weighted activation ratio over the generated
 tokens (every layer; the prompt positions are in ``prompt_executed``); ``computed_fraction`` is
@@ -34,7 +38,7 @@ from ..architectures import UnitMap, find_arch, linear_dims, unit_map
 from ..errors import UserError
 from ..units import ExecutedRatio, UnitMasks, executed_ratio
 from .gathered import Block, GatheredIn, GatheredMLP, GatheredOut, UnitGroup, _col_major, _row_major
-from .kernels import gather_backend, measure_break_even
+from .kernels import _SUFFIX, gather_backend, measure_break_even
 
 # families whose MLP is one module ``layer.mlp``: (activation module path, gated)
 MLP_MODULES = {"llama": ("mlp.act_fn", True), "qwen2": ("mlp.act_fn", True), "gemma": ("mlp.act_fn", True),
@@ -42,12 +46,44 @@ MLP_MODULES = {"llama": ("mlp.act_fn", True), "qwen2": ("mlp.act_fn", True), "ge
                "gpt2": ("mlp.act", False)}
 
 
+@dataclass
+class NativeChoice:
+    """How the C library chooses one token row's units of one layer itself (no Python per token).
+
+    ``mask [K]``: the same units at every token. Else a low-rank predictor whose logits
+    ``w2 relu(w1 h + b1) + b2`` (``w1 [r, d]``, ``b1 [r]``, ``w2 [K, r]``, ``b2 [K]``) rank the
+    units: the top ``budget[0]`` are kept or, with ``by_heads`` (MLP units), the top
+    ``budget[nh * (G + 1) + ng]`` given the layer's chosen heads (``nh`` heads in ``ng`` of the
+    ``G`` key/value groups). Ties go to the lower index, as a stable descending sort.
+    """
+
+    mask: torch.Tensor | None = None
+    w1: torch.Tensor | None = None
+    b1: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    budget: torch.Tensor | None = None  # int64
+    by_heads: bool = False
+
+    def predictor(self) -> tuple | None:
+        """``(w1, b1, w2, b2)`` as contiguous fp32, or None for a fixed mask."""
+        if self.w1 is None:
+            return None
+        return tuple(None if t is None else t.detach().float().contiguous() for t in (self.w1, self.b1, self.w2, self.b2))
+
+
 class UnitChooser:
     """Chooses each layer's units from the hidden state entering the block, before it runs.
 
     ``hidden [..., d]`` is the input of the block's first projection (the normed hidden state);
     the leading dims are the call's token rows. Return a bool keep-mask ``[..., N]`` / ``[..., H]``.
+    :meth:`native` may describe the same choice for one token row to the C library.
     """
+
+    def native(self, kind: str, layer: int) -> NativeChoice | None:
+        """The one-token choice of ``kind`` (``"mlp"`` / ``"heads"``) units in ``layer`` for the C
+        library, equal to ``choose_*`` on one row (ties aside); None: ask ``choose_*`` per call."""
+        return None
 
     def choose_mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -71,6 +107,9 @@ class StaticChooser(UnitChooser):
 
     def choose_heads(self, layer, hidden):
         return self.masks.heads[layer].expand(*hidden.shape[:-1], -1)
+
+    def native(self, kind, layer):
+        return NativeChoice(mask=(self.masks.mlp if kind == "mlp" else self.masks.heads)[layer])
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -113,16 +152,19 @@ class SparseRuntime:
         self._keeps = {"mlp": [None] * self.units.num_layers, "heads": [None] * self.units.num_layers}
 
     # -- installation --------------------------------------------------------------------------
-    def _swap(self, layer: nn.Module, path: str, new_fn) -> None:
+    def _swap(self, layer: nn.Module, path: str, new_fn) -> nn.Module:
         parent, name = _parent(layer, path)
         original = getattr(parent, name)
-        setattr(parent, name, new_fn(original))
+        new = new_fn(original)
+        setattr(parent, name, new)
         self._swapped.append((parent, name, original))
+        return new
 
     def __enter__(self) -> "SparseRuntime":
         u, spec = self.units, self.spec
         if self.break_even == "auto":
             self.break_even = self._measure_break_even()
+        mlps, queries, outs = [], [], []
         for l, layer in enumerate(u.layer_modules):
             mlp = UnitGroup("mlp", l, u.mlp_size, 1)
             heads = UnitGroup("heads", l, u.num_heads, u.head_dim)
@@ -131,20 +173,70 @@ class SparseRuntime:
                 act_path, gated = MLP_MODULES[spec.family]
                 ins = [layer.get_submodule(p) for p in spec.mlp_in]
                 down, act = layer.get_submodule(spec.mlp_down), layer.get_submodule(act_path)
-                self._swap(layer, "mlp", lambda m, g=mlp, i=ins, d=down, a=act, gt=gated:
-                           GatheredMLP(m, g, self, i, d, a, gt))
+                mlps.append(self._swap(layer, "mlp", lambda m, g=mlp, i=ins, d=down, a=act, gt=gated:
+                                       GatheredMLP(m, g, self, i, d, a, gt)))
             else:  # MLP inlined in the decoder layer (OPT): swap its projections
                 for path in spec.mlp_in:
                     out_f = linear_dims(layer.get_submodule(path))[1]
                     blocks = [Block(b * u.mlp_size, u.mlp_size, True) for b in range(out_f // u.mlp_size)]
                     self._swap(layer, path, lambda m, g=mlp, b=blocks: GatheredIn(m, g, b, self))
                 self._swap(layer, spec.mlp_down, lambda m, g=mlp: GatheredOut(m, g, self))
+                mlps.append(None)
             q_width = u.num_heads * u.head_dim
             out_f = linear_dims(layer.get_submodule(spec.attn_qkv[0]))[1]
             blocks = [Block(0, q_width, True)] + ([Block(q_width, out_f - q_width, False)] if out_f > q_width else [])
-            self._swap(layer, spec.attn_qkv[0], lambda m, g=heads, b=blocks: GatheredIn(m, g, b, self))
-            self._swap(layer, spec.attn_out, lambda m, g=heads: GatheredOut(m, g, self))
+            queries.append(self._swap(layer, spec.attn_qkv[0], lambda m, g=heads, b=blocks: GatheredIn(m, g, b, self)))
+            outs.append(self._swap(layer, spec.attn_out, lambda m, g=heads: GatheredOut(m, g, self)))
+        self._prepare_one_token(mlps, queries, outs)
         return self
+
+    def _prepare_one_token(self, mlps: list, queries: list, outs: list) -> None:
+        """One-token plans (C backend, fp32/bf16 CPU weights), built once: every group gets a row of
+        the keep buffers ``mlp [L, N]`` / ``heads [L, H]`` and a plan; when the chooser describes
+        every group natively (:meth:`UnitChooser.native`), the C calls choose the units too."""
+        u = self.units
+        weight = next(self.model.parameters())
+        if not (self.backend.fused and weight.dtype in _SUFFIX and weight.device.type == "cpu"):
+            return
+        keep = {"mlp": torch.zeros(u.num_layers, u.mlp_size, dtype=torch.bool),
+                "heads": torch.zeros(u.num_layers, u.num_heads, dtype=torch.bool)}
+        with_mlp = all(m is not None and m.code is not None for m in mlps)
+        natives = [(self.chooser.native("mlp", l), self.chooser.native("heads", l)) for l in range(u.num_layers)]
+        native = with_mlp and all(a is not None and b is not None for a, b in natives)
+        q_rows = u.num_heads * u.head_dim
+        for l, (mlp, heads) in enumerate(self.groups):
+            for group, choice in zip((mlp, heads), natives[l] if native else (None, None)):
+                row = keep[group.kind][l]
+                extra = self._native_args(choice, row, keep["heads"][l])
+                if group.kind == "heads":
+                    q, o = queries[l], outs[l]
+                    group.plan = self.backend.plan(row, u.head_dim, self.limit(group), w_in=q.weight_rm[:q_rows],
+                                                   b_in=q.q_bias, w_out=o.weight_cm, b_out=o.bias, **extra)
+                elif mlps[l] is not None and mlps[l].code is not None:
+                    m = mlps[l]
+                    group.plan = self.backend.plan(row, 1, self.limit(group), w_in=m.w_gate, w_up=m.w_up,
+                                                   w_out=m.wt_down, b_in=m.b_gate, b_up=m.b_up, b_out=m.b_down,
+                                                   act=m.code, **extra)
+                group.native, group.keep_row = choice is not None, row.view(1, -1)
+        if native and any(g.plan is None for pair in self.groups for g in pair):
+            for pair in self.groups:  # a native choice needs every group planned
+                for g in pair:
+                    g.plan, g.native = None, False
+
+    def _native_args(self, choice: NativeChoice | None, row: torch.Tensor, heads: torch.Tensor) -> dict:
+        """Plan arguments of a native choice (a fixed mask is copied into the keep row once)."""
+        if choice is None:
+            return {}
+        if choice.mask is not None:
+            row.copy_(choice.mask.reshape(-1))
+            return {}
+        u = self.units
+        budget = choice.budget.reshape(-1).long().contiguous()
+        expected = (u.num_heads + 1) * (u.num_kv_heads + 1) if choice.by_heads else 1
+        if budget.numel() != expected:
+            raise ValueError(f"native choice budget has {budget.numel()} entries, expected {expected}")
+        return {"predictor": choice.predictor(), "budget": budget,
+                "heads": heads if choice.by_heads else None, "groups": u.num_kv_heads}
 
     def __exit__(self, *exc) -> None:
         for parent, name, original in reversed(self._swapped):
@@ -171,7 +263,8 @@ class SparseRuntime:
         self._keeps = {"mlp": [None] * self.units.num_layers, "heads": [None] * self.units.num_layers}
         self._computed = 0
         for mlp, heads in self.groups:
-            mlp.choice.keep = heads.choice.keep = None
+            mlp.choice.clear()
+            heads.choice.clear()
 
     def choose(self, group: UnitGroup, hidden: torch.Tensor) -> None:
         """Ask the chooser for ``group``'s keep-mask of this call (called by the first gathered
@@ -182,6 +275,14 @@ class SparseRuntime:
             keep = keep.bool()
         group.choice.keep = keep.contiguous()
         self._keeps[group.kind][group.layer] = group.choice.keep
+
+    def choose_one(self, group: UnitGroup, hidden: torch.Tensor) -> None:
+        """One-token call of a planned group: its keep-mask is the plan's buffer row
+        ``group.keep_row [1, K]``, filled here by the chooser unless the plan chooses natively."""
+        if not group.native:
+            fn = self.chooser.choose_mlp if group.kind == "mlp" else self.chooser.choose_heads
+            group.keep_row.copy_(fn(group.layer, hidden).reshape(1, -1))
+        self._keeps[group.kind][group.layer] = group.keep_row
 
     def limit(self, group: UnitGroup) -> int:
         """Most units a gathered call may keep; above it the call runs dense (break-even)."""
