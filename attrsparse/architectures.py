@@ -82,6 +82,13 @@ def find_arch(model_type: str) -> ArchSpec:
     )
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter: where its inputs and masks must live."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def _get(root: nn.Module, path: str) -> nn.Module:
     module = root
     for part in path.split("."):

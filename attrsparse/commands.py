@@ -16,6 +16,12 @@ def comma_list(text: str | None) -> list[str]:
     return [x.strip() for x in str(text or "").split(",") if x.strip()]
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device`` of the commands that run the model where torchrun puts each rank."""
+    p.add_argument("--device", default="auto", help="auto (default: cuda:<local rank> when CUDA is "
+                                                    "available, else cpu), cpu, cuda or cuda:N")
+
+
 def comma_floats(text: str, what: str, nonempty: bool = False) -> list[float]:
     """Comma-separated numbers of option ``what``; a bad number (or, with ``nonempty``, no number)
     is a :class:`UserError`."""
@@ -59,6 +65,7 @@ def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
     p.add_argument("--questions", default=None, help="explicit question indices, e.g. 0,5,9")
     p.add_argument("--max-new-tokens", type=int, default=64, help="cap on the label length")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    add_device_arg(p)
     p.add_argument("--head-reduction", default="sum", help="sum (exact) or mean (official code)")
     p.add_argument("--ig-steps", type=int, default=20, help="Riemann steps of IG (default 20)")
     p.add_argument("--ig-questions", type=int, default=None, help="run IG on the first k questions only")
@@ -84,7 +91,7 @@ def _sweep_config(args):
         limit=args.limit, offset=args.offset, questions=_ints(args.questions, "--questions"),
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, head_reduction=args.head_reduction,
         ig_steps=args.ig_steps, ig_questions=args.ig_questions, mask_prefill=args.mask_prefill,
-        mc1=not args.no_mc1, seed=args.seed, stream_scores=args.stream_scores,
+        mc1=not args.no_mc1, seed=args.seed, stream_scores=args.stream_scores, device=args.device,
         max_memory_mb=256.0 if args.max_memory is None else args.max_memory,
         mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios") if args.mc1_ratios else None)
 
@@ -103,7 +110,8 @@ def cmd_dependency(args) -> int:
 
     config = DependencyConfig(model=args.model, data=args.data, limit=args.limit, offset=args.offset,
                               ratios=comma_floats(args.ratios, "--ratios"), template=args.template,
-                              max_new_tokens=args.max_new_tokens, ablations=args.ablations)
+                              max_new_tokens=args.max_new_tokens, ablations=args.ablations,
+                              device=args.device)
     run_dependency(config, Path(args.out))
     print(f"dependency analysis: {Path(args.out) / 'dependency.json'}")
     return 0
@@ -144,6 +152,7 @@ def register_commands(sub) -> None:
     p.add_argument("--template", default="auto")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--ablations", type=int, default=64, help="single-unit removals measured per question")
+    add_device_arg(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_dependency)
 

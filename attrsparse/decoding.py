@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .architectures import model_device
 from .hooks import UnitHooks
 from .masking import apply_masks
 from .trace import as_ids, position_multipliers, token_losses
@@ -21,10 +22,12 @@ from .units import UnitMasks
 
 
 def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids ``[B, P]``, attention mask ``[B, P]``) with every prompt right-aligned."""
+    """(ids ``[B, P]``, attention mask ``[B, P]``) with every prompt right-aligned, on the first
+    prompt's device."""
     width = max(p.numel() for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    device = prompts[0].device
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
         ids[row, width - p.numel():] = p
         mask[row, width - p.numel():] = 1
@@ -37,15 +40,18 @@ def greedy_loop(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: i
     """Batched greedy decoding on a ``DynamicCache``: left padding, per-row stop.
 
     ``before_call(ids [B, q], attn [B, S], done [B])`` and ``after_call()`` run around every
-    forward call (the sparse runtime accounts there). Returns ``{"tokens": B tensors [T_b] (each
+    forward call (the sparse runtime accounts there; they get tensors on the model's device).
+    Returns ``{"tokens": B CPU tensors [T_b] (each
     ending at its stop token), "prefill_s", "decode_s", "decode_tokens"}``; the first call (the
     prefill, which also yields token 0) is timed apart from the decode steps.
     """
-    ids, attn = left_pad([as_ids(p, "prompt") for p in prompts], pad_id)
+    device = model_device(model)
+    ids, attn = left_pad([as_ids(p, "prompt", device) for p in prompts], pad_id)
     batch = ids.shape[0]
     cache = DynamicCache(config=model.config)
-    done = torch.zeros(batch, dtype=torch.bool)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(batch)]
+    finished = [False] * batch
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     prefill_s = decode_s = 0.0
     decode_tokens = 0
@@ -56,6 +62,7 @@ def greedy_loop(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: i
         logits = model(input_ids=ids, attention_mask=attn, position_ids=positions,
                        cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         tokens = logits.argmax(-1)
+        host = tokens.tolist()  # one device-to-host copy per step
         elapsed = time.perf_counter() - t0
         if after_call is not None:
             after_call()
@@ -63,17 +70,18 @@ def greedy_loop(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: i
             prefill_s = elapsed
         else:
             decode_s += elapsed
-            decode_tokens += int((~done).sum())
+            decode_tokens += finished.count(False)
         for row in range(batch):
-            if not done[row]:
-                out[row].append(int(tokens[row]))
-                done[row] = int(tokens[row]) in stop_ids
-        if bool(done.all()):
+            if not finished[row]:
+                out[row].append(host[row])
+                finished[row] = host[row] in stop_ids
+        done = torch.tensor(finished, device=device)
+        if all(finished):
             break
         ids = torch.where(done, torch.full_like(tokens, pad_id), tokens).view(-1, 1)
-        attn = torch.cat([attn, torch.ones(batch, 1, dtype=attn.dtype)], dim=1)
+        attn = torch.cat([attn, torch.ones(batch, 1, dtype=attn.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
-    return {"tokens": [torch.tensor(t, dtype=torch.long) for t in out], "prefill_s": prefill_s,
+    return {"tokens": [torch.tensor(t, dtype=torch.long, device="cpu") for t in out], "prefill_s": prefill_s,
             "decode_s": decode_s, "decode_tokens": decode_tokens}
 
 
@@ -99,12 +107,13 @@ def masked_greedy_decode(model: nn.Module, prompts: list[torch.Tensor], masks: U
 
 @torch.no_grad()
 def masked_loglik(model: nn.Module, prompt_ids, target_ids, masks: UnitMasks | None) -> torch.Tensor:
-    """Summed log-probability of ``target`` after ``prompt`` per row: ``[B]``.
+    """Summed log-probability of ``target`` after ``prompt`` per row: ``[B]`` (model's device).
 
     ``masks`` is a batched schedule ``[B, T, L, *]`` applied as in decoding (position P-1+t uses
     step t, earlier prompt positions dense), or None for one dense row.
     """
-    prompt, target = as_ids(prompt_ids, "prompt"), as_ids(target_ids, "target")
+    device = model_device(model)
+    prompt, target = as_ids(prompt_ids, "prompt", device), as_ids(target_ids, "target", device)
     ids = torch.cat([prompt, target[:-1]]).unsqueeze(0)
     rows = 1 if masks is None else masks.mlp.shape[0]
     with UnitHooks(model) as hooks:

@@ -39,14 +39,15 @@ import numpy as np
 import torch
 
 from . import __version__
-from .architectures import unit_map
+from .architectures import model_device, unit_map
 from .attention import KVRecorder
 from .errors import UserError, check_ratio
 from .io import atomic_write_json
 from .metrics import get_metric
 from .prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from .selection import keep_count, select, top_k_mask
-from .trace import GradientTrace, forward_units, position_multipliers, record_dense_kv, trace_gradients
+from .trace import (GradientTrace, forward_units, position_multipliers, record_dense_kv, to_ids,
+                    trace_gradients)
 
 __all__ = ["DependencyConfig", "run_dependency", "split_layer", "score_change", "sample_ablations",
            "ablation_deltas", "ablation_errors", "error_stats", "PAPER_FIG5",
@@ -112,6 +113,7 @@ class DependencyConfig:
     max_samples: int = 2000  # error samples kept in the JSON (stats use all)
     seed: int = 0
     dtype: str = "float32"
+    device: str = "auto"  # cuda when available, else cpu
 
     def validate(self) -> "DependencyConfig":
         if not self.ratios:
@@ -163,7 +165,7 @@ def score_change(model, prompt_ids, target_ids, ratios, trace: GradientTrace | N
                             + [m.mlp[:, :split] for m in masks])  # [1+R, T, split, N]
     head_steps = torch.stack([torch.ones_like(dense.heads[:, :split], dtype=torch.bool)]
                              + [m.heads[:, :split] for m in masks])
-    p = torch.as_tensor(prompt_ids).numel()
+    p = to_ids(prompt_ids).numel()
     mlp_pos, head_pos = position_multipliers(mlp_steps, p), position_multipliers(head_steps, p)
     none = [None] * (units.num_layers - split)
     mlp_mult = [mlp_pos[:, :, l] for l in range(split)] + none
@@ -184,7 +186,7 @@ def score_change(model, prompt_ids, target_ids, ratios, trace: GradientTrace | N
     for a in after:
         out["mlp_l1"].append(a.mlp[:, split:].abs().sum(-1))
         out["heads_l1"].append(a.heads[:, split:].abs().sum(-1))
-    return {**{k: torch.stack(v) for k, v in out.items()}, "losses": rows.losses}
+    return {**{k: torch.stack(v).cpu() for k, v in out.items()}, "losses": rows.losses.cpu()}
 
 
 # -- 2. single-unit ablations vs the first-order prediction and the bound ------------------------
@@ -203,15 +205,15 @@ def sample_ablations(units, num_tokens: int, n: int, head_fraction: float,
     rows = math.ceil(n / num_tokens)
     total = rows * num_tokens
     n_heads = int(round(total * head_fraction))
-    is_head = torch.zeros(total, dtype=torch.bool)
-    is_head[torch.randperm(total, generator=generator)[:n_heads]] = True
+    is_head = torch.zeros(total, dtype=torch.bool, device="cpu")  # a CPU generator's draws
+    is_head[torch.randperm(total, generator=generator, device="cpu")[:n_heads]] = True
     out, seen = [], set()
     for a in range(total):
         t = a % num_tokens
         kind, size = ("heads", units.num_heads) if is_head[a] else ("mlp", units.mlp_size)
         while True:
-            layer = int(torch.randint(units.num_layers, (1,), generator=generator))
-            idx = int(torch.randint(size, (1,), generator=generator))
+            layer = int(torch.randint(units.num_layers, (1,), generator=generator, device="cpu"))
+            idx = int(torch.randint(size, (1,), generator=generator, device="cpu"))
             if (kind, layer, idx, t) not in seen:
                 break
         seen.add((kind, layer, idx, t))
@@ -246,25 +248,26 @@ def ablation_deltas(model, prompt_ids, target_ids, ablations: list[tuple], chunk
     is taken against the dense row of the same batch.
     """
     units = unit_map(model)
-    p = torch.as_tensor(prompt_ids).numel()
-    t_len = torch.as_tensor(target_ids).numel()
+    p = to_ids(prompt_ids).numel()
+    t_len = to_ids(target_ids).numel()
     if recorder is None:
         recorder = record_dense_kv(model, prompt_ids, target_ids)
     s = p + t_len - 1
-    delta = torch.full((len(ablations),), math.nan, dtype=torch.float64)
+    device = model_device(model)
+    delta = torch.full((len(ablations),), math.nan, dtype=torch.float64, device="cpu")
     rows = _pack(ablations)
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
         b = 1 + len(part)
-        mlp = torch.ones(b, s, units.num_layers, units.mlp_size)
-        heads = torch.ones(b, s, units.num_layers, units.num_heads)
+        mlp = torch.ones(b, s, units.num_layers, units.mlp_size, device=device)
+        heads = torch.ones(b, s, units.num_layers, units.num_heads, device=device)
         for r, row in enumerate(part, start=1):
             for i in row:
                 kind, layer, idx, t = ablations[i]
                 (mlp if kind == "mlp" else heads)[r, p - 1 + t, layer, idx] = 0.0
         _, losses, _, _, _ = forward_units(model, prompt_ids, target_ids, rows=b, mlp_mult=mlp,
                                            head_mult=heads, recorder=recorder, want_grad=False)
-        d = losses[1:].double() - losses[:1].double()  # [b-1, T]
+        d = (losses[1:].double() - losses[:1].double()).cpu()  # [b-1, T]
         for r, row in enumerate(part):
             for i in row:
                 delta[i] = d[r, ablations[i][3]]
@@ -409,7 +412,7 @@ def run_dependency(config: DependencyConfig, out_dir: Path, model=None, tokenize
     if model is None:
         from .models import load_model
 
-        model, tokenizer = load_model(config.model, dtype=config.dtype)
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     timings["load"] = time.perf_counter() - t_all
     units = unit_map(model)
     split = split_layer(units.num_layers)

@@ -98,11 +98,35 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
-def init_distributed(device: str = "auto") -> DistContext:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
+    """The device this process computes on: ``"auto"`` is ``cuda:<local_rank>`` when CUDA is
+    available, else ``cpu``; ``"cuda"`` is ``cuda:<local_rank>`` (an error without CUDA); ``"cpu"``
+    or an explicit ``"cuda:N"`` / :class:`torch.device` is taken as it is. ``local_rank`` defaults
+    to torchrun's ``LOCAL_RANK`` (0 outside torchrun); ranks beyond the host's GPU count wrap."""
+    if isinstance(device, torch.device) or device not in DEVICES:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise UserError(f"invalid device {device!r}; use one of {', '.join(DEVICES)} or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device!r} requested but CUDA is not available")
+        return dev
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but CUDA is not available")
+    local_rank = _env_int("LOCAL_RANK", 0) if local_rank is None else local_rank
+    return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+
+
+def init_distributed(device: str | torch.device = "auto") -> DistContext:
     """Join the torchrun process group once per process and return its :class:`DistContext`.
 
-    ``device``: ``"auto"`` (``cuda:<local_rank>`` when CUDA is available, else ``cpu``),
-    ``"cpu"`` or ``"cuda"``. The backend follows the device: nccl for CUDA, gloo for CPU.
+    ``device``: see :func:`resolve_device` (``"auto"``: ``cuda:<local_rank>`` when CUDA is
+    available, else ``cpu``). The backend follows the device: nccl for CUDA, gloo for CPU.
     Later calls return the same context. Under several ranks on one host, CPU threads are split
     between them (``cpu_count // local_world_size``) unless ``OMP_NUM_THREADS`` is set.
     """
@@ -114,10 +138,8 @@ def init_distributed(device: str = "auto") -> DistContext:
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but CUDA is not available")
-    dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     backend = None

@@ -85,11 +85,11 @@ class UnitHooks:
                 x = x.view(*self._layer_shape[layer], x.shape[-1])
             m = _per_layer(self.mlp_mult, layer)
             if m is not None:
-                x = x * m.to(x.dtype)
+                x = x * m.to(x.device, x.dtype)
             if self.mlp_rule is not None:
                 keep = self.mlp_rule(layer, x)
                 self.rule_mlp[layer] = keep
-                x = x * keep.to(x.dtype)
+                x = x * keep.to(x.device, x.dtype)
             if self.capture:
                 self.mlp_inputs[layer] = x
             return (x.reshape(flat.shape),) + tuple(args[1:])
@@ -103,11 +103,11 @@ class UnitHooks:
             m = _per_layer(self.head_mult, layer)
             shaped = x.view(*x.shape[:-1], heads, dim)
             if m is not None:
-                shaped = shaped * m.to(x.dtype).unsqueeze(-1)
+                shaped = shaped * m.to(x.device, x.dtype).unsqueeze(-1)
             if self.head_rule is not None:
                 keep = self.head_rule(layer, shaped)
                 self.rule_heads[layer] = keep
-                shaped = shaped * keep.to(x.dtype).unsqueeze(-1)
+                shaped = shaped * keep.to(x.device, x.dtype).unsqueeze(-1)
                 m = keep
             if m is not None or self.capture:  # the captured view must be on the graph's path
                 x = shaped.reshape(x.shape)

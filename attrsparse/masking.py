@@ -86,7 +86,7 @@ def _last_position_only(row: torch.Tensor, batch: int, q: int) -> torch.Tensor:
     """``[(B,) L, K]`` -> ``[B, q, L, K]`` of ones with the last position set to ``row``."""
     if row.dim() == 2:
         row = row.unsqueeze(0).expand(batch, *row.shape)
-    mult = torch.ones(batch, q, *row.shape[1:], dtype=row.dtype)
+    mult = torch.ones(batch, q, *row.shape[1:], dtype=row.dtype, device=row.device)
     mult[:, -1] = row
     return mult
 

@@ -146,14 +146,10 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise UserError(f"unsupported dtype {dtype!r}; use float32 (fp32), bfloat16 (bf16) or float16")
 
 
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UserError(f"invalid device {device!r}; use e.g. cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available")
-    return dev
+def _check_device(device: str | torch.device) -> torch.device:
+    from .distributed import resolve_device
+
+    return resolve_device(device)
 
 
 def _classify(spec: str | os.PathLike) -> tuple[str, Any]:

@@ -58,12 +58,15 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
 
 @torch.no_grad()
 def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int]) -> torch.Tensor:
-    """Dense greedy continuation ``[T]`` (T <= max_new_tokens), stopping after a stop token
+    """Dense greedy continuation ``[T]`` (CPU; T <= max_new_tokens), stopping after a stop token
     (the stop token itself is kept: it is a generated token the masks must also produce)."""
     from transformers import DynamicCache
 
+    from .architectures import model_device
+
+    device = model_device(model)
     cache = DynamicCache(config=model.config)
-    ids = prompt_ids.view(1, -1)
+    ids = prompt_ids.view(1, -1).to(device)
     out_tokens = []
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
@@ -71,5 +74,5 @@ def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int, st
         out_tokens.append(token)
         if token in stop_ids:
             break
-        ids = torch.tensor([[token]])
-    return torch.tensor(out_tokens, dtype=torch.long)
+        ids = torch.tensor([[token]], device=device)
+    return torch.tensor(out_tokens, dtype=torch.long, device="cpu")

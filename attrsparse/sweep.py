@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .architectures import unit_map
+from .architectures import model_device, unit_map
 from .decoding import masked_greedy_decode, masked_loglik
 from .distributed import init_distributed, run_sharded
 from .errors import UserError, check_ratio
@@ -63,6 +63,7 @@ class SweepConfig:
     seed: int = 0
     stream_scores: bool = False  # keep per-token scores in out/scores (safetensors shards)
     max_memory_mb: float = 256.0  # budget of the streamed-scores buffer
+    device: str = "auto"  # cuda:<local rank> when CUDA is available, else cpu
 
     def validate(self) -> "SweepConfig":
         if self.dataset not in DATASETS:
@@ -82,7 +83,7 @@ class SweepConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes a question's record."""
         keys = asdict(self)
-        for k in ("limit", "offset", "questions", "stream_scores", "max_memory_mb"):
+        for k in ("limit", "offset", "questions", "stream_scores", "max_memory_mb", "device"):
             keys.pop(k)
         return stable_hash(keys)
 
@@ -92,8 +93,8 @@ def _trace_cached(model, prompt, target, cache_dir: Path, key_base: dict) -> Gra
     path = cache_dir / f"trace-{key}.safetensors"
     stored = load_tensors(path)
     if stored is not None and stored["mlp_x"].shape[0] == target.numel():
-        return GradientTrace(stored["mlp_x"], stored["mlp_g"], stored["head_x"], stored["head_g"],
-                             stored["losses"])
+        device = model_device(model)
+        return GradientTrace(*(stored[k].to(device) for k in ("mlp_x", "mlp_g", "head_x", "head_g", "losses")))
     trace = trace_gradients(model, prompt, target).row(0)
     atomic_save_tensors(path, {"mlp_x": trace.mlp_x, "mlp_g": trace.mlp_g, "head_x": trace.head_x,
                                "head_g": trace.head_g, "losses": trace.losses})
@@ -110,10 +111,12 @@ class Sweep:
                                      indices=config.questions)
         if not self.items:
             raise UserError("the dataset selection is empty")
+        # joins the torchrun group (if any); the model runs on this rank's device
+        self.ctx = init_distributed(config.device if model is None else model_device(model))
         if model is None:
             from .models import load_model
 
-            model, tokenizer = load_model(config.model, dtype=config.dtype)
+            model, tokenizer = load_model(config.model, dtype=config.dtype, device=self.ctx.device)
         self.model, self.tok = model, tokenizer
         self.units = unit_map(model)
         self.template = resolve_template(tokenizer, config.template)
@@ -124,6 +127,8 @@ class Sweep:
         self.score_writer = None  # a streaming.ScoreWriter while a run streams scores
         self.key_base = {"model": config.model, "weights": model_fingerprint(model), "dtype": config.dtype,
                          "template": self.template, "attrsparse": __version__}
+        if self.ctx.device.type != "cpu":  # other kernels, other rounding: never mixed with CPU records
+            self.key_base["device"] = self.ctx.device.type
 
     # -- one question --------------------------------------------------------------------------
     def _uses_ig(self, q_pos: int) -> bool:
@@ -205,7 +210,7 @@ class Sweep:
         timings["scoring"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        dense_row = UnitMasks.dense(self.units, label.numel())
+        dense_row = UnitMasks.dense(self.units, label.numel(), device=model_device(self.model))
         batch = UnitMasks.stack(masks + [dense_row])
         outputs = masked_greedy_decode(self.model, [prompt] * (len(masks) + 1), batch, label.numel(),
                                        self.stop_ids, self.pad_id, cfg.mask_prefill)
@@ -255,7 +260,7 @@ class Sweep:
         """
         from .streaming import ScoreReader, ScoreWriter
 
-        ctx = init_distributed(device="cpu")  # the scoring and decoding code runs on CPU tensors
+        ctx = self.ctx
         streamed = None
         if self.config.stream_scores:
             streamed = set(ScoreReader(self.out / "scores").keys())

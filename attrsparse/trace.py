@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import unit_map
+from .architectures import model_device, unit_map
 from .attention import KVRecorder, diagonal_gradient_attention
 from .errors import UserError
 from .hooks import UnitHooks
@@ -40,17 +40,25 @@ class GradientTrace:
         return GradientTrace(self.mlp_x[b], self.mlp_g[b], self.head_x[b], self.head_g[b], self.losses[b])
 
 
-def as_ids(ids, name: str) -> torch.Tensor:
-    """1-D LongTensor from a list/tensor of token ids; empty input is a user error."""
-    t = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+def to_ids(ids, device: torch.device | str | None = None) -> torch.Tensor:
+    """1-D LongTensor ``[S]`` from a list/tensor of token ids, on ``device`` (default: a tensor's
+    own device, the CPU for a list)."""
+    if device is None:
+        device = ids.device if isinstance(ids, torch.Tensor) else "cpu"
+    return torch.as_tensor(ids, dtype=torch.long, device=device).reshape(-1)
+
+
+def as_ids(ids, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """:func:`to_ids`, where empty input is a user error."""
+    t = to_ids(ids, device)
     if t.numel() == 0:
         raise UserError(f"{name} is empty: need at least one token")
     return t
 
 
-def teacher_forced_ids(prompt_ids, target_ids) -> tuple[torch.Tensor, int, int]:
-    """(ids ``[S]``, P, T) for the teacher-forced pass over ``prompt + target[:-1]``."""
-    prompt, target = as_ids(prompt_ids, "prompt"), as_ids(target_ids, "target")
+def teacher_forced_ids(prompt_ids, target_ids, device=None) -> tuple[torch.Tensor, int, int]:
+    """(ids ``[S]`` on ``device``, P, T) for the teacher-forced pass over ``prompt + target[:-1]``."""
+    prompt, target = as_ids(prompt_ids, "prompt", device), as_ids(target_ids, "target", device)
     return torch.cat([prompt, target[:-1]]), prompt.numel(), target.numel()
 
 
@@ -72,12 +80,14 @@ def forward_units(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
     forward values are the dense model's).
 
     ``mlp_mult`` / ``head_mult`` follow :class:`attrsparse.hooks.UnitHooks` (``q`` = S positions).
+    Token ids may live anywhere; the pass runs on the model's device, where the results stay.
     ``grads`` is ``(mlp_grads, head_grads)``: per layer in ``grad_layers`` (default all), the
     gradient ``[B, S, N]`` / ``[B, S, H, D]`` of ``sum(losses)`` w.r.t. the unit outputs.
     """
-    ids, p, t = teacher_forced_ids(prompt_ids, target_ids)
+    device = model_device(model)
+    ids, p, t = teacher_forced_ids(prompt_ids, target_ids, device)
     argmax = isinstance(labels, str) and labels == "argmax"
-    target = as_ids(target_ids if labels is None or argmax else labels, "labels")
+    target = as_ids(target_ids if labels is None or argmax else labels, "labels", device)
     if target.numel() != t:
         raise ValueError(f"{target.numel()} labels for {t} target tokens")
     embed = model.get_input_embeddings()
@@ -113,7 +123,7 @@ def trace_gradients(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
                     mlp_mult=None, head_mult=None,
                     recorder: KVRecorder | None = None, labels=None) -> GradientTrace:
     """One forward + one backward -> :class:`GradientTrace` at the T target positions
-    (losses of ``labels``, default ``target_ids``)."""
+    (losses of ``labels``, default ``target_ids``), on the model's device."""
     (mlp_in, head_in), losses, (mlp_g, head_g), p, t = forward_units(
         model, prompt_ids, target_ids, rows=rows, mlp_mult=mlp_mult, head_mult=head_mult,
         recorder=recorder, labels=labels)
@@ -132,5 +142,5 @@ def position_multipliers(step_masks: torch.Tensor, prompt_len: int) -> torch.Ten
     positions before the last are dense; position ``P-1+t`` uses step t (decoding's protocol).
     """
     b, t = step_masks.shape[:2]
-    dense = torch.ones(b, prompt_len - 1, *step_masks.shape[2:], dtype=torch.float32)
+    dense = torch.ones(b, prompt_len - 1, *step_masks.shape[2:], dtype=torch.float32, device=step_masks.device)
     return torch.cat([dense, step_masks.float()], dim=1)

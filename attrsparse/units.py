@@ -36,9 +36,10 @@ class UnitMasks:
     heads: torch.Tensor
 
     @classmethod
-    def dense(cls, units: UnitMap, *leading: int) -> "UnitMasks":
-        return cls(torch.ones(*leading, units.num_layers, units.mlp_size, dtype=torch.bool),
-                   torch.ones(*leading, units.num_layers, units.num_heads, dtype=torch.bool))
+    def dense(cls, units: UnitMap, *leading: int, device: torch.device | str = "cpu") -> "UnitMasks":
+        """All-True masks ``[*leading, L, *]`` on ``device``."""
+        return cls(torch.ones(*leading, units.num_layers, units.mlp_size, dtype=torch.bool, device=device),
+                   torch.ones(*leading, units.num_layers, units.num_heads, dtype=torch.bool, device=device))
 
     def __getitem__(self, index) -> "UnitMasks":
         return UnitMasks(self.mlp[index], self.heads[index])

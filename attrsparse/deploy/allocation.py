@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architectures import UnitMap
+from ..architectures import UnitMap, model_device
 from ..hooks import UnitHooks
+from ..trace import to_ids
 from ..units import UnitMasks, UnitScores, executed_ratio
 
 ALLOCATIONS = ("uniform", "greedy")
@@ -95,8 +96,8 @@ def top_units(scores: torch.Tensor, counts) -> torch.Tensor:
     """Top ``counts[l]`` entries of each row of ``scores [L, N]`` (ties -> lower index)."""
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
-    return ranks < torch.as_tensor(counts).view(-1, 1)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks < torch.as_tensor(counts, device=scores.device).view(-1, 1)
 
 
 def uniform_masks(scores: UnitScores, ratio: float, units: UnitMap, structure=None,
@@ -109,11 +110,13 @@ def uniform_masks(scores: UnitScores, ratio: float, units: UnitMap, structure=No
 
 class LossProbe:
     """Calibration loss of masked variants: mean KL(dense || masked) over the tokens of a few
-    sequences. Variants are batch rows: multipliers ``mlp [R, L, N]``, ``heads [R, L, H]``."""
+    sequences. Variants are batch rows: multipliers ``mlp [R, L, N]``, ``heads [R, L, H]`` (any
+    device: they are moved to the model's; the losses come back on the CPU)."""
 
     def __init__(self, model: nn.Module, sequences: list[torch.Tensor], max_rows: int = 6):
         self.model, self.max_rows = model, max_rows
-        self.sequences = [torch.as_tensor(s).reshape(1, -1) for s in sequences]
+        self.device = model_device(model)
+        self.sequences = [to_ids(s, self.device).reshape(1, -1) for s in sequences]
         self.dense = []  # (p [S, V], sum_v p log p [S]) of the dense model
         with torch.no_grad():
             for s in self.sequences:
@@ -127,16 +130,17 @@ class LossProbe:
     def loss(self, mlp: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """``[R]`` mean KL per variant."""
         rows = mlp.shape[0]
-        total = torch.zeros(rows, dtype=torch.float64)
+        total = torch.zeros(rows, dtype=torch.float64, device="cpu")
         for seq, (p, neg_entropy) in zip(self.sequences, self.dense):
             for start in range(0, rows, self.max_rows):
                 sl = slice(start, min(rows, start + self.max_rows))
                 r = sl.stop - sl.start
                 with UnitHooks(self.model) as hooks:
-                    hooks.mlp_mult, hooks.head_mult = mlp[sl].float(), heads[sl].float()
+                    hooks.mlp_mult = mlp[sl].to(self.device, torch.float32)
+                    hooks.head_mult = heads[sl].to(self.device, torch.float32)
                     logits = self.model(input_ids=seq.expand(r, -1), use_cache=False).logits.float()
                 kl = neg_entropy - (p * F.log_softmax(logits, -1)).sum(-1)  # [r, S]
-                total[sl] += kl.sum(-1).double()
+                total[sl] += kl.sum(-1).double().cpu()
                 self.passes += 1
         return total / self.tokens
 
@@ -169,10 +173,10 @@ def mlp_sensitivity(probe: LossProbe, scores: UnitScores, units: UnitMap, levels
     n, L = units.mlp_size, units.num_layers
     counts = sorted({max(1, round(f * n)) for f in levels}) + [n]
     rank_masks = torch.stack([top_units(scores.mlp, [k] * L) for k in counts[:-1]])  # [J, L, N]
-    heads = torch.ones(len(counts) - 1, L, units.num_heads)
-    loss = torch.zeros(L, len(counts), dtype=torch.float64)
+    heads = torch.ones(len(counts) - 1, L, units.num_heads, device=scores.mlp.device)
+    loss = torch.zeros(L, len(counts), dtype=torch.float64, device="cpu")
     for l in range(L):
-        mlp = torch.ones(len(counts) - 1, L, n)
+        mlp = torch.ones(len(counts) - 1, L, n, device=scores.mlp.device)
         mlp[:, l] = rank_masks[:, l].float()
         loss[l, :-1] = probe.loss(mlp, heads)
         if progress is not None:

@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..architectures import UnitMap, unit_map
+from ..architectures import UnitMap, model_device, unit_map
 from ..errors import UserError, check_ratio
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
 from ..metrics.base import Metric, get_metric, register_metric
 from ..policies.base import StaticPolicy, model_logits
-from ..trace import trace_gradients
+from ..trace import to_ids, trace_gradients
 from ..units import UnitMasks, UnitScores
 from . import allocation as alloc
 
@@ -76,7 +76,7 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def _sequence_sums(model, metric: Metric, seq: torch.Tensor, labels: str, head_reduction: str):
-    """Per-sequence sums of the per-token scores: (mlp ``[L, N]``, heads ``[L, H]``) float64."""
+    """Per-sequence sums of the per-token scores: (mlp ``[L, N]``, heads ``[L, H]``) float64, CPU."""
     prompt, target = seq[:1], seq[1:]
     y = None
     if labels == "dense":
@@ -84,7 +84,7 @@ def _sequence_sums(model, metric: Metric, seq: torch.Tensor, labels: str, head_r
             y = model_logits(model, seq[:-1].unsqueeze(0), None)[0].argmax(-1)
     trace = trace_gradients(model, prompt, target, labels=y).row(0)
     scores = metric.from_model(model, prompt, target, trace, head_reduction=head_reduction)
-    return scores.mlp.double().sum(0), scores.heads.double().sum(0)
+    return scores.mlp.double().sum(0).cpu(), scores.heads.double().sum(0).cpu()
 
 
 def calibrate(model: nn.Module, sequences: list[torch.Tensor], metric: str = "corrected_gxo",
@@ -104,15 +104,17 @@ def calibrate(model: nn.Module, sequences: list[torch.Tensor], metric: str = "co
                         "(e.g. corrected_gxo)")
     if labels not in LABELS:
         raise UserError(f"labels must be one of {', '.join(LABELS)}, got '{labels}'")
-    seqs = [torch.as_tensor(s).reshape(-1) for s in sequences if torch.as_tensor(s).numel() >= 2]
+    seqs = [s for s in map(to_ids, sequences) if s.numel() >= 2]
     if not seqs:
         raise UserError("calibration needs at least one sequence of at least 2 tokens")
     units = unit_map(model)
     if parts_dir is not None:
         from ..distributed import init_distributed
 
-        ctx = ctx or init_distributed(device="cpu")
+        ctx = ctx or init_distributed(model_device(model))
         settings = [weights_fingerprint(model), m.name, labels, head_reduction]
+        if model_device(model).type != "cpu":  # other kernels, other rounding: never mixed with CPU parts
+            settings.append(model_device(model).type)
         paths = [Path(parts_dir) / f"seq{i:05d}-{stable_hash([settings, s.tolist()])}.safetensors"
                  for i, s in enumerate(seqs)]
         mine = ctx.shard_positions(len(seqs))
@@ -142,8 +144,8 @@ def calibrate(model: nn.Module, sequences: list[torch.Tensor], metric: str = "co
         if not ctx.is_main:
             return None
         sums = {i: (t["mlp"], t["heads"]) for i, t in ((i, load_tensors(p)) for i, p in enumerate(paths))}
-    mlp = torch.zeros(units.num_layers, units.mlp_size, dtype=torch.float64)
-    heads = torch.zeros(units.num_layers, units.num_heads, dtype=torch.float64)
+    mlp = torch.zeros(units.num_layers, units.mlp_size, dtype=torch.float64, device="cpu")
+    heads = torch.zeros(units.num_layers, units.num_heads, dtype=torch.float64, device="cpu")
     for i in range(len(seqs)):  # in sequence order, whoever computed them
         mlp += sums[i][0]
         heads += sums[i][1]
@@ -395,7 +397,7 @@ _CALIBRATED: dict[tuple, CalibratedScores] = {}
 
 
 def _cached_calibration(model: nn.Module, sequences: list[torch.Tensor]) -> CalibratedScores:
-    key = (weights_fingerprint(model), stable_hash([torch.as_tensor(s).tolist() for s in sequences]))
+    key = (weights_fingerprint(model), stable_hash([to_ids(s).tolist() for s in sequences]))
     if key not in _CALIBRATED:
         _CALIBRATED[key] = calibrate(model, sequences)
     return _CALIBRATED[key]

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..commands import add_device_arg
 from ..errors import UserError
 
 
@@ -54,10 +55,12 @@ def _calibrate(model, tok, args, ratios, out: Path) -> dict:
 
 
 def cmd_calibrate(args) -> int:
+    from ..distributed import init_distributed
     from ..models import load_model
 
     ratios = _ratios(args.ratios)
-    model, tok = load_model(args.model, dtype=args.dtype)
+    ctx = init_distributed(args.device)  # under torchrun: join the job; the model runs on this rank's device
+    model, tok = load_model(args.model, dtype=args.dtype, device=ctx.device)
     doc = _calibrate(model, tok, args, ratios, Path(args.out))
     if doc is None:  # another rank of a torchrun job: rank 0 reports
         return 0
@@ -87,10 +90,13 @@ def perplexity(model, sequences) -> float:
     import torch
     import torch.nn.functional as F
 
+    from ..architectures import model_device
+    from ..trace import to_ids
+
     total, count = 0.0, 0
     with torch.no_grad():
         for seq in sequences:
-            ids = torch.as_tensor(seq).view(1, -1)
+            ids = to_ids(seq, model_device(model)).view(1, -1)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
             total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
             count += ids.shape[1] - 1
@@ -187,6 +193,7 @@ def register_deploy_commands(sub) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--ratios", default="0.3,0.5,0.7", help="parameter-weighted target ratios")
     _add_calibration_args(p)
+    add_device_arg(p)
     p.add_argument("--out", required=True, help="sparsity directory (static.json + static.safetensors)")
     p.set_defaults(func=cmd_calibrate)
 

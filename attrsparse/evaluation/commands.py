@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..commands import comma_floats, comma_list
+from ..commands import add_device_arg, comma_floats, comma_list
 from ..errors import UserError
 
 
@@ -33,6 +33,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-len", type=int, default=128)
     p.add_argument("--policy", default="per_layer", help="selection policy of oracle metrics")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    add_device_arg(p)
 
 
 def cmd_evaluate(args) -> int:
@@ -45,7 +46,7 @@ def cmd_evaluate(args) -> int:
     from ..tasks import get_task
 
     get_task(args.task)
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if policy.mode in ("online", "static", "predictor"):
         policy.prepare(model, calibration_sequences(tok, args.calib, args.calib_sequences, args.calib_len))
     result = evaluate_task(model, tok, args.task, policy, limit=args.limit, offset=args.offset,
@@ -63,7 +64,8 @@ def cmd_compare(args) -> int:
                            limit=args.limit, offset=args.offset, max_tokens=args.max_tokens,
                            max_new_tokens=args.max_new_tokens, calib=args.calib,
                            calib_sequences=args.calib_sequences, calib_len=args.calib_len,
-                           dtype=args.dtype, policy=args.policy, data=_task_paths(args.data))
+                           dtype=args.dtype, policy=args.policy, data=_task_paths(args.data),
+                           device=args.device)
     out = Path(args.out)
     results = Compare(config, out).run()
     if results is not None:  # None on the non-main ranks of a torchrun job

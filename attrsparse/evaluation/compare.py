@@ -55,6 +55,7 @@ class CompareConfig:
     dtype: str = "float32"
     policy: str = "per_layer"  # selection policy of oracle metrics
     data: dict = field(default_factory=dict)  # {task: local path or hub name}; default: bundled
+    device: str = "auto"  # cuda:<local rank> when CUDA is available, else cpu
 
     def validate(self) -> "CompareConfig":
         from ..metrics import get_metric, resolve_metric_names
@@ -76,7 +77,7 @@ class CompareConfig:
 
     def job_key(self, model: str, task: str) -> dict:
         keys = asdict(self)
-        for k in ("models", "tasks", "selectors", "ratios"):
+        for k in ("models", "tasks", "selectors", "ratios", "device"):
             keys.pop(k)
         return {**keys, "model": model, "task": task, "attrsparse": __version__}
 
@@ -115,11 +116,18 @@ class Compare:
     def record_path(self, model: str, task: str, selector: str, ratio: float, weights: str) -> Path:
         return self.out / "records" / f"{self.record_key(model, task, selector, ratio, weights)}.json"
 
+    def context(self):
+        """This process's place in the (torchrun) job; the models load on its device."""
+        from ..distributed import init_distributed
+
+        return init_distributed(self.config.device)
+
     def _load(self, spec: str):
         if spec not in self.loaded:
             from ..models import load_model
 
-            self.loaded = {spec: load_model(spec, dtype=self.config.dtype)}  # one model in memory
+            device = self.context().device
+            self.loaded = {spec: load_model(spec, dtype=self.config.dtype, device=device)}  # one model in memory
         return self.loaded[spec]
 
     def run_job(self, model_spec: str, task: str, selector: str, ratio: float, calib_cache: dict) -> dict:
@@ -146,6 +154,7 @@ class Compare:
         merges them in job order, so the outputs equal a single-process run. Returns the results
         on rank 0, None on the other ranks.
         """
+        from ..architectures import model_device
         from ..distributed import run_sharded
         from ..sweep import model_fingerprint
 
@@ -154,11 +163,13 @@ class Compare:
         def key(_, job):
             model_spec, task, selector, ratio = job
             if model_spec not in weights:
-                weights[model_spec] = model_fingerprint(self._load(model_spec)[0])
+                model = self._load(model_spec)[0]
+                device = model_device(model).type  # records of other kernels are never mixed with CPU ones
+                weights[model_spec] = model_fingerprint(model) + ("" if device == "cpu" else f"-{device}")
             return self.record_key(model_spec, task, selector, ratio, weights[model_spec])
 
         records = run_sharded(self.jobs(), key, lambda _, job: self.run_job(*job, calib_cache),
-                              self.out / "records", progress=progress, desc="compare")
+                              self.out / "records", ctx=self.context(), progress=progress, desc="compare")
         return None if records is None else self.write([self.with_read_ratio(r) for r in records])
 
     def with_read_ratio(self, record: dict) -> dict:

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from ..architectures import unit_map
+from ..architectures import model_device, unit_map
 from ..errors import UserError
 from ..policies import SparsityPolicy, account
 from ..policies.base import with_decision_cost
@@ -32,10 +32,12 @@ from ..units import ExecutedRatio, executed_ratio
 
 
 def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids ``[B, S]``, attention mask ``[B, S]``), each sequence left-aligned."""
+    """(ids ``[B, S]``, attention mask ``[B, S]``), each sequence left-aligned, on the first
+    sequence's device."""
     width = max(s.numel() for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    device = seqs[0].device
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
     for row, s in enumerate(seqs):
         ids[row, : s.numel()] = s
         mask[row, : s.numel()] = 1
@@ -43,10 +45,13 @@ def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
 
 
 class Evaluator:
-    """Runs tasks on one (model, tokenizer) under a policy; accumulates :attr:`executed`."""
+    """Runs tasks on one (model, tokenizer) under a policy; accumulates :attr:`executed`.
+
+    Token ids are moved to the model's device as they are encoded; results come back as floats."""
 
     def __init__(self, model: nn.Module, tokenizer, policy: SparsityPolicy, max_seq_len: int = 512):
         self.model, self.tok, self.policy = model, tokenizer, policy
+        self.device = model_device(model)
         self.units = unit_map(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_seq_len = max_seq_len
@@ -62,7 +67,7 @@ class Evaluator:
         return out.logits, mask
 
     def _encode(self, text: str, special: bool) -> torch.Tensor:
-        return self.tok(text, add_special_tokens=special, return_tensors="pt").input_ids[0]
+        return self.tok(text, add_special_tokens=special, return_tensors="pt").input_ids[0].to(self.device)
 
     def choice_logprobs(self, context: str, choices: list[str]) -> list[float]:
         """Summed log-probability of every choice's tokens after ``context``.
@@ -97,8 +102,8 @@ class Evaluator:
         b, c = len(conts), ctx.numel()
         cache.batch_repeat_interleave(b)
         ids, mask = right_pad(conts, self.pad_id)
-        full_mask = torch.cat([torch.ones(b, c, dtype=mask.dtype), mask], dim=1)
-        positions = (c + torch.arange(ids.shape[1])).expand(b, -1)
+        full_mask = torch.cat([torch.ones(b, c, dtype=mask.dtype, device=self.device), mask], dim=1)
+        positions = (c + torch.arange(ids.shape[1], device=self.device)).expand(b, -1)
         out = self.policy.forward(self.model, ids, full_mask, cache=cache, use_cache=True,
                                   position_ids=positions)
         self.executed = self.executed.add(account(out.masks, mask, self.units))
@@ -161,7 +166,7 @@ class Evaluator:
         stop = stop_token_ids(self.tok, self.model)
         rows = []
         for item in items:
-            prompt = encode_prompt(self.tok, item.question, template)
+            prompt = encode_prompt(self.tok, item.question, template).to(self.device)
             dense = self._decode_dense(prompt, max_new_tokens, stop)
             tokens = self.oracle_decode(prompt, dense, stop) if self.policy.mode == "oracle" \
                 else self.greedy(prompt, max_new_tokens, stop)
@@ -191,7 +196,7 @@ class Evaluator:
         seq, step_ids, out = prompt, prompt, []
         for _ in range(max_new_tokens):
             if cached:
-                positions = torch.arange(seq.numel() - step_ids.numel(), seq.numel()).unsqueeze(0)
+                positions = torch.arange(seq.numel() - step_ids.numel(), seq.numel(), device=self.device).unsqueeze(0)
                 result = self.policy.forward(self.model, step_ids.unsqueeze(0), None, cache=cache,
                                              use_cache=True, position_ids=positions)
                 self.executed = self.executed.add(account(result.masks, None, self.units))
@@ -202,7 +207,7 @@ class Evaluator:
             out.append(token)
             if token in stop:
                 break
-            step_ids = torch.tensor([token])
+            step_ids = torch.tensor([token], device=self.device)
             seq = torch.cat([seq, step_ids])
         return out
 
@@ -212,7 +217,7 @@ class Evaluator:
         from ..decoding import masked_greedy_decode
         from ..units import UnitMasks
 
-        label = torch.tensor(dense)
+        label = torch.tensor(dense, device=self.device)
         masks = self.policy.schedule(self.model, prompt, label)  # [T, L, *]
         out = masked_greedy_decode(self.model, [prompt], UnitMasks.stack([masks]), label.numel(), stop,
                                    self.pad_id)[0]

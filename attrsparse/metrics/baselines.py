@@ -34,9 +34,10 @@ class RandomScores(Metric):
     kind = "baseline"
 
     def from_trace(self, trace, head_reduction="sum"):
-        gen = torch.Generator().manual_seed(0)
-        return UnitScores(torch.rand(trace.mlp_x.shape, generator=gen),
-                          torch.rand(trace.head_x.shape[:-1], generator=gen))
+        gen = torch.Generator().manual_seed(0)  # on the CPU: the same draws on every device
+        device = trace.mlp_x.device
+        return UnitScores(torch.rand(trace.mlp_x.shape, generator=gen, device="cpu").to(device),
+                          torch.rand(trace.head_x.shape[:-1], generator=gen, device="cpu").to(device))
 
     def make_policy(self, ratio, seed: int = 0, **_):
         return RandomStaticPolicy(ratio, seed)
@@ -78,8 +79,8 @@ class RandomStaticPolicy(StaticPolicy):
     def prepare(self, model, calibration=None) -> None:
         units = unit_map(model)
         gen = torch.Generator().manual_seed(self.seed)
-        scores = UnitScores(torch.rand(units.num_layers, units.mlp_size, generator=gen),
-                            torch.rand(units.num_layers, units.num_heads, generator=gen))
+        scores = UnitScores(torch.rand(units.num_layers, units.mlp_size, generator=gen, device="cpu"),
+                            torch.rand(units.num_layers, units.num_heads, generator=gen, device="cpu"))
         masks = select(scores, self.ratio)
         device = next(model.parameters()).device
         self.masks = UnitMasks(masks.mlp.to(device), masks.heads.to(device))

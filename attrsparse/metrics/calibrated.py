@@ -37,7 +37,7 @@ from ..hooks import UnitHooks
 from ..io import stable_hash
 from ..policies.base import OnlinePolicy
 from ..selection import keep_count
-from ..trace import teacher_forced_ids
+from ..trace import teacher_forced_ids, to_ids
 from ..units import UnitMasks, UnitScores
 from .base import Metric
 
@@ -95,7 +95,7 @@ def resolve_calibration(model: nn.Module, context: dict) -> list[torch.Tensor] |
 
 
 def calibration_hash(sequences: list[torch.Tensor]) -> str:
-    return stable_hash([torch.as_tensor(s).reshape(-1).tolist() for s in sequences])
+    return stable_hash([to_ids(s).tolist() for s in sequences])
 
 
 # -- exact thresholds ---------------------------------------------------------------------------
@@ -113,12 +113,12 @@ def exact_thresholds(batches: Callable[[], Iterable[list[torch.Tensor]]],
     ``batches()`` yields, per calibration batch, a list of S tensors of non-negative values (one
     per stream, e.g. per layer); it is called twice. ``tau[s]`` is the (k+1)-th largest value of
     stream s (``k = keep_count(ratio, M_s)``), so ``values > tau`` keeps k of the M_s values when
-    nothing ties at tau; ``-inf`` when k = M_s (keep everything).
+    nothing ties at tau; ``-inf`` when k = M_s (keep everything). The counting runs on the CPU.
     """
     counts = None
     for streams in batches():
         if counts is None:
-            counts = torch.zeros(len(streams), _BINS, dtype=torch.long)
+            counts = torch.zeros(len(streams), _BINS, dtype=torch.long, device="cpu")
         for s, values in enumerate(streams):
             counts[s] += torch.bincount(_bins(values), minlength=_BINS)
     if counts is None:
@@ -127,7 +127,7 @@ def exact_thresholds(batches: Callable[[], Iterable[list[torch.Tensor]]],
     at_or_above = counts.flip(-1).cumsum(-1).flip(-1)  # [S, BINS]: values in bins >= b
     plans = {}
     for ratio in ratios:
-        rank = torch.tensor([keep_count(ratio, int(m)) + 1 for m in totals])  # (k+1)-th largest
+        rank = torch.tensor([keep_count(ratio, int(m)) + 1 for m in totals], device="cpu")  # (k+1)-th largest
         bin_of = (at_or_above >= rank[:, None]).sum(-1) - 1  # [S]; -1: k = M, keep all
         above = torch.where(bin_of + 1 < _BINS,
                             at_or_above.gather(1, (bin_of + 1).clamp(0, _BINS - 1)[:, None])[:, 0], 0)
@@ -143,7 +143,7 @@ def exact_thresholds(batches: Callable[[], Iterable[list[torch.Tensor]]],
     out = {}
     for ratio in ratios:
         bin_of, within = plans[ratio]
-        tau = torch.full((len(totals),), float("-inf"))
+        tau = torch.full((len(totals),), float("-inf"), device="cpu")
         for s in range(len(totals)):
             b = int(bin_of[s])
             if b >= 0 and sum(v.numel() for v in found[s][b]):
@@ -220,7 +220,7 @@ class ThresholdSelector(Metric):
 
             def batches():
                 for seq in sequences:
-                    yield self._streams(self.values(model, torch.as_tensor(seq).view(1, -1).to(device)))
+                    yield self._streams(self.values(model, to_ids(seq, device).view(1, -1)))
 
             for r, tau in exact_thresholds(batches, missing).items():
                 _THRESHOLDS[base + (round(r, 6),)] = tau

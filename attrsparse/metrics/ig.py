@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from ..architectures import unit_map
-from ..trace import forward_units, record_dense_kv
+from ..architectures import model_device, unit_map
+from ..trace import forward_units, record_dense_kv, to_ids
 from ..units import UnitScores
 from .base import Metric, head_sum, register_metric
 
 DEFAULT_STEPS = 20
 
 
-def alphas(n_steps: int) -> torch.Tensor:
-    return torch.arange(1, n_steps + 1, dtype=torch.float32) / n_steps
+def alphas(n_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The Riemann points ``[m]``: 1/m, 2/m, ..., 1."""
+    return torch.arange(1, n_steps + 1, dtype=torch.float32, device=device) / n_steps
 
 
 def _grad_sums(model, prompt_ids, target_ids, recorder, layers, kind, n_steps, chunk):
@@ -41,7 +42,7 @@ def _grad_sums(model, prompt_ids, target_ids, recorder, layers, kind, n_steps, c
     """
     units = unit_map(model)
     sums = {l: 0.0 for l in layers}
-    all_alpha = alphas(n_steps)
+    all_alpha = alphas(n_steps, model_device(model))
     for start in range(0, n_steps, chunk):
         a = all_alpha[start:start + chunk]
         scale = a.view(-1, 1, 1)
@@ -67,13 +68,13 @@ def integrated_gradients(model, prompt_ids, target_ids, trace, *, n_steps: int =
                          chunk: int = 10) -> UnitScores:
     """IG importance ``mlp [T, L, N]``, ``heads [T, L, H]`` (see module docstring)."""
     units = unit_map(model)
-    p = torch.as_tensor(prompt_ids).numel()
+    p = to_ids(prompt_ids).numel()
     t = trace.mlp_x.shape[0]
     sl = slice(p - 1, p - 1 + t)
     recorder = record_dense_kv(model, prompt_ids, target_ids)
     layer_groups = [list(range(units.num_layers))] if all_layers else [[l] for l in range(units.num_layers)]
     mlp = torch.zeros_like(trace.mlp_x)
-    heads = torch.zeros(*trace.head_x.shape[:-1])
+    heads = torch.zeros(*trace.head_x.shape[:-1], device=trace.head_x.device)
     for group in layer_groups:
         for kind in ("mlp", "heads"):
             sums = _grad_sums(model, prompt_ids, target_ids, recorder, group, kind, n_steps, chunk)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..trace import GradientTrace, position_multipliers, trace_gradients
+from ..trace import GradientTrace, position_multipliers, to_ids, trace_gradients
 from ..units import UnitMasks, UnitScores
 from .base import Metric, get_metric, register_metric
 
@@ -27,7 +27,7 @@ def _rank_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Keep the top ``k[...]`` entries of each row of ``scores [..., C]`` (k broadcast, >= 1)."""
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
     return ranks < k.unsqueeze(-1)
 
 
@@ -35,7 +35,7 @@ def budget_masks(scores: UnitScores, ratio: float, units, head_power: float) -> 
     """Masks ``[T, L', *]`` for the layers in ``scores`` at parameter-weighted ``ratio``."""
     heads_total = units.num_heads
     head_keep = max(1, min(heads_total, round(heads_total * ratio ** head_power)))
-    heads = _rank_mask(scores.heads, torch.full(scores.heads.shape[:-1], head_keep))
+    heads = _rank_mask(scores.heads, torch.full(scores.heads.shape[:-1], head_keep, device=scores.heads.device))
     groups = heads.reshape(*heads.shape[:-1], units.num_kv_heads, units.group_size).any(-1)
     attn = heads.sum(-1) * units.head_params + groups.sum(-1) * units.kv_group_params + units.attn_fixed_params
     layer_params = units.attn_params_per_layer + units.mlp_params_per_layer
@@ -65,11 +65,12 @@ class ProgressiveSelector(Metric):
                        **_) -> list[UnitMasks]:
         metric = get_metric(self.base_metric)
         layers = units.num_layers
-        blocks = [list(b) for b in torch.arange(layers).tensor_split(min(self.groups, layers)) if len(b)]
-        t = trace.mlp_x.shape[0]
-        mlp = torch.ones(len(ratios), t, layers, units.mlp_size, dtype=torch.bool)
-        heads = torch.ones(len(ratios), t, layers, units.num_heads, dtype=torch.bool)
-        prompt_len = torch.as_tensor(prompt_ids).numel()
+        blocks = [b.tolist() for b in torch.arange(layers, device="cpu").tensor_split(min(self.groups, layers))
+                  if len(b)]
+        t, device = trace.mlp_x.shape[0], trace.mlp_x.device
+        mlp = torch.ones(len(ratios), t, layers, units.mlp_size, dtype=torch.bool, device=device)
+        heads = torch.ones(len(ratios), t, layers, units.num_heads, dtype=torch.bool, device=device)
+        prompt_len = to_ids(prompt_ids).numel()
         current = trace
         for g, block in enumerate(blocks):
             if g > 0:

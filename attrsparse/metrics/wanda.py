@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..hooks import UnitHooks
 from ..policies.base import StaticPolicy
 from ..selection import select
+from ..trace import to_ids
 from ..units import UnitScores
 from .base import Metric, register_metric
 from .calibrated import calibration_hash, model_key, note_once, resolve_calibration
@@ -43,11 +44,11 @@ def input_norms(model: nn.Module, sequences: list[torch.Tensor]) -> tuple[torch.
         return _NORMS[key]
     units = unit_map(model)
     device = next(model.parameters()).device
-    mlp = torch.zeros(units.num_layers, units.mlp_size, dtype=torch.float64)
-    heads = torch.zeros(units.num_layers, units.num_heads, units.head_dim, dtype=torch.float64)
+    mlp = torch.zeros(units.num_layers, units.mlp_size, dtype=torch.float64, device="cpu")  # sums on the host
+    heads = torch.zeros(units.num_layers, units.num_heads, units.head_dim, dtype=torch.float64, device="cpu")
     with torch.no_grad(), UnitHooks(model, capture=True) as hooks:
         for seq in sequences:
-            model(input_ids=torch.as_tensor(seq).view(1, -1).to(device), use_cache=False)
+            model(input_ids=to_ids(seq, device).view(1, -1), use_cache=False)
             for l in range(units.num_layers):
                 mlp[l] += hooks.mlp_inputs[l].double().pow(2).sum((0, 1)).cpu()
                 heads[l] += hooks.head_inputs[l].double().pow(2).sum((0, 1)).cpu()

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..architectures import unit_map
+from ..architectures import model_device, unit_map
 from ..errors import UserError, check_ratio
 from ..hooks import UnitHooks
 from ..units import ExecutedRatio, UnitMasks, executed_ratio
@@ -94,13 +94,16 @@ def with_decision_cost(executed: dict, units, prepaid: tuple[int, int, bool] | N
 
 def model_logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  **model_kwargs) -> torch.Tensor:
-    """Plain forward (no cache unless ``model_kwargs`` give one): ``[B, S, V]`` float32."""
+    """Plain forward (no cache unless ``model_kwargs`` give one): ``[B, S, V]`` float32, on the
+    model's device (where ``ids`` and ``attention_mask`` are moved)."""
     model_kwargs.setdefault("use_cache", False)
-    return model(input_ids=ids, attention_mask=attention_mask, **model_kwargs).logits.float()
+    device = model_device(model)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    return model(input_ids=ids.to(device), attention_mask=attention_mask, **model_kwargs).logits.float()
 
 
 def _dense_masks(model: nn.Module, batch: int, seq: int) -> UnitMasks:
-    return UnitMasks.dense(unit_map(model), batch, seq)
+    return UnitMasks.dense(unit_map(model), batch, seq, device=model_device(model))
 
 
 class DensePolicy(SparsityPolicy):

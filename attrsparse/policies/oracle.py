@@ -60,8 +60,9 @@ class OraclePolicy(SparsityPolicy):
     def forward(self, model, ids, attention_mask=None):
         units = unit_map(model)
         b, s = ids.shape
-        keep = torch.ones(b, s, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        masks = UnitMasks.dense(units, b, s)
+        keep = torch.ones(b, s, dtype=torch.bool, device=ids.device) if attention_mask is None \
+            else attention_mask.bool()
+        masks = UnitMasks.dense(units, b, s, device=ids.device)
         for row in range(b):
             chosen = self.row_masks(model, ids[row][keep[row]])
             masks.mlp[row][keep[row]] = chosen.mlp
