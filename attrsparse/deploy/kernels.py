@@ -48,6 +48,7 @@ _SOURCE = r"""
 typedef uint16_t bf16;
 static inline float bf2f(bf16 v) { union { uint32_t u; float f; } c; c.u = (uint32_t)v << 16; return c.f; }
 static inline float id_f32(float v) { return v; }
+#define PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
 
 /* activations: 0 silu, 1 gelu (tanh approximation), 2 gelu (erf), 3 relu */
 static inline float act(float v, int kind) {
@@ -68,13 +69,17 @@ static inline float dot1_##NAME(const T* restrict w, const float* restrict x, in
     for (int t = 0; t < 16; t++) s += acc[t];                                                   \
     return s;                                                                                   \
 }                                                                                               \
+/* the same over four rows; the next four rows (f0..f3) are prefetched a cache line per step */  \
 static inline void dot4_##NAME(const T* restrict w0, const T* restrict w1, const T* restrict w2, \
-                               const T* restrict w3, const float* restrict x, int64_t n, float* r) { \
+                               const T* restrict w3, const float* restrict x, int64_t n, float* r, \
+                               const T* f0, const T* f1, const T* f2, const T* f3) {            \
     float a0[16] = {0}, a1[16] = {0}, a2[16] = {0}, a3[16] = {0}; int64_t j = 0;              \
-    for (; j + 16 <= n; j += 16) for (int t = 0; t < 16; t++) {                                 \
-        float xv = x[j + t];                                                                    \
-        a0[t] += LOAD(w0[j + t]) * xv; a1[t] += LOAD(w1[j + t]) * xv;                           \
-        a2[t] += LOAD(w2[j + t]) * xv; a3[t] += LOAD(w3[j + t]) * xv; }                         \
+    for (; j + 16 <= n; j += 16) {                                                              \
+        PREFETCH(f0 + j); PREFETCH(f1 + j); PREFETCH(f2 + j); PREFETCH(f3 + j);                 \
+        for (int t = 0; t < 16; t++) {                                                          \
+            float xv = x[j + t];                                                                \
+            a0[t] += LOAD(w0[j + t]) * xv; a1[t] += LOAD(w1[j + t]) * xv;                       \
+            a2[t] += LOAD(w2[j + t]) * xv; a3[t] += LOAD(w3[j + t]) * xv; } }                   \
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                       \
     for (; j < n; j++) { float xv = x[j]; s0 += LOAD(w0[j]) * xv; s1 += LOAD(w1[j]) * xv;       \
                          s2 += LOAD(w2[j]) * xv; s3 += LOAD(w3[j]) * xv; }                      \
@@ -89,8 +94,9 @@ void gather_rows_##NAME(const T* W, int64_t D, const int64_t* idx, int64_t k,   
         const float* x = X + m * D; float* o = out + m * k;                                     \
         _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")                 \
         for (int64_t q = 0; q < k4; q++) {                                                      \
-            int64_t r = 4 * q; float res[4];                                                    \
-            dot4_##NAME(W + idx[r] * D, W + idx[r + 1] * D, W + idx[r + 2] * D, W + idx[r + 3] * D, x, D, res); \
+            int64_t r = 4 * q, n = q + 1 < k4 ? r + 4 : r; float res[4];                        \
+            dot4_##NAME(W + idx[r] * D, W + idx[r + 1] * D, W + idx[r + 2] * D, W + idx[r + 3] * D, x, D, res, \
+                        W + idx[n] * D, W + idx[n + 1] * D, W + idx[n + 2] * D, W + idx[n + 3] * D); \
             o[r] = res[0]; o[r + 1] = res[1]; o[r + 2] = res[2]; o[r + 3] = res[3];             \
         }                                                                                       \
         for (int64_t r = 4 * k4; r < k; r++) o[r] = dot1_##NAME(W + idx[r] * D, x, D);           \
@@ -144,8 +150,10 @@ static void matvec_f32(const float* W, const float* b, int64_t R, int64_t D, con
                        float* out, int relu, int nt) {
     int64_t R4 = R / 4;
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
-    for (int64_t q = 0; q < R4; q++)
-        dot4_f32(W + 4 * q * D, W + (4 * q + 1) * D, W + (4 * q + 2) * D, W + (4 * q + 3) * D, x, D, out + 4 * q);
+    for (int64_t q = 0; q < R4; q++) {  /* rows are consecutive: prefetch the next four */
+        const float* w = W + 4 * q * D; const float* f = q + 1 < R4 ? w + 4 * D : w;
+        dot4_f32(w, w + D, w + 2 * D, w + 3 * D, x, D, out + 4 * q, f, f + D, f + 2 * D, f + 3 * D);
+    }
     for (int64_t r = 4 * R4; r < R; r++) out[r] = dot1_f32(W + r * D, x, D);
     for (int64_t r = 0; r < R; r++) {
         float v = out[r] + (b ? b[r] : 0.0f);
