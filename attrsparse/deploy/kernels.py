@@ -149,6 +149,7 @@ DEFINE(bf16, bf16, bf2f)
 static void matvec_f32(const float* W, const float* b, int64_t R, int64_t D, const float* x,
                        float* out, int relu, int nt) {
     int64_t R4 = R / 4;
+    if (R * D < (1 << 17)) nt = 1;  /* a predictor's small products: waking threads costs more */
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
     for (int64_t q = 0; q < R4; q++) {  /* rows are consecutive: prefetch the next four */
         const float* w = W + 4 * q * D; const float* f = q + 1 < R4 ? w + 4 * D : w;

@@ -150,6 +150,8 @@ class SparseRuntime:
         self._computed = 0
         self._real = self._generated = None
         self._keeps = {"mlp": [None] * self.units.num_layers, "heads": [None] * self.units.num_layers}
+        self._keep_buffers: dict[str, torch.Tensor] = {}  # one-token plans' keep-masks [L, K]
+        self._planned = 0  # groups of this call that ran on their plan
 
     # -- installation --------------------------------------------------------------------------
     def _swap(self, layer: nn.Module, path: str, new_fn) -> nn.Module:
@@ -198,8 +200,8 @@ class SparseRuntime:
         weight = next(self.model.parameters())
         if not (self.backend.fused and weight.dtype in _SUFFIX and weight.device.type == "cpu"):
             return
-        keep = {"mlp": torch.zeros(u.num_layers, u.mlp_size, dtype=torch.bool),
-                "heads": torch.zeros(u.num_layers, u.num_heads, dtype=torch.bool)}
+        keep = self._keep_buffers = {"mlp": torch.zeros(u.num_layers, u.mlp_size, dtype=torch.bool),
+                                     "heads": torch.zeros(u.num_layers, u.num_heads, dtype=torch.bool)}
         with_mlp = all(m is not None and m.code is not None for m in mlps)
         natives = [(self.chooser.native("mlp", l), self.chooser.native("heads", l)) for l in range(u.num_layers)]
         native = with_mlp and all(a is not None and b is not None for a, b in natives)
@@ -262,6 +264,7 @@ class SparseRuntime:
         self._real, self._generated = real.bool(), generated.bool()
         self._keeps = {"mlp": [None] * self.units.num_layers, "heads": [None] * self.units.num_layers}
         self._computed = 0
+        self._planned = 0
         for mlp, heads in self.groups:
             mlp.choice.clear()
             heads.choice.clear()
@@ -283,6 +286,7 @@ class SparseRuntime:
             fn = self.chooser.choose_mlp if group.kind == "mlp" else self.chooser.choose_heads
             group.keep_row.copy_(fn(group.layer, hidden).reshape(1, -1))
         self._keeps[group.kind][group.layer] = group.keep_row
+        self._planned += 1
 
     def limit(self, group: UnitGroup) -> int:
         """Most units a gathered call may keep; above it the call runs dense (break-even)."""
@@ -310,6 +314,16 @@ class SparseRuntime:
     def end(self) -> None:
         """After the forward call: keep its masks and computed parameters for the accounting."""
         b, q = self._real.shape
+        if b * q == 1 and self._planned == 2 * self.units.num_layers:  # the keep buffers hold the masks
+            if bool(self._real):
+                generated = bool(self._generated)
+                masks = UnitMasks(self._keep_buffers["mlp"].unsqueeze(0).clone(),
+                                  self._keep_buffers["heads"].unsqueeze(0).clone())
+                (self._gen_masks if generated else self._prompt_masks).append(masks)
+                if generated:
+                    self._computed_sum += self._computed
+                    self._computed_tokens += 1
+            return
         gen = self._real & self._generated
         prompt = self._real & ~self._generated
         mlp = torch.stack([k.reshape(b, q, -1) for k in self._keeps["mlp"]], dim=2)
