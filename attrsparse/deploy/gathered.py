@@ -101,9 +101,15 @@ class UnitGroup:
 
 
 def _flat32(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., D]`` -> contiguous fp32 ``[numel]`` (no copy when it already is)."""
-    x = x.reshape(-1)
-    return x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    """``x`` itself when contiguous fp32, else a contiguous fp32 copy (the plans read its data)."""
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+
+
+def _shaped(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A one-token fp32 output ``[F]`` in ``x``'s leading shape and dtype: ``[..., F]``."""
+    if x.dtype != torch.float32:
+        out = out.to(x.dtype)
+    return out.view_as(x) if out.numel() == x.numel() else out.view(*x.shape[:-1], -1)
 
 
 class GatheredIn(nn.Module):
@@ -175,9 +181,10 @@ class GatheredIn(nn.Module):
             return self.original(x)
         choice.fast = True
         runtime.count(group, kept)
+        if len(self.blocks) == 1:
+            return _shaped(q, x)
         q = q.view(1, -1) if x.dtype == torch.float32 else q.to(x.dtype).view(1, -1)
-        out = torch.cat([q] + self._rest(x.reshape(1, -1)), dim=-1) if len(self.blocks) > 1 else q
-        return out.view(*x.shape[:-1], -1)
+        return torch.cat([q] + self._rest(x.reshape(1, -1)), dim=-1).view(*x.shape[:-1], -1)
 
 
 class GatheredOut(nn.Module):
@@ -203,8 +210,7 @@ class GatheredOut(nn.Module):
             mask = keep.repeat_interleave(group.width, dim=-1) if group.width > 1 else keep
             out = self.original(x * mask.reshape(*lead, -1).to(x.dtype))
         elif choice.fast:  # the one-token plan chose in GatheredIn
-            out = group.plan.head_cols(_flat32(x))
-            out = (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*lead, -1)
+            out = _shaped(group.plan.head_cols(_flat32(x)), x)
         else:
             flat = x.reshape(-1, x.shape[-1])
             features = choice.features
@@ -279,7 +285,7 @@ class GatheredMLP(nn.Module):
             k, out = plan.mlp(_flat32(x))
             if k >= 0:
                 runtime.count(group, k)
-                return out.view(x.shape) if x.dtype == torch.float32 else out.to(x.dtype).view(x.shape)
+                return _shaped(out, x)
             runtime.count(group, group.count)
             return self._dense(x, group.keep_row)
         runtime.choose(group, x)
