@@ -145,53 +145,55 @@ DEFINE(bf16, bf16, bf2f)
 
 /* ---- one-token plans: choose a layer's units and run its gathered projections in one call ---- */
 
-/* out[r] = W[r] . x + b[r] (ReLU'd if relu) for r < R: W [R, D] fp32 row-major; NaN -> -inf */
-static void matvec_f32(const float* W, const float* b, int64_t R, int64_t D, const float* x,
-                       float* out, int relu, int nt) {
+/* out[r] = relu(W[r] . x + b[r]) for r < R: W [R, D] fp32 row-major */
+static void matvec_relu(const float* W, const float* b, int64_t R, int64_t D, const float* x, float* out) {
     int64_t R4 = R / 4;
-    if (R * D < (1 << 17)) nt = 1;  /* a predictor's small products: waking threads costs more */
-    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
     for (int64_t q = 0; q < R4; q++) {  /* rows are consecutive: prefetch the next four */
         const float* w = W + 4 * q * D; const float* f = q + 1 < R4 ? w + 4 * D : w;
         dot4_f32(w, w + D, w + 2 * D, w + 3 * D, x, D, out + 4 * q, f, f + D, f + 2 * D, f + 3 * D);
     }
     for (int64_t r = 4 * R4; r < R; r++) out[r] = dot1_f32(W + r * D, x, D);
-    for (int64_t r = 0; r < R; r++) {
-        float v = out[r] + (b ? b[r] : 0.0f);
-        out[r] = relu ? (v > 0.0f ? v : 0.0f) : (v == v ? v : -INFINITY);
-    }
+    for (int64_t r = 0; r < R; r++) { float v = out[r] + (b ? b[r] : 0.0f); out[r] = v > 0.0f ? v : 0.0f; }
 }
 
-/* a ranks before b: higher value, ties to the lower index (a stable descending sort) */
-static inline int before(const float* v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
-
-/* keep[i] = 1 for the k entries of v [K] that rank first (quickselect); order: scratch [K] */
-void select_top_k(const float* v, int64_t K, int64_t k, int32_t* order, uint8_t* keep) {
-    for (int64_t i = 0; i < K; i++) { order[i] = (int32_t)i; keep[i] = k >= K; }
-    if (k <= 0 || k >= K) return;
+/* The k-th largest entry of v [K] (1 <= k <= K), by quickselect on a copy s [K]. */
+static float kth_largest(const float* v, int64_t K, int64_t k, float* s) {
+    for (int64_t i = 0; i < K; i++) s[i] = v[i];
     int64_t lo = 0, hi = K - 1, want = k - 1;
-    while (lo < hi) {  /* Hoare partition around the middle entry; the order is total */
-        int32_t p = order[lo + (hi - lo) / 2];
+    while (lo < hi) {  /* Hoare partition (descending) around the middle entry */
+        float p = s[lo + (hi - lo) / 2];
         int64_t i = lo, j = hi;
         while (i <= j) {
-            while (before(v, order[i], p)) i++;
-            while (before(v, p, order[j])) j--;
-            if (i <= j) { int32_t t = order[i]; order[i] = order[j]; order[j] = t; i++; j--; }
+            while (s[i] > p) i++;
+            while (s[j] < p) j--;
+            if (i <= j) { float t = s[i]; s[i] = s[j]; s[j] = t; i++; j--; }
         }
         if (want <= j) hi = j; else if (want >= i) lo = i; else break;
     }
-    for (int64_t i = 0; i < k; i++) keep[order[i]] = 1;
+    return s[want];
+}
+
+/* keep[i] = 1 for the k entries of v [K] ranked first by value, ties to the lower index (a stable
+   descending sort): all above the k-th largest, then the first of those equal to it. s: scratch [K].
+   v holds no NaN. */
+void select_top_k(const float* v, int64_t K, int64_t k, float* s, uint8_t* keep) {
+    if (k <= 0 || k >= K) { for (int64_t i = 0; i < K; i++) keep[i] = k >= K; return; }
+    float t = kth_largest(v, K, k, s);
+    int64_t ties = k;
+    for (int64_t i = 0; i < K; i++) ties -= v[i] > t;
+    for (int64_t i = 0; i < K; i++) keep[i] = v[i] > t || (v[i] == t && ties-- > 0);
 }
 
 /* One layer's units of one kind (MLP units or heads) for one token row. Every field is 8 bytes
    (ctypes mirror: attrsparse.deploy.kernels.Plan). */
 typedef struct {
-    const float *w1, *b1, *w2, *b2;   /* predictor: logits = w2 relu(w1 x + b1) + b2; w1 [rank, D], w2 [K, rank] */
+    const float *w1, *b1, *w2t, *b2;  /* predictor: logits = w2t' relu(w1 x + b1) + b2; w1 [rank, D], w2t [rank, K] */
     int64_t rank;                      /* 0: the keep-mask is given in keep (static masks, or set by the caller) */
     const int64_t* budget;             /* units kept: budget[0], or budget[nh * (G + 1) + ng] when heads != NULL */
     const uint8_t* heads;              /* the layer's head keep-mask [G * S] sizing an MLP budget, or NULL */
     int64_t G, S;                      /* key/value groups, query heads per group */
-    float *hid, *logits; int32_t* order;  /* scratch [rank], [K], [K] */
+    float *hid, *logits, *sel;         /* scratch [rank], [K], [K] */
+    int64_t* hidx; float* hval;        /* scratch [rank]: the predictor's nonzero hidden units */
     uint8_t* keep;                     /* [K] the keep-mask (written when chosen) */
     int64_t K, width, limit;           /* units, features per unit, most units a gathered call keeps */
     const void *w_in, *w_up, *w_out;   /* [K * width, D] rows (gate/fc1/query); up [K, D] or NULL; [K * width, Do] */
@@ -203,8 +205,14 @@ typedef struct {
 /* Choose the units (when the plan has a predictor) and list their features in idx: units kept. */
 static int64_t plan_choose(Plan* p, const float* x, int nt) {
     if (p->rank > 0) {
-        matvec_f32(p->w1, p->b1, p->rank, p->D, x, p->hid, 1, nt);
-        matvec_f32(p->w2, p->b2, p->K, p->rank, p->hid, p->logits, 0, nt);
+        matvec_relu(p->w1, p->b1, p->rank, p->D, x, p->hid);  /* small products: one thread */
+        int64_t n = 0;  /* logits: rows of w2t of the nonzero hidden units only */
+        for (int64_t i = 0; i < p->rank; i++) if (p->hid[i] != 0.0f) { p->hidx[n] = i; p->hval[n++] = p->hid[i]; }
+        gather_cols_f32(p->w2t, p->K, p->hidx, n, p->hval, 1, p->logits, 1);
+        for (int64_t j = 0; j < p->K; j++) {
+            float v = p->logits[j] + (p->b2 ? p->b2[j] : 0.0f);
+            p->logits[j] = v == v ? v : -INFINITY;
+        }
         int64_t k = p->budget[0];
         if (p->heads) {
             int64_t nh = 0, ng = 0;
@@ -215,7 +223,7 @@ static int64_t plan_choose(Plan* p, const float* x, int nt) {
             }
             k = p->budget[nh * (p->G + 1) + ng];
         }
-        select_top_k(p->logits, p->K, k, p->order, p->keep);
+        select_top_k(p->logits, p->K, k, p->sel, p->keep);
     }
     int64_t n = 0, w = p->width;
     for (int64_t i = 0; i < p->K; i++) if (p->keep[i]) for (int64_t t = 0; t < w; t++) p->idx[n++] = i * w + t;
@@ -310,8 +318,8 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 class Plan(ctypes.Structure):
     """ctypes mirror of the C ``Plan`` (every field 8 bytes; see :data:`_SOURCE`)."""
 
-    _fields_ = ([(n, _P) for n in ("w1", "b1", "w2", "b2")] + [("rank", _I64), ("budget", _P), ("heads", _P)]
-                + [(n, _I64) for n in ("G", "S")] + [(n, _P) for n in ("hid", "logits", "order", "keep")]
+    _fields_ = ([(n, _P) for n in ("w1", "b1", "w2t", "b2")] + [("rank", _I64), ("budget", _P), ("heads", _P)]
+                + [(n, _I64) for n in ("G", "S")] + [(n, _P) for n in ("hid", "logits", "sel", "hidx", "hval", "keep")]
                 + [(n, _I64) for n in ("K", "width", "limit")]
                 + [(n, _P) for n in ("w_in", "w_up", "w_out", "b_in", "b_up", "b_out")]
                 + [(n, _I64) for n in ("D", "Do", "act")] + [(n, _P) for n in ("idx", "g", "u")])
@@ -338,11 +346,14 @@ class OneTokenPlan:
         self.idx, self.g, self.u = torch.empty(scratch, dtype=torch.long), torch.empty(scratch), torch.empty(scratch)
         w1, b1, w2, b2 = predictor if predictor is not None else (None,) * 4
         rank = 0 if w1 is None else w1.shape[0]
-        self.hid, self.logits, self.order = torch.empty(rank), torch.empty(K), torch.empty(K, dtype=torch.int32)
-        self._alive = (w_in, w_out, w_up, b_in, b_up, b_out, w1, b1, w2, b2, budget, heads)
-        self.c = Plan(w1=_ptr(w1), b1=_ptr(b1), w2=_ptr(w2), b2=_ptr(b2), rank=rank, budget=_ptr(budget),
+        w2t = None if w2 is None else w2.t().contiguous()  # [r, K]: logits accumulate rows of it
+        self.hid, self.logits, self.sel = torch.empty(rank), torch.empty(K), torch.empty(K)
+        self.hidx, self.hval = torch.empty(rank, dtype=torch.long), torch.empty(rank)
+        self._alive = (w_in, w_out, w_up, b_in, b_up, b_out, w1, b1, w2t, b2, budget, heads)
+        self.c = Plan(w1=_ptr(w1), b1=_ptr(b1), w2t=_ptr(w2t), b2=_ptr(b2), rank=rank, budget=_ptr(budget),
                       heads=_ptr(heads), G=groups, S=(heads.numel() // groups if heads is not None else 1),
-                      hid=_ptr(self.hid), logits=_ptr(self.logits), order=_ptr(self.order), keep=_ptr(keep),
+                      hid=_ptr(self.hid), logits=_ptr(self.logits), sel=_ptr(self.sel), hidx=_ptr(self.hidx),
+                      hval=_ptr(self.hval), keep=_ptr(keep),
                       K=K, width=width, limit=limit, w_in=_ptr(w_in), w_up=_ptr(w_up), w_out=_ptr(w_out),
                       b_in=_ptr(b_in), b_up=_ptr(b_up), b_out=_ptr(b_out), D=self.D, Do=self.Do, act=act,
                       idx=_ptr(self.idx), g=_ptr(self.g), u=_ptr(self.u))
@@ -420,8 +431,8 @@ class CBackend:
         """Keep-mask ``[K]`` of the ``k`` largest of ``values [K]`` (fp32; ties -> lower index)."""
         v = values.float().contiguous()
         keep = torch.empty(v.numel(), dtype=torch.bool)
-        order = torch.empty(v.numel(), dtype=torch.int32)
-        self.lib.select_top_k(v.data_ptr(), v.numel(), k, order.data_ptr(), keep.data_ptr())
+        scratch = torch.empty(v.numel())
+        self.lib.select_top_k(v.data_ptr(), v.numel(), k, scratch.data_ptr(), keep.data_ptr())
         return keep
 
 
