@@ -18,7 +18,7 @@ One-token plans (:class:`OneTokenPlan`, built once per layer and group by the ru
 of pointers to the weights, scratch and keep buffer): one call chooses the units and runs the
 gathered projections. The choice is either the keep-mask already in the plan's buffer (static
 masks, or a Python chooser's) or a native low-rank predictor: ``logits = W2 relu(W1 x + b1) + b2``
-in C, then the top ``k`` by quickselect (ties to the lower index, as a stable descending sort),
+in C, then the top ``k`` by radix selection (ties to the lower index, as a stable descending sort),
 ``k`` from a budget table indexed by the heads kept in the layer (MLP units). Entry points: a whole
 MLP (kept gate/up or fc1 rows, the activation, kept down-projection columns), the kept heads' query
 rows, their output-projection columns. A call that keeps more than the plan's limit computes
@@ -156,32 +156,38 @@ static void matvec_relu(const float* W, const float* b, int64_t R, int64_t D, co
     for (int64_t r = 0; r < R; r++) { float v = out[r] + (b ? b[r] : 0.0f); out[r] = v > 0.0f ? v : 0.0f; }
 }
 
-/* The k-th largest entry of v [K] (1 <= k <= K), by quickselect on a copy s [K]. */
-static float kth_largest(const float* v, int64_t K, int64_t k, float* s) {
-    for (int64_t i = 0; i < K; i++) s[i] = v[i];
-    int64_t lo = 0, hi = K - 1, want = k - 1;
-    while (lo < hi) {  /* Hoare partition (descending) around the middle entry */
-        float p = s[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (s[i] > p) i++;
-            while (s[j] < p) j--;
-            if (i <= j) { float t = s[i]; s[i] = s[j]; s[j] = t; i++; j--; }
-        }
-        if (want <= j) hi = j; else if (want >= i) lo = i; else break;
-    }
-    return s[want];
+/* Order-preserving unsigned key of a float (-0.0 as 0.0): larger float, larger key. */
+static inline uint32_t fkey(float f) {
+    union { float f; uint32_t u; } c; c.f = f == 0.0f ? 0.0f : f;
+    return (c.u & 0x80000000u) ? ~c.u : (c.u | 0x80000000u);
 }
 
 /* keep[i] = 1 for the k entries of v [K] ranked first by value, ties to the lower index (a stable
-   descending sort): all above the k-th largest, then the first of those equal to it. s: scratch [K].
-   v holds no NaN. */
+   descending sort): all above the k-th largest, then the first of those equal to it. The k-th
+   largest key is found by radix selection (11 + 11 + 10 bits, branch-free histograms).
+   s: scratch [K] (keys). v holds no NaN. */
 void select_top_k(const float* v, int64_t K, int64_t k, float* s, uint8_t* keep) {
     if (k <= 0 || k >= K) { for (int64_t i = 0; i < K; i++) keep[i] = k >= K; return; }
-    float t = kth_largest(v, K, k, s);
-    int64_t ties = k;
-    for (int64_t i = 0; i < K; i++) ties -= v[i] > t;
-    for (int64_t i = 0; i < K; i++) keep[i] = v[i] > t || (v[i] == t && ties-- > 0);
+    uint32_t* key = (uint32_t*)s, prefix = 0, mask = 0;
+    int64_t rank = k;  /* rank of the wanted key among those matching prefix under mask */
+    static const int shift[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
+    for (int64_t i = 0; i < K; i++) key[i] = fkey(v[i]);
+    for (int p = 0; p < 3; p++) {
+        uint32_t hist[2048] = {0}, m = (1u << bits[p]) - 1;
+        for (int64_t i = 0; i < K; i++)
+            hist[(key[i] >> shift[p]) & m] += (key[i] & mask) == prefix;
+        int64_t b = m;
+        while (hist[b] < rank) rank -= hist[b--];
+        prefix |= (uint32_t)b << shift[p];
+        mask |= m << shift[p];
+    }
+    int64_t ties = k;  /* prefix is now the k-th largest key */
+    for (int64_t i = 0; i < K; i++) ties -= key[i] > prefix;
+    for (int64_t i = 0; i < K; i++) {
+        int take = (key[i] > prefix) | ((key[i] == prefix) & (ties > 0));
+        ties -= (key[i] == prefix) & take;
+        keep[i] = (uint8_t)take;
+    }
 }
 
 /* One layer's units of one kind (MLP units or heads) for one token row. Every field is 8 bytes
@@ -226,6 +232,10 @@ static int64_t plan_choose(Plan* p, const float* x, int nt) {
         select_top_k(p->logits, p->K, k, p->sel, p->keep);
     }
     int64_t n = 0, w = p->width;
+    if (w == 1) {  /* branch-free: the kept set is unpredictable */
+        for (int64_t i = 0; i < p->K; i++) { p->idx[n] = i; n += p->keep[i] != 0; }
+        return n;
+    }
     for (int64_t i = 0; i < p->K; i++) if (p->keep[i]) for (int64_t t = 0; t < w; t++) p->idx[n++] = i * w + t;
     return n / w;
 }
