@@ -9,7 +9,8 @@ Batch 1, greedy decoding with a KV cache of exactly ``--new-tokens`` tokens afte
 * ``runtime_static``: the gathered runtime (per-token chooser, C kernels) fed the same static masks
   (decisions cost nothing: the kernels' own efficiency);
 * ``runtime_predictor``: the gathered runtime with a predictor (``--predictor PATH``, else an
-  untrained predictor of the default size: same cost, meaningless masks).
+  untrained predictor of the default size: same cost, meaningless masks), chosen inside the C
+  kernel calls for one-token steps.
 
 Multiply-adds per generated token (what the ideal counts): the attention and MLP weights really
 multiplied (the runtime computes keys/values of every key/value head, so its cache stays complete,
@@ -23,7 +24,8 @@ machine hit all of them alike; prefill excluded (tokens/s over the decode steps)
 
 Usage::
 
-    python benchmarks/bench_kernels.py --threads 1,2 --out docs/results/bench_kernels.json
+    python benchmarks/bench_kernels.py --threads 1 --repeats 9 --predictor runs/predictor \
+        --out docs/results/bench_kernels.json
 """
 
 from __future__ import annotations
