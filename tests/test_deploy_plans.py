@@ -26,9 +26,12 @@ needs_c = pytest.mark.skipif(not isinstance(C, CBackend), reason="C kernels unav
 @needs_c
 @pytest.mark.parametrize("K", [1, 9, 48, 1536])
 def test_select_top_k_is_the_stable_descending_rank(K):
-    """Ties (integer-valued scores from a small range) go to the lower index, as ``unit_ranks``."""
+    """Ties (integer-valued scores from a small range, signed zeros) go to the lower index, as
+    ``unit_ranks``; infinities rank at their ends."""
     gen = torch.Generator().manual_seed(K)
-    for scores in (torch.randint(-3, 4, (K,), generator=gen).float(), torch.randn(K, generator=gen)):
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), -1.0, 1.0])  # -0.0 ties with 0.0
+    signed = special[torch.randint(0, 6, (K,), generator=gen)]
+    for scores in (torch.randint(-3, 4, (K,), generator=gen).float(), torch.randn(K, generator=gen), signed):
         for k in sorted({0, 1, K // 3, K // 2, K - 1, K, K + 2}):
             assert torch.equal(C.top_k(scores, k), unit_ranks(scores) < k), (K, k)
 
