@@ -152,3 +152,30 @@ def test_dependency_analysis_makes_every_tensor_on_the_model_device(tiny_truthfu
                              tokenizer=tok, progress=False)
     plain = run_dependency(DependencyConfig(**cfg), tmp_path / "cpu", model=model, tokenizer=tok, progress=False)
     assert _strip_timings(simulated) == _strip_timings(plain)
+
+
+def test_predictor_training_and_policy_make_every_tensor_on_the_model_device(tiny_truthfulqa_lm, meta_default):
+    from attrsparse.architectures import unit_map
+    from attrsparse.deploy.predictor import PredictorConfig, PredictorPolicy, collect_training_data, train_predictor
+    from attrsparse.evaluation.evaluate import evaluate_task
+
+    model, tok = tiny_truthfulqa_lm()
+    tok = host_tokenizer(tok)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 40, (12,), generator=gen) for _ in range(4)]
+    config = PredictorConfig(rank=8, head_rank=4, epochs=3, lr=1e-2, batch_size=16, seed=0)
+
+    def train():
+        return train_predictor(collect_training_data(model, seqs), unit_map(model), [0.5], config)
+
+    simulated, plain = meta_default(train), train()
+    assert all(torch.equal(a, b) for a, b in zip(simulated.state_dict().values(), plain.state_dict().values()))
+
+    def evaluate():
+        policy = PredictorPolicy("predictor", 0.5, plain)
+        policy.prepare(model)
+        return {task: evaluate_task(model, tok, task, policy, limit=2, max_tokens=48, data=str(
+            FIXTURES / ("wikitext_tiny.txt" if task == "wikitext2" else "truthfulqa_3.csv")))
+            for task in ("truthfulqa_mc1", "wikitext2")}
+
+    assert _strip_timings(meta_default(evaluate)) == _strip_timings(evaluate())

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architectures import UnitMap, unit_map
+from ..architectures import UnitMap, model_device, unit_map
 from ..errors import UserError, check_ratio
 from ..hooks import UnitHooks
 from ..io import atomic_write_bytes
@@ -64,13 +64,13 @@ def unit_ranks(scores: torch.Tensor) -> torch.Tensor:
     """Rank of every unit in its row of ``scores [..., C]`` (0 = highest; ties -> lower index)."""
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
     return ranks
 
 
 def _top_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Keep the top ``k`` (per row, broadcast) of ``scores [..., C]``; ties -> lower index."""
-    return unit_ranks(scores) < torch.as_tensor(k).unsqueeze(-1)
+    return unit_ranks(scores) < torch.as_tensor(k, device=scores.device).unsqueeze(-1)
 
 
 @dataclass
@@ -91,12 +91,13 @@ class BudgetRule:
         """``logits [..., H]`` -> keep ``[..., H]`` (bool)."""
         return _top_mask(logits, self.head_keep)
 
-    def mlp_count(self, heads: torch.Tensor | None, leading: tuple) -> torch.Tensor:
+    def mlp_count(self, heads: torch.Tensor | None, leading: tuple, device=None) -> torch.Tensor:
         """MLP units per row ``[...]`` that fill the layer budget given ``heads [..., H]`` (None:
-        the rule's head count, all key/value heads)."""
+        the rule's head count, all key/value heads, on ``device``)."""
         u = self.units
         if heads is None:
-            return self._mlp_units(torch.full(leading, self.head_keep), torch.full(leading, u.num_kv_heads))
+            return self._mlp_units(torch.full(leading, self.head_keep, device=device),
+                                   torch.full(leading, u.num_kv_heads, device=device))
         groups = heads.reshape(*heads.shape[:-1], u.num_kv_heads, u.group_size).any(-1)
         return self._mlp_units(heads.sum(-1), groups.sum(-1))
 
@@ -112,11 +113,12 @@ class BudgetRule:
         """:meth:`mlp_count` for every head outcome: ``[(H + 1) * (G + 1)]``, entry
         ``nh * (G + 1) + ng`` for ``nh`` heads in ``ng`` key/value groups (the C library's table)."""
         u = self.units
-        return self._mlp_units(torch.arange(u.num_heads + 1).unsqueeze(1), torch.arange(u.num_kv_heads + 1)).reshape(-1)
+        return self._mlp_units(torch.arange(u.num_heads + 1, device="cpu").unsqueeze(1),
+                               torch.arange(u.num_kv_heads + 1, device="cpu")).reshape(-1)
 
     def mlp(self, logits: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
         """``logits [..., N]`` -> keep ``[..., N]`` (bool) with :meth:`mlp_count` units per row."""
-        return _top_mask(logits, self.mlp_count(heads, tuple(logits.shape[:-1])))
+        return _top_mask(logits, self.mlp_count(heads, tuple(logits.shape[:-1]), logits.device))
 
     def masks(self, scores: UnitScores) -> UnitMasks:
         """Both steps on scores ``[..., L, *]`` (equals ``budget_masks``; tested)."""
@@ -276,10 +278,11 @@ def collect_training_data(model: nn.Module, sequences: list[torch.Tensor], progr
     Per sequence, one trace (forward + backward) over ``ids`` attributes ``CE(logits_t, y_t)`` to
     every unit, ``y_t`` being the model's own prediction from that (dense) forward, as
     :class:`~attrsparse.policies.oracle.OraclePolicy` does; the same forward gives the block
-    inputs. Corrected GxO scores are stored as ranks.
+    inputs. Corrected GxO scores are stored as ranks. The passes run on the model's device; the
+    data is kept on the CPU.
     """
     from ..metrics import get_metric
-    from ..trace import trace_gradients
+    from ..trace import to_ids, trace_gradients
 
     units = unit_map(model)
     if units.mlp_size > torch.iinfo(torch.int16).max:
@@ -288,17 +291,17 @@ def collect_training_data(model: nn.Module, sequences: list[torch.Tensor], progr
     parts: dict[str, list] = {"attn_in": [], "mlp_in": [], "mlp_rank": [], "head_rank": []}
     bar = _progress(sequences, "oracle labels", progress)
     for ids in bar:
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        ids = to_ids(ids)
         if ids.numel() < 2:
             raise UserError("each calibration sequence needs at least 2 tokens")
         with _capture_block_inputs(units) as (attn, mlp):  # target's last token is never an input
             trace = trace_gradients(model, ids[:1], torch.cat([ids[1:], ids[-1:]]), labels="argmax").row(0)
         scores = metric.from_trace(trace)  # [S, L, *]
         s = ids.numel()
-        parts["attn_in"].append(torch.stack([a.reshape(s, -1) for a in attn]))
-        parts["mlp_in"].append(torch.stack([m.reshape(s, -1) for m in mlp]))
-        parts["mlp_rank"].append(unit_ranks(scores.mlp).to(torch.int16).transpose(0, 1))
-        parts["head_rank"].append(unit_ranks(scores.heads).to(torch.int16).transpose(0, 1))
+        parts["attn_in"].append(torch.stack([a.reshape(s, -1) for a in attn]).cpu())
+        parts["mlp_in"].append(torch.stack([m.reshape(s, -1) for m in mlp]).cpu())
+        parts["mlp_rank"].append(unit_ranks(scores.mlp).to(torch.int16).transpose(0, 1).cpu())
+        parts["head_rank"].append(unit_ranks(scores.heads).to(torch.int16).transpose(0, 1).cpu())
     return TrainingData(**{k: torch.cat(v, dim=1) for k, v in parts.items()})
 
 
@@ -385,7 +388,8 @@ def train_predictor(data: TrainingData, units: UnitMap, ratios, config: Predicto
         raise UserError(f"only {data.tokens} calibration tokens; need more to train a predictor")
     head_power = float(getattr(_label_selector(), "head_power", 0.5))
     losses = {"mlp": [], "heads": []}
-    with torch.random.fork_rng(devices=[]), _deterministic(), torch.enable_grad():
+    # training runs on the host, where the data is
+    with torch.random.fork_rng(devices=[]), _deterministic(), torch.enable_grad(), torch.device("cpu"):
         torch.manual_seed(config.seed)
         predictor = Predictor.for_units(units, data.attn_in.shape[-1], config.rank, config.head_rank)
         gen = torch.Generator().manual_seed(config.seed)
@@ -507,6 +511,7 @@ class PredictorPolicy(SparsityPolicy):
 
     def prepare(self, model, calibration=None) -> None:
         self.check_model(model)
+        self.predictor.to(model_device(model))  # it reads the model's hidden states where they are
 
     def chooser(self, model: nn.Module) -> PredictorChooser:
         """The runtime's unit chooser (:func:`attrsparse.deploy.runtime.predictor_chooser`)."""
@@ -515,7 +520,7 @@ class PredictorPolicy(SparsityPolicy):
 
     @torch.no_grad()
     def forward(self, model, ids, attention_mask=None):
-        self.check_model(model)
+        self.prepare(model)
         units = unit_map(model)
         chooser = self.chooser(model)
         b, s = ids.shape
