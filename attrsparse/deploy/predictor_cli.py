@@ -217,7 +217,10 @@ def register_predictor_commands(sub) -> None:
                    help="parameter-weighted ratios whose oracle labels train the predictor")
     p.add_argument("--calib", default="wikitext2", help="wikitext2 (valid split), truthfulqa or a text file")
     p.add_argument("--data", default=None, help="local data file of the calibration source")
-    p.add_argument("--n-seq", type=int, default=64, help="training sequences")
+    p.add_argument("--n-seq", type=int, default=64,
+                   help="training sequences (default 64; more is better but holds every layer's block inputs "
+                        "and unit ranks in memory and on disk beside the predictor: on SmolLM2, 256 x 128 "
+                        "tokens take 7.6 GB and improved WikiText-2 perplexity at 0.7 from 25.9 to 23.7)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--holdout", type=int, default=None, help="held-out sequences (default n-seq/8)")
     p.add_argument("--rank", type=int, default=64, help="bottleneck of the MLP-unit predictor")
