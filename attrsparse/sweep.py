@@ -127,8 +127,8 @@ class Sweep:
         self.score_writer = None  # a streaming.ScoreWriter while a run streams scores
         self.key_base = {"model": config.model, "weights": model_fingerprint(model), "dtype": config.dtype,
                          "template": self.template, "attrsparse": __version__}
-        if self.ctx.device.type != "cpu":  # other kernels, other rounding: never mixed with CPU records
-            self.key_base["device"] = self.ctx.device.type
+        if model_device(model).type != "cpu":  # other kernels, other rounding: never mixed with CPU records
+            self.key_base["device"] = model_device(model).type
 
     # -- one question --------------------------------------------------------------------------
     def _uses_ig(self, q_pos: int) -> bool:
