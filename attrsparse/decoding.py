@@ -21,17 +21,28 @@ from .trace import as_ids, position_multipliers, token_losses
 from .units import UnitMasks
 
 
-def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids ``[B, P]``, attention mask ``[B, P]``) with every prompt right-aligned, on the first
-    prompt's device."""
-    width = max(p.numel() for p in prompts)
-    device = prompts[0].device
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        ids[row, width - p.numel():] = p
-        mask[row, width - p.numel():] = 1
+def pad_batch(seqs: list[torch.Tensor], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids ``[B, S]``, attention mask ``[B, S]``) on the first sequence's device, every sequence
+    right-aligned (``left`` padding) or left-aligned (right padding)."""
+    width = max(s.numel() for s in seqs)
+    device = seqs[0].device
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    for row, s in enumerate(seqs):
+        cols = slice(width - s.numel(), width) if left else slice(0, s.numel())
+        ids[row, cols] = s
+        mask[row, cols] = 1
     return ids, mask
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pad_batch` with every prompt right-aligned (decoding appends on the right)."""
+    return pad_batch(prompts, pad_id, left=True)
+
+
+def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pad_batch` with every sequence left-aligned (teacher-forced scoring)."""
+    return pad_batch(seqs, pad_id, left=False)
 
 
 @torch.no_grad()

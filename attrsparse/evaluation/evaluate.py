@@ -24,24 +24,12 @@ import torch
 from torch import nn
 
 from ..architectures import model_device, unit_map
+from ..decoding import right_pad
 from ..errors import UserError
 from ..policies import SparsityPolicy, account
 from ..policies.base import with_decision_cost
 from ..tasks import get_task, load_task, mc_correct, mc2_score
 from ..units import ExecutedRatio, executed_ratio
-
-
-def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids ``[B, S]``, attention mask ``[B, S]``), each sequence left-aligned, on the first
-    sequence's device."""
-    width = max(s.numel() for s in seqs)
-    device = seqs[0].device
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-    for row, s in enumerate(seqs):
-        ids[row, : s.numel()] = s
-        mask[row, : s.numel()] = 1
-    return ids, mask
 
 
 class Evaluator:
