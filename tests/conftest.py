@@ -127,6 +127,16 @@ def tiny_word_lm(words, seed: int = 0, attn: str | None = None):
     return model.eval().requires_grad_(False), tokenizer
 
 
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A saved tiny Llama checkpoint (:func:`build_tiny`) with its :func:`tiny_tokenizer`: a directory
+    path for the CLI tests."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_truthfulqa_lm():
     """``make(seed=0, attn=None)`` -> :func:`tiny_word_lm` over every word of

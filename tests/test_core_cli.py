@@ -10,14 +10,7 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from attrsparse import UnsupportedArchitectureError, UserError, supported_model_types, unit_map
 from attrsparse.cli import main
-from conftest import VOCAB, build_tiny, tiny_tokenizer
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
+from conftest import VOCAB, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

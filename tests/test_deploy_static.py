@@ -38,14 +38,6 @@ def calib_text(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 def seqs(n=3, length=12, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (length,), generator=gen) for _ in range(n)]
