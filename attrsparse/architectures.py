@@ -89,6 +89,14 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def accelerator_tag(model: nn.Module) -> str | None:
+    """The model's device type when it is not the CPU (``"cuda"``), else None. Result keys hold it,
+    so records of other kernels (other rounding) never mix with CPU ones while CPU keys stay as
+    they were."""
+    kind = model_device(model).type
+    return None if kind == "cpu" else kind
+
+
 def _get(root: nn.Module, path: str) -> nn.Module:
     module = root
     for part in path.split("."):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .architectures import model_device, unit_map
+from .architectures import accelerator_tag, model_device, unit_map
 from .decoding import masked_greedy_decode, masked_loglik
 from .distributed import init_distributed, run_sharded
 from .errors import UserError, check_ratio
@@ -127,8 +127,8 @@ class Sweep:
         self.score_writer = None  # a streaming.ScoreWriter while a run streams scores
         self.key_base = {"model": config.model, "weights": model_fingerprint(model), "dtype": config.dtype,
                          "template": self.template, "attrsparse": __version__}
-        if model_device(model).type != "cpu":  # other kernels, other rounding: never mixed with CPU records
-            self.key_base["device"] = model_device(model).type
+        if accelerator_tag(model):
+            self.key_base["device"] = accelerator_tag(model)
 
     # -- one question --------------------------------------------------------------------------
     def _uses_ig(self, q_pos: int) -> bool:

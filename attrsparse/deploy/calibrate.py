@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..architectures import UnitMap, model_device, unit_map
+from ..architectures import UnitMap, accelerator_tag, model_device, unit_map
 from ..errors import UserError, check_ratio
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
 from ..metrics.base import Metric, get_metric, register_metric
@@ -113,8 +113,8 @@ def calibrate(model: nn.Module, sequences: list[torch.Tensor], metric: str = "co
 
         ctx = ctx or init_distributed(model_device(model))
         settings = [weights_fingerprint(model), m.name, labels, head_reduction]
-        if model_device(model).type != "cpu":  # other kernels, other rounding: never mixed with CPU parts
-            settings.append(model_device(model).type)
+        if accelerator_tag(model):
+            settings.append(accelerator_tag(model))
         paths = [Path(parts_dir) / f"seq{i:05d}-{stable_hash([settings, s.tolist()])}.safetensors"
                  for i, s in enumerate(seqs)]
         mine = ctx.shard_positions(len(seqs))

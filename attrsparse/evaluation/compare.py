@@ -154,7 +154,7 @@ class Compare:
         merges them in job order, so the outputs equal a single-process run. Returns the results
         on rank 0, None on the other ranks.
         """
-        from ..architectures import model_device
+        from ..architectures import accelerator_tag
         from ..distributed import run_sharded
         from ..sweep import model_fingerprint
 
@@ -164,8 +164,8 @@ class Compare:
             model_spec, task, selector, ratio = job
             if model_spec not in weights:
                 model = self._load(model_spec)[0]
-                device = model_device(model).type  # records of other kernels are never mixed with CPU ones
-                weights[model_spec] = model_fingerprint(model) + ("" if device == "cpu" else f"-{device}")
+                tag = accelerator_tag(model)
+                weights[model_spec] = model_fingerprint(model) + (f"-{tag}" if tag else "")
             return self.record_key(model_spec, task, selector, ratio, weights[model_spec])
 
         records = run_sharded(self.jobs(), key, lambda _, job: self.run_job(*job, calib_cache),
