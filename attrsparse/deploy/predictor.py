@@ -511,7 +511,9 @@ class PredictorPolicy(SparsityPolicy):
 
     def prepare(self, model, calibration=None) -> None:
         self.check_model(model)
-        self.predictor.to(model_device(model))  # it reads the model's hidden states where they are
+        device = model_device(model)  # it reads the model's hidden states where they are
+        if next(self.predictor.parameters()).device != device:
+            self.predictor.to(device)
 
     def chooser(self, model: nn.Module) -> PredictorChooser:
         """The runtime's unit chooser (:func:`attrsparse.deploy.runtime.predictor_chooser`)."""
