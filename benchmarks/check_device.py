@@ -98,7 +98,7 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for where in (device, torch.device("cpu")):
+        for where in dict.fromkeys((device, torch.device("cpu"))):
             t0 = time.perf_counter()
             model, tok = load_model(args.model, device=where)
             runs[where.type] = {"sweep": _sweep(model, tok, Path(tmp) / f"sweep-{where.type}"),
