@@ -351,6 +351,12 @@ def prepare(args):
                                             "when_collected": round(collected, 1)}
 
 
+def _relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (for the report)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -408,7 +414,7 @@ def main(argv=None) -> int:
     command = "OMP_NUM_THREADS=1 python benchmarks/bench_predictor_recall.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]))
     report = {
-        "command": command.strip(), "model": args.model, "fingerprint": key["fingerprint"],
+        "command": command.strip(), "model": args.model, "cache": _relative(args.cache), "fingerprint": key["fingerprint"],
         "ratio": args.ratio, "label_selector": "budget_gxo",
         "data": {"source": "wikitext2 valid", "seq_len": args.seq_len,
                  "heldout_sequences": [0, args.heldout_seq],

@@ -163,7 +163,7 @@ def markdown(report: dict, md_table: str) -> str:
         "# MLP recall against the oracle vs predictor cost (SmolLM2-135M, issue 4)" if report["model"] == "smollm2-135m"
         else f"# MLP recall against the oracle vs predictor cost ({report['model']})",
         "",
-        "Reproduce (the oracle data is cached under `runs/bench_predictor_recall/`, gitignored):",
+        f"Reproduce (the oracle data is cached under `{report.get('cache', 'runs/bench_predictor_recall')}/`, gitignored):",
         "",
         f"```bash\n{report['command']}\n```",
         "",
