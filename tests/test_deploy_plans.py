@@ -106,22 +106,26 @@ def assert_same_units(got: torch.Tensor, want: torch.Tensor, logits: torch.Tenso
 
 
 @needs_c
+@pytest.mark.parametrize("allocation", ["uniform", "per-layer"])
 @pytest.mark.parametrize("break_even", [1.0, 0.0], ids=["gathered", "dense-fallback"])
 @pytest.mark.parametrize("name", ARCHS)
-def test_native_predictor_picks_the_python_choosers_units(name, break_even):
+def test_native_predictor_picks_the_python_choosers_units(name, break_even, allocation):
     """Decoding under the predictor chosen in C: at every one-token call and layer the heads and
     MLP units are those the Python chooser picks from the same block inputs, and the logits equal
     masked dense computation with the recorded masks (both with the gathered kernels and with
-    every call falling back to dense)."""
+    every call falling back to dense; one ratio everywhere, or a budget per layer)."""
     model = build_tiny(name)
     units = unit_map(model)
     torch.manual_seed(3)
     predictor = Predictor.for_units(units, model.config.get_text_config().hidden_size, rank=8, head_rank=4)
     prompt = torch.tensor([5, 9, 11, 7, 20, 3])
-    logits, tokens, rt, inputs, planned = decode(model, predictor.chooser(0.4, units), prompt, 4, break_even)
+    layer_ratios = None if allocation == "uniform" else \
+        [0.25 + 0.6 * l / max(1, units.num_layers - 1) for l in range(units.num_layers)]
+    chooser = predictor.chooser(0.4, units, layer_ratios)
+    logits, tokens, rt, inputs, planned = decode(model, chooser, prompt, 4, break_even)
     has_mlp_module = name != "opt"  # OPT's MLP is inlined in its decoder layer: no one-token plan
     assert planned == has_mlp_module
-    python = predictor.chooser(0.4, units)
+    python = predictor.chooser(0.4, units, layer_ratios)
     for call, (x, masks) in enumerate(zip(inputs[1:], rt._gen_masks[1:]), start=1):
         for l in range(units.num_layers):
             heads = python.choose_heads(l, x["heads", l])

@@ -11,15 +11,15 @@ import torch
 from attrsparse import unit_map
 from attrsparse.cli import main
 from attrsparse.deploy.predictor import (BudgetRule, Predictor, PredictorConfig, PredictorPolicy,
-                                         collect_training_data, load_predictor, load_predictor_policy,
-                                         save_predictor, train_predictor)
+                                         collect_training_data, layer_ratios_from_masks, load_predictor,
+                                         load_predictor_policy, save_predictor, train_predictor)
 from attrsparse.deploy.predictor_cli import evaluate_predictor
 from attrsparse.errors import UserError
 from attrsparse.hooks import UnitHooks
 from attrsparse.metrics import get_metric
 from attrsparse.metrics.progressive import budget_masks
 from attrsparse.policies import OraclePolicy, account, make_policy, model_logits
-from attrsparse.units import UnitScores
+from attrsparse.units import UnitMasks, UnitScores, executed_ratio, layer_param_fractions
 from conftest import build_tiny
 
 RATIOS = [0.3, 0.5, 0.7]
@@ -57,6 +57,51 @@ def test_budget_rule_is_the_labels_allocation(make_tiny, ratio):
     ours = BudgetRule(units, ratio).masks(scores)
     theirs = budget_masks(scores, ratio, units, head_power=0.5)
     assert torch.equal(ours.mlp, theirs.mlp) and torch.equal(ours.heads, theirs.heads)
+
+
+def test_layer_ratios_give_each_layer_its_own_budget(make_tiny):
+    """A chooser with one ratio per layer picks in layer l exactly what the uniform chooser at
+    that layer's ratio picks; the wrong number of ratios or a ratio outside (0, 1] is refused."""
+    model = make_tiny("llama")
+    units = unit_map(model)
+    predictor = untrained(model)
+    ratios = [0.4 + 0.5 * l / (units.num_layers - 1) for l in range(units.num_layers)]
+    per_layer = predictor.chooser(0.5, units, ratios)
+    h = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    counts = set()
+    for l, r in enumerate(ratios):
+        uniform = predictor.chooser(r, units)
+        heads = per_layer.choose_heads(l, h)
+        assert torch.equal(heads, uniform.choose_heads(l, h))
+        mlp = per_layer.choose_mlp(l, h)
+        assert torch.equal(mlp, uniform.choose_mlp(l, h))
+        counts.add(int(mlp.sum()))
+    assert len(counts) == units.num_layers  # the budgets really differ between layers
+    policy = PredictorPolicy("p", 0.5, predictor, ratios)  # the policy runs them, layer by layer
+    out = policy.forward(model, torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(2)))
+    executed = layer_param_fractions(out.masks.mlp, out.masks.heads, units).mean((0, 1))
+    assert executed.tolist() == pytest.approx(ratios, abs=0.06)
+    assert policy.describe()["layer_ratios"] == ratios
+    with pytest.raises(UserError, match="layer ratios"):
+        predictor.chooser(0.5, units, ratios[:-1])
+    with pytest.raises(UserError):
+        predictor.chooser(0.5, units, [1.5] * units.num_layers)
+
+
+def test_layer_ratios_from_masks_count_parameters_by_hand(make_tiny):
+    """Per-layer fractions of static masks, counted by hand; their mean is the masks' executed
+    ratio (so a predictor given them executes the allocation's ratio)."""
+    model = make_tiny("llama")
+    u = unit_map(model)
+    masks = UnitMasks.dense(u)
+    masks.mlp[1, u.mlp_size // 2:] = False  # layer 1: half the MLP
+    masks.heads[1, :u.group_size] = False  # and the whole first key/value group
+    ratios = layer_ratios_from_masks(masks, u)
+    layer = u.mlp_params_per_layer + u.attn_params_per_layer
+    dropped = (u.mlp_size - u.mlp_size // 2) * u.mlp_unit_params + u.group_size * u.head_params + u.kv_group_params
+    assert ratios[0] == pytest.approx(1.0)
+    assert ratios[1] == pytest.approx((layer - dropped) / layer)
+    assert sum(ratios) / len(ratios) == pytest.approx(executed_ratio(masks, u).param)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "opt"])

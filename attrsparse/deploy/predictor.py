@@ -47,7 +47,7 @@ from ..errors import UserError, check_ratio
 from ..hooks import UnitHooks
 from ..io import atomic_write_bytes
 from ..policies.base import PolicyOutput, SparsityPolicy, model_logits
-from ..units import UnitMasks, UnitScores
+from ..units import UnitMasks, UnitScores, layer_param_fractions
 from .runtime import NativeChoice, UnitChooser
 
 WEIGHTS_NAME = "predictor.safetensors"
@@ -184,8 +184,24 @@ class Predictor(nn.Module):
                 "layer_cost_ratio": (mlp + heads) / (dense_mlp + dense_attn),
                 "note": "per token and layer; dense attention counts its projections only"}
 
-    def chooser(self, ratio: float, units: UnitMap) -> "PredictorChooser":
-        return PredictorChooser(self, BudgetRule(units, check_ratio(ratio), self.meta.get("head_power", 0.5)))
+    def chooser(self, ratio: float, units: UnitMap, layer_ratios=None) -> "PredictorChooser":
+        """The chooser at ``ratio`` in every layer, or at ``layer_ratios`` (one per layer, e.g. a
+        non-uniform allocation from :func:`layer_ratios_from_masks`; ``ratio`` is then unused)."""
+        head_power = self.meta.get("head_power", 0.5)
+        if layer_ratios is None:
+            return PredictorChooser(self, BudgetRule(units, check_ratio(ratio), head_power))
+        layer_ratios = [check_ratio(r) for r in layer_ratios]
+        if len(layer_ratios) != units.num_layers:
+            raise UserError(f"{len(layer_ratios)} layer ratios for a model of {units.num_layers} layers")
+        return PredictorChooser(self, [BudgetRule(units, r, head_power) for r in layer_ratios])
+
+
+def layer_ratios_from_masks(masks: UnitMasks, units: UnitMap) -> list[float]:
+    """Each layer's parameter-weighted fraction kept by static ``masks`` (``mlp [L, N]``,
+    ``heads [L, H]``): a calibrated, possibly non-uniform allocation as per-layer predictor budgets
+    whose mean is the masks' executed ratio."""
+    frac = layer_param_fractions(masks.mlp.unsqueeze(0), masks.heads.unsqueeze(0), units)[0]
+    return [min(1.0, float(f)) for f in frac]
 
 
 class PredictorChooser(UnitChooser):
@@ -195,13 +211,14 @@ class PredictorChooser(UnitChooser):
     size (a call whose rows do not match uses the rule's head count for the budget).
     """
 
-    def __init__(self, predictor: Predictor, rule: BudgetRule):
-        self.predictor, self.rule = predictor, rule
+    def __init__(self, predictor: Predictor, rule: BudgetRule | list[BudgetRule]):
+        self.predictor = predictor
+        self.rules = list(rule) if isinstance(rule, (list, tuple)) else [rule] * predictor.num_layers
         self._heads: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
     def choose_heads(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        keep = self.rule.heads(self.predictor.head_logits(layer, hidden))
+        keep = self.rules[layer].heads(self.predictor.head_logits(layer, hidden))
         self._heads[layer] = keep
         return keep
 
@@ -213,12 +230,13 @@ class PredictorChooser(UnitChooser):
             heads = heads.reshape(*logits.shape[:-1], heads.shape[-1])
         else:
             heads = None
-        return self.rule.mlp(logits, heads)
+        return self.rules[layer].mlp(logits, heads)
 
     def native(self, kind: str, layer: int) -> NativeChoice:
         """The same choice for one token row, made by the C library (the budget as a table)."""
         net = (self.predictor.mlp if kind == "mlp" else self.predictor.heads)[layer]
-        budget = self.rule.mlp_budget_table() if kind == "mlp" else torch.tensor([self.rule.head_keep])
+        rule = self.rules[layer]
+        budget = rule.mlp_budget_table() if kind == "mlp" else torch.tensor([rule.head_keep])
         return NativeChoice(w1=net.down.weight, b1=net.down.bias, w2=net.up.weight, b2=net.up.bias,
                             budget=budget, by_heads=kind == "mlp")
 
@@ -499,9 +517,9 @@ class PredictorPolicy(SparsityPolicy):
 
     mode = "predictor"
 
-    def __init__(self, name: str, ratio: float, predictor: Predictor):
+    def __init__(self, name: str, ratio: float, predictor: Predictor, layer_ratios: list[float] | None = None):
         super().__init__(name, ratio)
-        self.predictor = predictor
+        self.predictor, self.layer_ratios = predictor, layer_ratios
         self._checked: set[int] = set()
 
     def check_model(self, model: nn.Module) -> None:
@@ -518,7 +536,7 @@ class PredictorPolicy(SparsityPolicy):
     def chooser(self, model: nn.Module) -> PredictorChooser:
         """The runtime's unit chooser (:func:`attrsparse.deploy.runtime.predictor_chooser`)."""
         self.check_model(model)
-        return self.predictor.chooser(self.ratio, unit_map(model))
+        return self.predictor.chooser(self.ratio, unit_map(model), self.layer_ratios)
 
     @torch.no_grad()
     def forward(self, model, ids, attention_mask=None):
@@ -553,16 +571,19 @@ class PredictorPolicy(SparsityPolicy):
     def describe(self) -> dict:
         meta = self.predictor.meta
         return {**super().describe(), "trained_ratios": meta.get("ratios"), "rank": self.predictor.rank,
-                "head_rank": self.predictor.head_rank, "labels": meta.get("label_selector")}
+                "head_rank": self.predictor.head_rank, "labels": meta.get("label_selector"),
+                **({"layer_ratios": list(self.layer_ratios)} if self.layer_ratios is not None else {})}
 
 
-def load_predictor_policy(path: str | Path, ratio: float | None = None) -> PredictorPolicy:
+def load_predictor_policy(path: str | Path, ratio: float | None = None,
+                          layer_ratios: list[float] | None = None) -> PredictorPolicy:
     """The :class:`PredictorPolicy` at ``ratio`` from ``path`` (``make_policy("predictor:PATH")``);
-    ``ratio=None`` uses the training ratio when there was only one."""
+    ``ratio=None`` uses the training ratio when there was only one; ``layer_ratios`` (one per
+    layer) replace the uniform ``ratio`` by a per-layer budget."""
     predictor = load_predictor(path)
     if ratio is None:
         trained = predictor.meta["ratios"]
         if len(trained) != 1:
             raise UserError(f"{path} was trained at ratios {', '.join(f'{r:g}' for r in trained)}; choose one with --ratio")
         ratio = trained[0]
-    return PredictorPolicy(f"predictor:{path}", check_ratio(ratio), predictor)
+    return PredictorPolicy(f"predictor:{path}", check_ratio(ratio), predictor, layer_ratios)
