@@ -1,4 +1,4 @@
-"""Does a non-uniform layer allocation help the predictor path? (issue 4's quality frontier)
+"""Do a non-uniform layer allocation or another head/MLP split help the predictor path? (issue 4)
 
 The predictor keeps, per token, ``ratio`` of every layer's parameters (heads first, then MLP
 units: :class:`attrsparse.deploy.predictor.BudgetRule`). Here the same trained predictor is run
@@ -9,7 +9,11 @@ side by side with
   (``attrsparse calibrate --allocation greedy``: layer sensitivities on calibration KL, see
   :mod:`attrsparse.deploy.allocation`), via
   :func:`attrsparse.deploy.predictor.layer_ratios_from_masks`: the per-layer parameter fraction
-  of the static masks, whose mean is the requested ratio.
+  of the static masks, whose mean is the requested ratio;
+* ``head power p`` (``--head-powers``): one ratio in every layer, but heads keep
+  ``round(H * ratio ** p)`` of a layer's heads instead of the labels' ``p = 0.5`` and the MLP units
+  fill the rest of the same parameter budget (``p = 0``: every head; larger ``p``: fewer heads,
+  more MLP units).
 
 Quality against the ground truth on held-out data (every position sparse, the predictor choosing
 per token): WikiText-2 *test* perplexity on ``--ppl-tokens`` tokens and ``--task`` accuracy on
@@ -18,7 +22,7 @@ per token): WikiText-2 *test* perplexity on ``--ppl-tokens`` tokens and ``--task
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_predictor_allocation.py --predictor runs/predictor32k \\
-        --ratios 0.7,0.8 --out docs/results/predictor/allocation.json
+        --ratios 0.7,0.8 --head-powers 0,1,1.5 --out docs/results/predictor/allocation.json
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--predictor", required=True, help="a train-predictor directory")
     p.add_argument("--ratios", default="0.7,0.8")
+    p.add_argument("--head-powers", default="0,1,1.5", help="head/MLP splits to run besides the labels' "
+                                                            "0.5 ('' for none)")
     p.add_argument("--static-dir", default=str(REPO / "runs" / "predictor_allocation" / "greedy"),
                    help="greedy calibration (reused when it holds the ratios)")
     p.add_argument("--calib-seqs", type=int, default=32)
@@ -96,6 +102,13 @@ def main(argv=None) -> int:
                 row["static_allocation"] = static.entry.get("allocation")
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "layer_ratios"}), flush=True)
+        for power in [float(x) for x in args.head_powers.split(",") if x.strip()]:
+            policy = load_predictor_policy(args.predictor, ratio, head_power=power)
+            row = {"allocation": f"head power {power:g}", "ratio": ratio, "head_power": power,
+                   "heads_kept": max(1, min(units.num_heads, round(units.num_heads * ratio ** power))),
+                   **evaluate(model, tok, policy, args)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     report = {"command": "OMP_NUM_THREADS=1 python benchmarks/bench_predictor_allocation.py "
                          + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "predictor": args.predictor, "task": args.task,

@@ -88,6 +88,22 @@ def test_layer_ratios_give_each_layer_its_own_budget(make_tiny):
         predictor.chooser(0.5, units, [1.5] * units.num_layers)
 
 
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0, 2.0])
+def test_head_power_sets_the_heads_and_the_mlp_fills_the_rest(make_tiny, power):
+    """Heads keep round(H * ratio ** power) (at least 1) and the MLP units fill the same layer
+    budget as the labels' rule with that exponent; a negative exponent is refused."""
+    model = make_tiny("llama")
+    units = unit_map(model)
+    predictor = untrained(model)
+    h = torch.randn(6, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    chooser = predictor.chooser(0.6, units, head_power=power)
+    heads = chooser.choose_heads(0, h)
+    assert (heads.sum(-1) == max(1, round(units.num_heads * 0.6 ** power))).all()
+    assert torch.equal(chooser.choose_mlp(0, h), BudgetRule(units, 0.6, power).mlp(predictor.mlp_logits(0, h), heads))
+    with pytest.raises(UserError, match="head power"):
+        predictor.chooser(0.6, units, head_power=-1)
+
+
 def test_layer_ratios_from_masks_count_parameters_by_hand(make_tiny):
     """Per-layer fractions of static masks, counted by hand; their mean is the masks' executed
     ratio (so a predictor given them executes the allocation's ratio)."""

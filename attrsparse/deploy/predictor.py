@@ -184,10 +184,14 @@ class Predictor(nn.Module):
                 "layer_cost_ratio": (mlp + heads) / (dense_mlp + dense_attn),
                 "note": "per token and layer; dense attention counts its projections only"}
 
-    def chooser(self, ratio: float, units: UnitMap, layer_ratios=None) -> "PredictorChooser":
+    def chooser(self, ratio: float, units: UnitMap, layer_ratios=None,
+                head_power: float | None = None) -> "PredictorChooser":
         """The chooser at ``ratio`` in every layer, or at ``layer_ratios`` (one per layer, e.g. a
-        non-uniform allocation from :func:`layer_ratios_from_masks`; ``ratio`` is then unused)."""
-        head_power = self.meta.get("head_power", 0.5)
+        non-uniform allocation from :func:`layer_ratios_from_masks`; ``ratio`` is then unused).
+        Heads keep ``ratio ** head_power`` of a layer's heads (default: the labels' exponent)."""
+        head_power = self.meta.get("head_power", 0.5) if head_power is None else float(head_power)
+        if head_power < 0:
+            raise UserError(f"head power must be >= 0, got {head_power:g}")
         if layer_ratios is None:
             return PredictorChooser(self, BudgetRule(units, check_ratio(ratio), head_power))
         layer_ratios = [check_ratio(r) for r in layer_ratios]
@@ -517,9 +521,10 @@ class PredictorPolicy(SparsityPolicy):
 
     mode = "predictor"
 
-    def __init__(self, name: str, ratio: float, predictor: Predictor, layer_ratios: list[float] | None = None):
+    def __init__(self, name: str, ratio: float, predictor: Predictor, layer_ratios: list[float] | None = None,
+                 head_power: float | None = None):
         super().__init__(name, ratio)
-        self.predictor, self.layer_ratios = predictor, layer_ratios
+        self.predictor, self.layer_ratios, self.head_power = predictor, layer_ratios, head_power
         self._checked: set[int] = set()
 
     def check_model(self, model: nn.Module) -> None:
@@ -536,7 +541,7 @@ class PredictorPolicy(SparsityPolicy):
     def chooser(self, model: nn.Module) -> PredictorChooser:
         """The runtime's unit chooser (:func:`attrsparse.deploy.runtime.predictor_chooser`)."""
         self.check_model(model)
-        return self.predictor.chooser(self.ratio, unit_map(model), self.layer_ratios)
+        return self.predictor.chooser(self.ratio, unit_map(model), self.layer_ratios, self.head_power)
 
     @torch.no_grad()
     def forward(self, model, ids, attention_mask=None):
@@ -572,18 +577,20 @@ class PredictorPolicy(SparsityPolicy):
         meta = self.predictor.meta
         return {**super().describe(), "trained_ratios": meta.get("ratios"), "rank": self.predictor.rank,
                 "head_rank": self.predictor.head_rank, "labels": meta.get("label_selector"),
-                **({"layer_ratios": list(self.layer_ratios)} if self.layer_ratios is not None else {})}
+                **({"layer_ratios": list(self.layer_ratios)} if self.layer_ratios is not None else {}),
+                **({"head_power": self.head_power} if self.head_power is not None else {})}
 
 
 def load_predictor_policy(path: str | Path, ratio: float | None = None,
-                          layer_ratios: list[float] | None = None) -> PredictorPolicy:
+                          layer_ratios: list[float] | None = None, head_power: float | None = None) -> PredictorPolicy:
     """The :class:`PredictorPolicy` at ``ratio`` from ``path`` (``make_policy("predictor:PATH")``);
     ``ratio=None`` uses the training ratio when there was only one; ``layer_ratios`` (one per
-    layer) replace the uniform ``ratio`` by a per-layer budget."""
+    layer) replace the uniform ``ratio`` by a per-layer budget; ``head_power`` replaces the
+    labels' head/MLP split (:meth:`Predictor.chooser`)."""
     predictor = load_predictor(path)
     if ratio is None:
         trained = predictor.meta["ratios"]
         if len(trained) != 1:
             raise UserError(f"{path} was trained at ratios {', '.join(f'{r:g}' for r in trained)}; choose one with --ratio")
         ratio = trained[0]
-    return PredictorPolicy(f"predictor:{path}", check_ratio(ratio), predictor, layer_ratios)
+    return PredictorPolicy(f"predictor:{path}", check_ratio(ratio), predictor, layer_ratios, head_power)
