@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from attrsparse.architectures import unit_map  # noqa: E402
-from attrsparse.deploy.calibrate import load_static_policy, read_static, run_calibration  # noqa: E402
-from attrsparse.deploy.predictor import layer_ratios_from_masks, load_predictor_policy  # noqa: E402
+from attrsparse.deploy.calibrate import load_static_policy, run_calibration  # noqa: E402
+from attrsparse.deploy.predictor import BudgetRule, layer_ratios_from_masks, load_predictor_policy  # noqa: E402
 from attrsparse.errors import UserError  # noqa: E402
 from attrsparse.evaluation.evaluate import evaluate_task  # noqa: E402
 from attrsparse.io import atomic_write_json  # noqa: E402
@@ -52,10 +52,9 @@ def greedy_allocation(model, tok, ratios, static_dir: Path, n_sequences: int, sp
     """Calibrate ``static_dir`` with the greedy allocation unless it already holds ``ratios``
     from a greedy search (its entries then record the search's loss)."""
     try:
-        doc, _ = read_static(static_dir)
-        if all("greedy_loss" in doc["ratios"].get(f"{r:g}", {}) for r in ratios):
+        if all("greedy_loss" in load_static_policy(static_dir, r).entry for r in ratios):
             return
-    except (UserError, KeyError):
+    except UserError:  # no calibration there yet, or not at these ratios
         pass
     run_calibration(model, tok, static_dir, ratios=ratios, allocation="greedy", n_sequences=n_sequences,
                     spec=spec)
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
         for power in [float(x) for x in args.head_powers.split(",") if x.strip()]:
             policy = load_predictor_policy(args.predictor, ratio, head_power=power)
             row = {"allocation": f"head power {power:g}", "ratio": ratio, "head_power": power,
-                   "heads_kept": max(1, min(units.num_heads, round(units.num_heads * ratio ** power))),
+                   "heads_kept": BudgetRule(units, ratio, power).head_keep,
                    **evaluate(model, tok, policy, args)}
             rows.append(row)
             print(json.dumps(row), flush=True)
