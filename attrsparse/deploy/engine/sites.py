@@ -1,0 +1,128 @@
+"""Input-channel rules of the native engine: the contract with the channel-sparsity selectors.
+
+Each decoder layer has four input *sites*; one decision per site is shared by the projections
+reading that input:
+
+========== ========================================== ==================
+site       input                                      projections
+========== ========================================== ==================
+attn_in    normed hidden state entering attention     q, k, v
+attn_out   concatenated head outputs (o_proj input)   o
+mlp_in     normed hidden state entering the MLP       gate, up
+mlp_out    MLP activation (down_proj input)           down
+========== ========================================== ==================
+
+A :class:`SiteRule` keeps channel ``j`` iff ``keep[j]`` (when a fixed mask is given) and
+``|x_j - center_j| * scale_j > threshold`` (when a threshold is given); then every projection
+``P`` of the site computes ``y = sum_{j kept} W_P[:, j] (x_j - center_j) + bias[P]`` (plus the
+layer's own bias). Skipped channels read no weights. Static unit masks are the same thing: MLP
+neuron ``i`` is channel ``i`` of ``mlp_out``; query head ``h`` is channels
+``h*head_dim:(h+1)*head_dim`` of ``attn_out`` (:meth:`ChannelRules.from_unit_masks`).
+
+Vectors may be lists, tuples, numpy arrays or torch tensors (anything with ``tolist`` or
+iterable); nothing here imports numpy or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...core.errors import UserError
+
+SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+SITE_PROJECTIONS = {"attn_in": ("q", "k", "v"), "attn_out": ("o",), "mlp_in": ("gate", "up"),
+                    "mlp_out": ("down",)}
+
+
+def as_list(values: Any) -> list:
+    """A plain list from a list, tuple, numpy array or torch tensor (1-D)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu()
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    return list(values)
+
+
+@dataclass
+class SiteRule:
+    """The rule of one site of one layer (see the module docstring). All fields are optional:
+    ``SiteRule()`` is dense."""
+
+    threshold: float | None = None
+    scale: Sequence[float] | None = None     # a_j >= 0, None = 1
+    center: Sequence[float] | None = None    # m_j, None = 0
+    keep: Sequence[bool] | None = None       # fixed keep-mask, None = all
+    bias: Mapping[str, Sequence[float]] = field(default_factory=dict)  # projection -> compensation
+
+    def is_dense(self) -> bool:
+        return self.threshold is None and self.center is None and self.keep is None and not self.bias
+
+
+@dataclass
+class ChannelRules:
+    """Rules per ``(layer, site)``; missing entries are dense."""
+
+    sites: dict[tuple[int, str], SiteRule] = field(default_factory=dict)
+
+    def get(self, layer: int, site: str) -> SiteRule | None:
+        return self.sites.get((layer, site))
+
+    @classmethod
+    def from_thresholds(cls, thresholds: Mapping[tuple[int, str], float]) -> "ChannelRules":
+        """TEAL-style rules: keep channel j iff |x_j| > t, one t per (layer, site)."""
+        return cls({key: SiteRule(threshold=float(t)) for key, t in thresholds.items()})
+
+    @classmethod
+    def from_unit_masks(cls, mlp: Sequence[Sequence[bool]] | None = None,
+                        heads: Sequence[Sequence[bool]] | None = None, *, head_dim: int) -> "ChannelRules":
+        """Static unit masks as fixed keep-masks: ``mlp[l][i]`` keeps MLP neuron i (channel i of
+        mlp_out), ``heads[l][h]`` keeps query head h (its head_dim channels of attn_out)."""
+        sites: dict[tuple[int, str], SiteRule] = {}
+        for layer, row in enumerate(mlp or []):
+            sites[(layer, "mlp_out")] = SiteRule(keep=[bool(k) for k in as_list(row)])
+        for layer, row in enumerate(heads or []):
+            sites[(layer, "attn_out")] = SiteRule(keep=[bool(k) for k in as_list(row) for _ in range(head_dim)])
+        return cls(sites)
+
+    def validate(self, config: dict) -> None:
+        """Raise :class:`UserError` when a rule does not fit the model (layer, site, lengths)."""
+        dims = site_dims(config)
+        for (layer, site), rule in self.sites.items():
+            where = f"channel rule ({layer}, {site!r})"
+            if site not in dims:
+                raise UserError(f"{where}: unknown site; sites are {', '.join(SITES)}")
+            if not 0 <= layer < config["n_layers"]:
+                raise UserError(f"{where}: the model has {config['n_layers']} layers")
+            n_in, outs = dims[site]
+            for name in ("scale", "center", "keep"):
+                values = getattr(rule, name)
+                if values is not None and len(as_list(values)) != n_in:
+                    raise UserError(f"{where}: {name} has {len(as_list(values))} entries, the input has {n_in}")
+            for proj, values in rule.bias.items():
+                if proj not in outs:
+                    raise UserError(f"{where}: bias for {proj!r}; this site feeds {', '.join(outs)}")
+                if len(as_list(values)) != outs[proj]:
+                    raise UserError(f"{where}: bias[{proj!r}] has {len(as_list(values))} entries, "
+                                    f"{proj} has {outs[proj]} outputs")
+
+
+def site_dims(config: dict) -> dict[str, tuple[int, dict[str, int]]]:
+    """``site -> (input channels, {projection: outputs})`` for one layer of an engine config."""
+    d, hd = config["hidden"], config["head_dim"]
+    q, kv, inter = config["n_heads"] * hd, config["n_kv"] * hd, config["inter"]
+    return {"attn_in": (d, {"q": q, "k": kv, "v": kv}), "attn_out": (q, {"o": d}),
+            "mlp_in": (d, {"gate": inter, "up": inter}), "mlp_out": (inter, {"down": d})}
+
+
+def physical_bias(rule: SiteRule, site: str, config: dict, order: Sequence[int] | None = None) -> list[float] | None:
+    """The site's compensation biases concatenated in the engine's physical output order
+    (q|k|v; gate/up interleaved by ``order``, see :func:`.fmt.gate_up_order`), or None."""
+    if not rule.bias:
+        return None
+    _, outs = site_dims(config)[site]
+    flat: list[float] = []
+    for proj, n in outs.items():
+        flat.extend(float(v) for v in as_list(rule.bias[proj])) if proj in rule.bias else flat.extend([0.0] * n)
+    return [flat[i] for i in order] if order is not None else flat

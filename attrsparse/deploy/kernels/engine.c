@@ -1,0 +1,507 @@
+/* attrsparse native decode engine: one call per token (embedding, norms, RoPE, attention over an
+ * fp32 KV cache, the seven input-sparse linears, LM head, greedy / screened greedy / sampling).
+ *
+ * Threading: one OpenMP parallel region per token. Every thread keeps its own copy of the
+ * residual stream and computes the norms and the site rules redundantly (same code, same
+ * values); the linears are split over *output* slices (16-wide units, gate/up by block pairs),
+ * attention over heads, the head over vocabulary rows, with barriers between phases. Each
+ * output is computed by one thread in a fixed order, so 1 and 2 threads give identical bits.
+ *
+ * Screened greedy head (exact): an int8 copy of the head gives approx_v with a bound
+ * |exact_v - approx_v| <= c_v * ||h|| (c_v from the packer: residual norm plus rounding terms,
+ * see attrsparse/deploy/engine/pack.py); rows whose upper bound is below the best lower bound
+ * cannot hold the maximum, and only the others are computed exactly, with the same code as the
+ * full head. See docs/engine.md for the proof.
+ */
+#include <fcntl.h>
+#include <stddef.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "engine.h"
+#include "engine_kern.h"
+
+#define LAYOUT(S, ...) const int64_t attrsparse_layout_##S[] = {sizeof(S), __VA_ARGS__};
+LAYOUT(EngSite, offsetof(EngSite, scale), offsetof(EngSite, center), offsetof(EngSite, keep),
+       offsetof(EngSite, bias), offsetof(EngSite, threshold), offsetof(EngSite, rule))
+LAYOUT(EngLayer, offsetof(EngLayer, w), offsetof(EngLayer, wscale), offsetof(EngLayer, wbias),
+       offsetof(EngLayer, norm), offsetof(EngLayer, q_norm), offsetof(EngLayer, k_norm),
+       offsetof(EngLayer, inv_freq), offsetof(EngLayer, rope_scale), offsetof(EngLayer, window),
+       offsetof(EngLayer, site))
+LAYOUT(EngModel, offsetof(EngModel, n_layers), offsetof(EngModel, hidden), offsetof(EngModel, n_heads),
+       offsetof(EngModel, n_kv), offsetof(EngModel, head_dim), offsetof(EngModel, inter),
+       offsetof(EngModel, vocab), offsetof(EngModel, wtype), offsetof(EngModel, head_type),
+       offsetof(EngModel, emb_type), offsetof(EngModel, act), offsetof(EngModel, eps),
+       offsetof(EngModel, emb_scale), offsetof(EngModel, attn_scale), offsetof(EngModel, attn_softcap),
+       offsetof(EngModel, final_softcap), offsetof(EngModel, reserved), offsetof(EngModel, embed),
+       offsetof(EngModel, embed_scale), offsetof(EngModel, head), offsetof(EngModel, head_scale),
+       offsetof(EngModel, screen), offsetof(EngModel, screen_scale), offsetof(EngModel, screen_bound),
+       offsetof(EngModel, final_norm), offsetof(EngModel, layers))
+LAYOUT(EngStep, offsetof(EngStep, token), offsetof(EngStep, threads), offsetof(EngStep, mode),
+       offsetof(EngStep, temperature), offsetof(EngStep, top_p), offsetof(EngStep, logits),
+       offsetof(EngStep, kept), offsetof(EngStep, next), offsetof(EngStep, linear_reads),
+       offsetof(EngStep, head_bytes), offsetof(EngStep, candidates))
+
+#define MAXT 64
+
+typedef struct Thr {
+    float *h, *xn, *val, *tmp, *sc, *cs, *sn;
+    int32_t* idx;
+    const float* rope_src;   /* cos/sin table cache: (inv_freq, pos) */
+    int64_t rope_pos;
+    float lmax, best;
+    int64_t besti, cand;
+    char pad[64];
+} Thr;
+
+typedef struct EngState {
+    int64_t max_ctx, pos, n_threads;
+    uint64_t rng;
+    float *kc, *vc, *qkv, *att, *obuf, *gu, *mact, *dbuf, *logits, *upper;
+    int64_t* kept;           /* [n_layers * 4] of the last step */
+    struct { float e; int32_t i; }* pairs;
+    Thr th[MAXT];
+} EngState;
+
+static void* zalloc(int64_t n) {
+    void* p = NULL;
+    size_t size = (size_t)((n + 63) / 64 * 64 + 64);
+    if (posix_memalign(&p, 64, size) != 0) return NULL;
+    memset(p, 0, size);
+    return p;
+}
+
+static int64_t max3(int64_t a, int64_t b, int64_t c) { int64_t m = a > b ? a : b; return m > c ? m : c; }
+
+void eng_state_free(EngState* s) {
+    if (!s) return;
+    free(s->kc); free(s->vc); free(s->qkv); free(s->att); free(s->obuf); free(s->gu); free(s->mact);
+    free(s->dbuf); free(s->logits); free(s->upper); free(s->kept); free(s->pairs);
+    for (int t = 0; t < MAXT; t++) {
+        Thr* T = &s->th[t];
+        free(T->h); free(T->xn); free(T->val); free(T->tmp); free(T->sc); free(T->cs); free(T->sn); free(T->idx);
+    }
+    free(s);
+}
+
+EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uint64_t seed) {
+    if (threads < 1) threads = 1;
+    if (threads > MAXT) threads = MAXT;
+    EngState* s = calloc(1, sizeof(EngState));
+    if (!s) return NULL;
+    int64_t d = m->hidden, hd = m->head_dim, A = m->n_heads * hd, P = (m->n_heads + 2 * m->n_kv) * hd;
+    int64_t cache = m->n_layers * m->n_kv * max_ctx * hd * (int64_t)sizeof(float);
+    int64_t wide = max3(d, A, m->inter) + 16;
+    s->max_ctx = max_ctx; s->n_threads = threads; s->rng = seed;
+    s->kc = zalloc(cache); s->vc = zalloc(cache);
+    s->qkv = zalloc(P * 4); s->att = zalloc(A * 4); s->obuf = zalloc(d * 4); s->gu = zalloc(2 * m->inter * 4);
+    s->mact = zalloc(m->inter * 4); s->dbuf = zalloc(d * 4);
+    s->logits = zalloc(m->vocab * 4); s->upper = zalloc(m->vocab * 4);
+    s->kept = zalloc((m->n_layers + 1) * N_SITES * 8);
+    s->pairs = zalloc(m->vocab * 8);
+    int ok = s->kc && s->vc && s->qkv && s->att && s->obuf && s->gu && s->mact && s->dbuf && s->logits
+             && s->upper && s->kept && s->pairs;
+    for (int t = 0; t < threads && ok; t++) {
+        Thr* T = &s->th[t];
+        T->h = zalloc(d * 4); T->xn = zalloc(wide * 4); T->val = zalloc(wide * 4); T->tmp = zalloc(d * 4);
+        T->sc = zalloc(max_ctx * 4); T->cs = zalloc(hd * 4); T->sn = zalloc(hd * 4); T->idx = zalloc(wide * 4);
+        ok = T->h && T->xn && T->val && T->tmp && T->sc && T->cs && T->sn && T->idx;
+    }
+    if (!ok) { eng_state_free(s); return NULL; }
+    return s;
+}
+
+void eng_state_reset(EngState* s, uint64_t seed) { s->pos = 0; s->rng = seed; for (int t = 0; t < MAXT; t++) s->th[t].rope_src = NULL; }
+int64_t eng_state_pos(const EngState* s) { return s->pos; }
+const int64_t* eng_state_kept(const EngState* s) { return s->kept; }
+
+/* ---------------------------------------------------------------- small pieces */
+
+static void rmsnorm(const float* x, const float* w, float* out, int64_t n, float eps) {
+    double ss = 0.0;
+    for (int64_t j = 0; j < n; j++) ss += (double)x[j] * x[j];
+    float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+    for (int64_t j = 0; j < n; j++) out[j] = (x[j] * r) * w[j];
+}
+
+static inline float act(float v, int32_t kind) {
+    if (kind == ACT_SILU) return v / (1.0f + expf(-v));
+    if (kind == ACT_GELU_TANH) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+}
+
+static void slice16(int64_t P, int t, int nt, int64_t* p0, int64_t* p1) {
+    int64_t nu = (P + 15) / 16, u0 = nu * t / nt, u1 = nu * (t + 1) / nt;
+    *p0 = u0 * 16 < P ? u0 * 16 : P;
+    *p1 = u1 * 16 < P ? u1 * 16 : P;
+}
+
+static void range(int64_t n, int t, int nt, int64_t* a, int64_t* b) { *a = n * t / nt; *b = n * (t + 1) / nt; }
+
+static inline int64_t elt_size(int32_t wt) { return wt == ENG_F32 ? 4 : wt == ENG_BF16 ? 2 : 1; }
+
+static void embed_row(const EngModel* m, int64_t tok, float* h) {
+    int64_t d = m->hidden;
+    if (m->emb_type == ENG_F32) memcpy(h, (const float*)m->embed + tok * d, (size_t)d * 4);
+    else if (m->emb_type == ENG_BF16) { const uint16_t* r = (const uint16_t*)m->embed + tok * d; for (int64_t j = 0; j < d; j++) h[j] = bf16_to_f32(r[j]); }
+    else { const int8_t* r = (const int8_t*)m->embed + tok * d; float s = m->embed_scale[tok]; for (int64_t j = 0; j < d; j++) h[j] = (float)r[j] * s; }
+    if (m->emb_scale != 1.0f) for (int64_t j = 0; j < d; j++) h[j] *= m->emb_scale;
+}
+
+static void rope_apply(Thr* T, float* x, const float* inv_freq, float scale, int64_t hd, int64_t pos) {
+    int64_t half = hd / 2;
+    if (T->rope_src != inv_freq || T->rope_pos != pos) {
+        for (int64_t i = 0; i < half; i++) {
+            float f = (float)pos * inv_freq[i];
+            T->cs[i] = cosf(f) * scale;
+            T->sn[i] = sinf(f) * scale;
+        }
+        T->rope_src = inv_freq; T->rope_pos = pos;
+    }
+    for (int64_t i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * T->cs[i] - x2 * T->sn[i];
+        x[i + half] = x2 * T->cs[i] + x1 * T->sn[i];
+    }
+}
+
+/* one site + its linear over this thread's output range; returns the kept count */
+static int64_t site_linear(const EngModel* m, const EngLayer* L, int site, Thr* T, const float* x, int64_t n,
+                           int64_t P, int64_t p0, int64_t p1, float* y) {
+    int64_t nk = site_select(&L->site[site], x, n, T->idx, T->val);
+    const int32_t* ix = T->idx;
+    const float* vx = T->val;
+    if (nk < 0) { nk = n; ix = NULL; vx = x; }
+    linear_slice(m->wtype, L->w[site], P, ix, vx, nk, p0, p1, L->wscale[site], L->wbias[site], L->site[site].bias, y);
+    return nk;
+}
+
+/* ---------------------------------------------------------------- the head */
+
+static int64_t argmax_first(const float* x, int64_t n) {
+    int64_t b = 0;
+    for (int64_t i = 1; i < n; i++) if (x[i] > x[b]) b = i;
+    return b;
+}
+
+static uint64_t splitmix(uint64_t* s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static int cmp_pair(const void* a, const void* b) {
+    const struct { float e; int32_t i; }* x = a; const struct { float e; int32_t i; }* y = b;
+    if (x->e != y->e) return x->e < y->e ? 1 : -1;
+    return x->i < y->i ? -1 : 1;
+}
+
+/* temperature / top-p sampling over logits (overwritten); serial */
+static int64_t sample(EngState* s, float* lg, int64_t V, float temp, float top_p) {
+    if (!(temp > 0.0f)) return argmax_first(lg, V);
+    float mx = lg[argmax_first(lg, V)];
+    double S = 0.0;
+    for (int64_t v = 0; v < V; v++) { lg[v] = expf((lg[v] - mx) / temp); S += lg[v]; }
+    double u = (double)(splitmix(&s->rng) >> 11) * (1.0 / 9007199254740992.0);
+    if (!(top_p < 1.0f)) {
+        double target = u * S, c = 0.0;
+        int64_t last = 0;
+        for (int64_t v = 0; v < V; v++) { if (lg[v] > 0.0f) last = v; c += lg[v]; if (c > target) return v; }
+        return last;
+    }
+    /* the nucleus lies inside {v : p_v >= (1 - top_p) / V} (the rest weighs less than 1 - top_p) */
+    double floor_e = (1.0 - top_p) * S / (double)V;
+    int64_t n = 0;
+    for (int64_t v = 0; v < V; v++) if (lg[v] >= floor_e) { s->pairs[n].e = lg[v]; s->pairs[n].i = (int32_t)v; n++; }
+    qsort(s->pairs, (size_t)n, sizeof(s->pairs[0]), cmp_pair);
+    double cum = 0.0;
+    int64_t k = 0;
+    while (k < n) { cum += s->pairs[k].e; k++; if (cum >= top_p * S) break; }
+    double target = u * cum, c = 0.0;
+    for (int64_t i = 0; i < k; i++) { c += s->pairs[i].e; if (c > target) return s->pairs[i].i; }
+    return s->pairs[k - 1].i;
+}
+
+/* Head phase inside the parallel region; h is this thread's normed hidden state. Thread 0 sets
+ * a->next, a->head_bytes, a->candidates. */
+static void head_phase(const EngModel* m, EngState* s, EngStep* a, const float* h, int t, int nt) {
+    int64_t V = m->vocab, d = m->hidden, v0, v1;
+    Thr* T = &s->th[t];
+    range(V, t, nt, &v0, &v1);
+    int full = a->mode != MODE_GREEDY_SCREENED || a->logits || !m->screen || m->final_softcap > 0.0f;
+    if (full) {
+        for (int64_t v = v0; v < v1; v++) {
+            float z = head_row(m->head_type, m->head, m->head_scale, v, h, d);
+            if (m->final_softcap > 0.0f) z = tanhf(z / m->final_softcap) * m->final_softcap;
+            s->logits[v] = z;
+        }
+#pragma omp barrier
+        if (t == 0) {
+            if (a->logits) memcpy(a->logits, s->logits, (size_t)V * 4);
+            a->next = a->mode == MODE_SAMPLE ? sample(s, s->logits, V, a->temperature, a->top_p)
+                                             : argmax_first(s->logits, V);
+            a->head_bytes = V * d * elt_size(m->head_type);
+            a->candidates = V;
+        }
+        return;
+    }
+    /* ||h|| rounded up: double sum of exact squares, then a relative margin of 2^-20 */
+    double ss = 0.0;
+    for (int64_t j = 0; j < d; j++) ss += (double)h[j] * h[j];
+    float hn = (float)(sqrt(ss) * (1.0 + 0x1p-20));
+    float lmax = -INFINITY;
+    for (int64_t v = v0; v < v1; v++) {
+        float ap = dot_i8(m->screen + v * d, h, d) * m->screen_scale[v];
+        float b = m->screen_bound[v] * hn;
+        float lo = ap - b;
+        s->upper[v] = ap + b;
+        if (lo > lmax) lmax = lo;
+    }
+    T->lmax = lmax;
+#pragma omp barrier
+    float best_lo = -INFINITY;
+    for (int i = 0; i < nt; i++) if (s->th[i].lmax > best_lo) best_lo = s->th[i].lmax;
+    float best = -INFINITY;
+    int64_t besti = -1, cand = 0;
+    for (int64_t v = v0; v < v1; v++) {
+        if (!(s->upper[v] >= best_lo)) continue;
+        float z = head_row(m->head_type, m->head, m->head_scale, v, h, d);
+        cand++;
+        if (besti < 0 || z > best) { best = z; besti = v; }
+    }
+    T->best = best; T->besti = besti; T->cand = cand;
+#pragma omp barrier
+    if (t == 0) {
+        int64_t bi = -1, nc = 0;
+        float bv = -INFINITY;
+        for (int i = 0; i < nt; i++) {
+            nc += s->th[i].cand;
+            if (s->th[i].besti >= 0 && (bi < 0 || s->th[i].best > bv)) { bv = s->th[i].best; bi = s->th[i].besti; }
+        }
+        a->next = bi;
+        a->candidates = nc;
+        a->head_bytes = V * d + nc * d * elt_size(m->head_type);
+    }
+}
+
+/* ---------------------------------------------------------------- one token */
+
+static void layer_forward(const EngModel* m, EngState* s, const EngLayer* L, int64_t l, Thr* T, int t, int nt,
+                          int64_t* reads) {
+    int64_t d = m->hidden, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, I = m->inter;
+    int64_t A = H * hd, Pqkv = (H + 2 * KV) * hd, pos = s->pos, p0, p1, a0, a1, nk;
+    int64_t* kept = s->kept + l * N_SITES;
+    float* h = T->h;
+
+    /* attention input: norm, site attn_in, fused q|k|v */
+    rmsnorm(h, L->norm[0], T->xn, d, m->eps);
+    slice16(Pqkv, t, nt, &p0, &p1);
+    nk = site_linear(m, L, SITE_ATTN_IN, T, T->xn, d, Pqkv, p0, p1, s->qkv);
+    if (t == 0) { kept[0] = nk; *reads += nk * Pqkv; }
+#pragma omp barrier
+    /* q/k norms and RoPE per head; keys and values into the cache */
+    range(H + KV, t, nt, &a0, &a1);
+    for (int64_t it = a0; it < a1; it++) {
+        if (it < H) {
+            float* q = s->qkv + it * hd;
+            if (L->q_norm) { rmsnorm(q, L->q_norm, T->tmp, hd, m->eps); memcpy(q, T->tmp, (size_t)hd * 4); }
+            rope_apply(T, q, L->inv_freq, L->rope_scale, hd, pos);
+        } else {
+            int64_t g = it - H;
+            float* k = s->qkv + (H + g) * hd;
+            if (L->k_norm) { rmsnorm(k, L->k_norm, T->tmp, hd, m->eps); memcpy(k, T->tmp, (size_t)hd * 4); }
+            rope_apply(T, k, L->inv_freq, L->rope_scale, hd, pos);
+            int64_t off = ((l * KV + g) * s->max_ctx + pos) * hd;
+            memcpy(s->kc + off, k, (size_t)hd * 4);
+            memcpy(s->vc + off, s->qkv + (H + KV + g) * hd, (size_t)hd * 4);
+        }
+    }
+#pragma omp barrier
+    /* attention per query head */
+    range(H, t, nt, &a0, &a1);
+    int64_t first = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0, n = pos - first + 1;
+    for (int64_t hq = a0; hq < a1; hq++) {
+        const float* q = s->qkv + hq * hd;
+        int64_t g = hq / (H / KV), base = (l * KV + g) * s->max_ctx * hd;
+        const float* K = s->kc + base + first * hd;
+        const float* Vc = s->vc + base + first * hd;
+        float* sc = T->sc, mx = -INFINITY, *o = s->att + hq * hd;
+        for (int64_t i = 0; i < n; i++) {
+            float z = dot_f32(K + i * hd, q, hd) * m->attn_scale;
+            if (m->attn_softcap > 0.0f) z = tanhf(z / m->attn_softcap) * m->attn_softcap;
+            sc[i] = z;
+            if (z > mx) mx = z;
+        }
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; i++) { sc[i] = expf(sc[i] - mx); sum += sc[i]; }
+        float inv = 1.0f / sum;
+        for (int64_t c = 0; c < hd; c++) o[c] = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            float p = sc[i] * inv;
+            const float* vr = Vc + i * hd;
+            for (int64_t c = 0; c < hd; c++) o[c] += p * vr[c];
+        }
+    }
+#pragma omp barrier
+    /* attention output projection */
+    slice16(d, t, nt, &p0, &p1);
+    nk = site_linear(m, L, SITE_ATTN_OUT, T, s->att, A, d, p0, p1, s->obuf);
+    if (t == 0) { kept[1] = nk; *reads += nk * d; }
+#pragma omp barrier
+    if (L->norm[1]) { rmsnorm(s->obuf, L->norm[1], T->tmp, d, m->eps); for (int64_t j = 0; j < d; j++) h[j] += T->tmp[j]; }
+    else for (int64_t j = 0; j < d; j++) h[j] += s->obuf[j];
+    /* MLP input: norm, site mlp_in, fused gate/up over this thread's block pairs, activation */
+    rmsnorm(h, L->norm[2], T->xn, d, m->eps);
+    int64_t nb = (I + 15) / 16, b0 = nb * t / nt, b1 = nb * (t + 1) / nt;
+    p0 = 32 * b0 < 2 * I ? 32 * b0 : 2 * I;
+    p1 = 32 * b1 < 2 * I ? 32 * b1 : 2 * I;
+    nk = site_linear(m, L, SITE_MLP_IN, T, T->xn, d, 2 * I, p0, p1, s->gu);
+    if (t == 0) { kept[2] = nk; *reads += nk * 2 * I; }
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t bs = I - 16 * b < 16 ? I - 16 * b : 16;
+        const float* g = s->gu + 32 * b;
+        for (int64_t i = 0; i < bs; i++) s->mact[16 * b + i] = act(g[i], m->act) * g[bs + i];
+    }
+#pragma omp barrier
+    slice16(d, t, nt, &p0, &p1);
+    nk = site_linear(m, L, SITE_MLP_OUT, T, s->mact, I, d, p0, p1, s->dbuf);
+    if (t == 0) { kept[3] = nk; *reads += nk * d; }
+#pragma omp barrier
+    if (L->norm[3]) { rmsnorm(s->dbuf, L->norm[3], T->tmp, d, m->eps); for (int64_t j = 0; j < d; j++) h[j] += T->tmp[j]; }
+    else for (int64_t j = 0; j < d; j++) h[j] += s->dbuf[j];
+}
+
+/* Returns the next token (-1 with MODE_NONE); -2 when the cache is full, -3 for a bad token. */
+int64_t eng_step(const EngModel* m, EngState* s, EngStep* a) {
+    if (s->pos >= s->max_ctx) return -2;
+    if (a->token < 0 || a->token >= m->vocab) return -3;
+    int nt = a->threads < 1 ? 1 : a->threads > s->n_threads ? (int)s->n_threads : a->threads;
+    int64_t reads = 0;
+    a->next = -1; a->head_bytes = 0; a->candidates = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        Thr* T = &s->th[t];
+        embed_row(m, a->token, T->h);
+        for (int64_t l = 0; l < m->n_layers; l++) layer_forward(m, s, &m->layers[l], l, T, t, n, &reads);
+        if (a->mode != MODE_NONE) {
+            rmsnorm(T->h, m->final_norm, T->xn, m->hidden, m->eps);
+            head_phase(m, s, a, T->xn, t, n);
+        }
+    }
+    a->linear_reads = reads;
+    if (a->kept) for (int64_t i = 0; i < m->n_layers * N_SITES; i++) a->kept[i] = (int32_t)s->kept[i];
+    s->pos++;
+    return a->next;
+}
+
+/* ---------------------------------------------------------------- test and tool entry points */
+
+/* One linear through the engine's site rule and kernel: y [P] from x [in]; returns kept count. */
+int64_t eng_linear(int32_t wt, const void* W, const float* wscale, int64_t in, int64_t P, const float* x,
+                   const EngSite* site, const float* bias, float* y, int32_t threads) {
+    int32_t* idx = zalloc((in + 16) * 4);
+    float* val = zalloc((in + 16) * 4);
+    int64_t nk = site_select(site, x, in, idx, val);
+    const int32_t* ix = idx;
+    const float* vx = val;
+    if (nk < 0) { nk = in; ix = NULL; vx = x; }
+#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
+    {
+        int64_t p0, p1;
+        slice16(P, omp_get_thread_num(), omp_get_num_threads(), &p0, &p1);
+        linear_slice(wt, W, P, ix, vx, nk, p0, p1, wscale, bias, site->bias, y);
+    }
+    free(idx); free(val);
+    return nk;
+}
+
+/* The head alone on a given hidden state (tests): returns the argmax; a->candidates and
+ * a->head_bytes as in a step. Needs a state made for m (n_layers may be 0). */
+int64_t eng_head(const EngModel* m, EngState* s, const float* h, EngStep* a) {
+    int nt = a->threads < 1 ? 1 : a->threads > s->n_threads ? (int)s->n_threads : a->threads;
+#pragma omp parallel num_threads(nt)
+    head_phase(m, s, a, h, omp_get_thread_num(), omp_get_num_threads());
+    return a->next;
+}
+
+/* Map an engine file: mode 0 mmap (read-only, populated), mode 1 a private copy in anonymous
+ * memory with transparent huge pages requested. Returns NULL on failure. */
+void* eng_map(const char* path, int64_t* size, int32_t mode) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return NULL;
+    struct stat st;
+    if (fstat(fd, &st) != 0) { close(fd); return NULL; }
+    *size = st.st_size;
+    void* p = NULL;
+    if (mode == 0) {
+        p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+        if (p == MAP_FAILED) p = NULL;
+    } else {
+        size_t huge = 1u << 21, n = ((size_t)st.st_size + huge - 1) / huge * huge;
+        if (posix_memalign(&p, huge, n) != 0) p = NULL;
+        if (p) {
+            madvise(p, n, MADV_HUGEPAGE);
+            size_t done = 0;
+            while (done < (size_t)st.st_size) {
+                ssize_t r = read(fd, (char*)p + done, (size_t)st.st_size - done);
+                if (r <= 0) { free(p); p = NULL; break; }
+                done += (size_t)r;
+            }
+        }
+    }
+    close(fd);
+    return p;
+}
+
+void eng_unmap(void* p, int64_t size, int32_t mode) {
+    if (!p) return;
+    if (mode == 0) munmap(p, (size_t)size);
+    else free(p);
+}
+
+/* Memory bandwidth in GB/s (1e9 bytes/s): kind 0 reads `bytes`, kind 1 copies them (read + write
+ * counted, as STREAM does); best of `reps` passes, `threads` threads each on its own slice. */
+double eng_bandwidth(int64_t bytes, int32_t threads, int32_t kind, int32_t reps) {
+    int64_t n = bytes / 4 / 64 * 64;
+    float* a = zalloc(n * 4);
+    float* b = kind == 1 ? zalloc(n * 4) : NULL;
+    if (!a || (kind == 1 && !b)) { free(a); free(b); return -1.0; }
+    static volatile float sink[MAXT];
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) { a[i] = (float)(i & 255); if (b) b[i] = 0.0f; }
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads)
+        {
+            int64_t i0, i1;
+            range(n / 64, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
+            i0 *= 64; i1 *= 64;
+#ifdef __AVX512F__
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            if (kind == 0) {
+                for (int64_t i = i0; i < i1; i += 64) {
+                    s0 = _mm512_add_ps(s0, _mm512_load_ps(a + i)); s1 = _mm512_add_ps(s1, _mm512_load_ps(a + i + 16));
+                    s2 = _mm512_add_ps(s2, _mm512_load_ps(a + i + 32)); s3 = _mm512_add_ps(s3, _mm512_load_ps(a + i + 48));
+                }
+                sink[omp_get_thread_num()] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+            } else {
+                for (int64_t i = i0; i < i1; i += 16) _mm512_store_ps(b + i, _mm512_load_ps(a + i));
+            }
+#else
+            float acc = 0.0f;
+            if (kind == 0) { for (int64_t i = i0; i < i1; i++) acc += a[i]; sink[omp_get_thread_num()] = acc; }
+            else memcpy(b + i0, a + i0, (size_t)(i1 - i0) * 4);
+#endif
+        }
+        double dt = omp_get_wtime() - t0;
+        if (dt < best) best = dt;
+    }
+    free(a); free(b);
+    return (double)n * 4 * (kind == 1 ? 2 : 1) / best / 1e9;
+}

@@ -1,0 +1,77 @@
+/* Native decode engine: structs shared with Python (ctypes mirrors in attrsparse/deploy/engine/cdefs.py).
+ *
+ * Every linear is stored input-major (W^T, [in, P] row-major, P = physical outputs), so input
+ * channel j is one contiguous run of P weights. Physical layouts per layer:
+ *   w[0] qkv : [hidden, (H + 2 KV) * hd]   columns q | k | v
+ *   w[1] o   : [H * hd, hidden]
+ *   w[2] gu  : [hidden, 2 * inter]         gate/up interleaved by blocks of 16: block b holds
+ *                                          gate[16b : 16b+n], then up[16b : 16b+n], n = min(16, inter-16b)
+ *   w[3] down: [inter, hidden]
+ * Element types: ENG_F32, ENG_BF16 (fp32 accumulation), ENG_I8 (per physical output scale).
+ */
+#ifndef ATTRSPARSE_ENGINE_H
+#define ATTRSPARSE_ENGINE_H
+#include <stdint.h>
+
+enum { ENG_F32 = 0, ENG_BF16 = 1, ENG_I8 = 2 };
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
+/* step modes */
+enum { MODE_NONE = 0, MODE_GREEDY_SCREENED = 1, MODE_GREEDY_FULL = 2, MODE_SAMPLE = 3 };
+/* sites: attn_in (q,k,v input), attn_out (o input), mlp_in (gate,up input), mlp_out (down input) */
+enum { SITE_ATTN_IN = 0, SITE_ATTN_OUT = 1, SITE_MLP_IN = 2, SITE_MLP_OUT = 3, N_SITES = 4 };
+
+/* Channel rule of one input site. Channel j is kept iff (keep == NULL || keep[j]) and
+ * (rule == 0 || |x_j - m_j| * a_j > threshold); y = sum_{j kept} W^T[j,:] (x_j - m_j) + bias. */
+typedef struct EngSite {
+    const float* scale;    /* a_j >= 0 [in], NULL = 1 */
+    const float* center;   /* m_j [in], NULL = 0 */
+    const uint8_t* keep;   /* fixed keep-mask [in], NULL = all */
+    const float* bias;     /* compensation [P] in physical output order, NULL = 0 */
+    float threshold;
+    int32_t rule;          /* 1: apply the threshold test */
+} EngSite;
+
+typedef struct EngLayer {
+    const void* w[4];          /* qkv, o, gu, down (input-major) */
+    const float* wscale[4];    /* int8: per physical output scale; else NULL */
+    const float* wbias[4];     /* the model's own biases (physical order) or NULL */
+    const float* norm[4];      /* attn_in, attn_out (post-attention, Gemma), mlp_in, mlp_out (post-ff, Gemma) */
+    const float* q_norm;       /* [hd] or NULL (Gemma 3) */
+    const float* k_norm;
+    const float* inv_freq;     /* [hd / 2] */
+    float rope_scale;          /* attention_scaling of the rope type (1 for the default) */
+    int32_t window;            /* sliding window (keys kv > pos - window), 0 = full attention */
+    EngSite site[N_SITES];
+} EngLayer;
+
+typedef struct EngModel {
+    int64_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab;
+    int32_t wtype, head_type, emb_type, act;
+    float eps, emb_scale, attn_scale, attn_softcap, final_softcap;
+    int32_t reserved;
+    const void* embed;         /* [vocab, hidden] row-major, emb_type */
+    const float* embed_scale;  /* per row (int8) */
+    const void* head;          /* [vocab, hidden] row-major, head_type */
+    const float* head_scale;   /* per row (int8) */
+    const int8_t* screen;      /* [vocab, hidden] int8 copy of the head, or NULL */
+    const float* screen_scale; /* per row */
+    const float* screen_bound; /* per row c_v: |exact_v - approx_v| <= c_v * ||h|| (see engine.c) */
+    const float* final_norm;
+    EngLayer* layers;
+} EngModel;
+
+typedef struct EngStep {
+    int64_t token;           /* in */
+    int32_t threads;         /* in */
+    int32_t mode;            /* in: MODE_* */
+    float temperature;       /* in (sampling) */
+    float top_p;             /* in (sampling) */
+    float* logits;           /* in: optional [vocab] output (forces the full head) */
+    int32_t* kept;           /* in: optional [n_layers * 4] kept channels per site */
+    int64_t next;            /* out: next token (-1 with MODE_NONE) */
+    int64_t linear_reads;    /* out: weight elements read by the decoder linears */
+    int64_t head_bytes;      /* out: bytes of LM-head weights read (screen copy + exact rows) */
+    int64_t candidates;      /* out: head rows computed exactly */
+} EngStep;
+
+#endif

@@ -1,0 +1,206 @@
+/* Kernels of the native engine (included by engine.c only).
+ *
+ * lin_*:  y[p0:p1] = sum_k val[k] * W^T[row_k, p0:p1] over kept rows, row_k = idx ? idx[k] : k.
+ *         Every output lane o is one fused multiply-add chain over k in order, so the value of
+ *         y_o does not depend on how outputs are sliced between threads, nor on the unrolling
+ *         (ROWS rows per pass over the slice, which stays in L1). The vector and tail paths use
+ *         the same operations (masked AVX-512 for the last partial chunk).
+ * dot_*:  one row of the (output-major) LM head with h: a fixed blocked order, shared by the
+ *         full head and the exact rows of the screened head, so both give bit-identical logits.
+ * select: the site rule, compressed to (idx, val) lists.
+ */
+#ifndef ATTRSPARSE_ENGINE_KERN_H
+#define ATTRSPARSE_ENGINE_KERN_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include "engine.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define ROWS 8
+#define PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 0)
+
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)v << 16;
+    return c.f;
+}
+
+#ifdef __AVX512F__
+static inline __m512 ld_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ldm_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 ld_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 ldm_bf16(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline __m512 ld_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+static inline __m512 ldm_i8(const int8_t* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+/* One pass of R rows (R <= ROWS) over y[0:n]; r[i] points at column p0 of row i. */
+#define LIN_PASS(T, LD, LDM, R)                                                                    \
+    do {                                                                                           \
+        int64_t c = 0;                                                                             \
+        for (; c + 16 <= n; c += 16) {                                                             \
+            __m512 a = _mm512_loadu_ps(yy + c);                                                    \
+            for (int i = 0; i < (R); i++) a = _mm512_fmadd_ps(xv[i], LD((const T*)r[i] + c), a);  \
+            _mm512_storeu_ps(yy + c, a);                                                           \
+        }                                                                                          \
+        if (c < n) {                                                                               \
+            __mmask16 m = (__mmask16)((1u << (n - c)) - 1u);                                       \
+            __m512 a = _mm512_maskz_loadu_ps(m, yy + c);                                           \
+            for (int i = 0; i < (R); i++) a = _mm512_fmadd_ps(xv[i], LDM((const T*)r[i] + c, m), a); \
+            _mm512_mask_storeu_ps(yy + c, m, a);                                                   \
+        }                                                                                          \
+    } while (0)
+
+#define DEFINE_LIN(NAME, T, LD, LDM)                                                               \
+static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* val, int64_t nk,   \
+                       int64_t p0, int64_t p1, float* y) {                                         \
+    int64_t n = p1 - p0;                                                                           \
+    if (n <= 0) return;                                                                            \
+    float* yy = y + p0;                                                                            \
+    memset(yy, 0, (size_t)n * sizeof(float));                                                      \
+    const T* r[ROWS];                                                                              \
+    __m512 xv[ROWS];                                                                               \
+    int64_t k = 0;                                                                                 \
+    for (; k + ROWS <= nk; k += ROWS) {                                                            \
+        for (int i = 0; i < ROWS; i++) {                                                           \
+            int64_t row = idx ? idx[k + i] : k + i;                                                \
+            r[i] = W + row * ld + p0;                                                              \
+            xv[i] = _mm512_set1_ps(val[k + i]);                                                    \
+        }                                                                                          \
+        if (k + 2 * ROWS <= nk) /* the first lines of the next pass's rows */                     \
+            for (int i = 0; i < ROWS; i++) PREFETCH(W + (idx ? idx[k + ROWS + i] : k + ROWS + i) * ld + p0); \
+        LIN_PASS(T, LD, LDM, ROWS);                                                                \
+    }                                                                                              \
+    for (; k < nk; k++) {                                                                          \
+        int64_t row = idx ? idx[k] : k;                                                            \
+        r[0] = W + row * ld + p0;                                                                  \
+        xv[0] = _mm512_set1_ps(val[k]);                                                            \
+        LIN_PASS(T, LD, LDM, 1);                                                                   \
+    }                                                                                              \
+}
+DEFINE_LIN(f32, float, ld_f32, ldm_f32)
+DEFINE_LIN(bf16, uint16_t, ld_bf16, ldm_bf16)
+DEFINE_LIN(i8, int8_t, ld_i8, ldm_i8)
+
+/* head row dot: 4 accumulators over 64-wide steps, then one 16-wide (masked) tail at a time */
+#define DEFINE_DOT(NAME, T, LD, LDM)                                                               \
+static inline float dot_##NAME(const T* w, const float* h, int64_t d) {                           \
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                    \
+    int64_t j = 0;                                                                                 \
+    for (; j + 64 <= d; j += 64) {                                                                 \
+        a0 = _mm512_fmadd_ps(LD(w + j), _mm512_loadu_ps(h + j), a0);                               \
+        a1 = _mm512_fmadd_ps(LD(w + j + 16), _mm512_loadu_ps(h + j + 16), a1);                     \
+        a2 = _mm512_fmadd_ps(LD(w + j + 32), _mm512_loadu_ps(h + j + 32), a2);                     \
+        a3 = _mm512_fmadd_ps(LD(w + j + 48), _mm512_loadu_ps(h + j + 48), a3);                     \
+    }                                                                                              \
+    for (; j < d; j += 16) {                                                                       \
+        __mmask16 m = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1u);        \
+        a0 = _mm512_fmadd_ps(LDM(w + j, m), _mm512_maskz_loadu_ps(m, h + j), a0);                 \
+    }                                                                                              \
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));      \
+}
+DEFINE_DOT(f32, float, ld_f32, ldm_f32)
+DEFINE_DOT(bf16, uint16_t, ld_bf16, ldm_bf16)
+DEFINE_DOT(i8, int8_t, ld_i8, ldm_i8)
+
+#else /* portable fallback: the same per-lane order (fmaf chains), no intrinsics */
+
+#define DEFINE_LIN(NAME, T, CV)                                                                    \
+static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* val, int64_t nk,   \
+                       int64_t p0, int64_t p1, float* y) {                                         \
+    for (int64_t c = p0; c < p1; c++) y[c] = 0.0f;                                                 \
+    for (int64_t k = 0; k < nk; k++) {                                                             \
+        const T* r = W + (idx ? idx[k] : k) * ld;                                                  \
+        float x = val[k];                                                                          \
+        for (int64_t c = p0; c < p1; c++) y[c] = fmaf(x, CV(r[c]), y[c]);                          \
+    }                                                                                              \
+}
+#define DEFINE_DOT(NAME, T, CV)                                                                    \
+static inline float dot_##NAME(const T* w, const float* h, int64_t d) {                           \
+    float s = 0.0f;                                                                                \
+    for (int64_t j = 0; j < d; j++) s = fmaf(CV(w[j]), h[j], s);                                   \
+    return s;                                                                                      \
+}
+#define CV_F32(v) (v)
+#define CV_I8(v) ((float)(v))
+DEFINE_LIN(f32, float, CV_F32)
+DEFINE_LIN(bf16, uint16_t, bf16_to_f32)
+DEFINE_LIN(i8, int8_t, CV_I8)
+DEFINE_DOT(f32, float, CV_F32)
+DEFINE_DOT(bf16, uint16_t, bf16_to_f32)
+DEFINE_DOT(i8, int8_t, CV_I8)
+#endif
+
+/* y[p0:p1] = (sum over kept rows) * scale + bias1 + bias2 (each optional) */
+static void linear_slice(int32_t wt, const void* W, int64_t ld, const int32_t* idx, const float* val,
+                         int64_t nk, int64_t p0, int64_t p1, const float* scale, const float* b1,
+                         const float* b2, float* y) {
+    if (wt == ENG_F32) lin_f32((const float*)W, ld, idx, val, nk, p0, p1, y);
+    else if (wt == ENG_BF16) lin_bf16((const uint16_t*)W, ld, idx, val, nk, p0, p1, y);
+    else lin_i8((const int8_t*)W, ld, idx, val, nk, p0, p1, y);
+    if (scale) for (int64_t c = p0; c < p1; c++) y[c] *= scale[c];
+    if (b1) for (int64_t c = p0; c < p1; c++) y[c] += b1[c];
+    if (b2) for (int64_t c = p0; c < p1; c++) y[c] += b2[c];
+}
+
+/* logit of head row v (exact: the same code for the full head and the screened head's rows) */
+static inline float head_row(int32_t ht, const void* W, const float* scale, int64_t v, const float* h, int64_t d) {
+    if (ht == ENG_F32) return dot_f32((const float*)W + v * d, h, d);
+    if (ht == ENG_BF16) return dot_bf16((const uint16_t*)W + v * d, h, d);
+    return dot_i8((const int8_t*)W + v * d, h, d) * scale[v];
+}
+
+/* The site rule: fills idx/val with the kept channels (val = x_j - m_j), returns how many.
+ * Buffers need n + 16 entries. With no rule, no mask and no center, returns -1 (dense: the
+ * caller passes idx = NULL and val = x). */
+static int64_t site_select(const EngSite* s, const float* x, int64_t n, int32_t* idx, float* val) {
+    if (!s->rule && !s->keep && !s->center) return -1;
+    const float* a = s->scale;
+    const float* m = s->center;
+    const uint8_t* keep = s->keep;
+    float t = s->threshold;
+    int64_t k = 0, j = 0;
+#ifdef __AVX512F__
+    const __m512 tv = _mm512_set1_ps(t), one = _mm512_set1_ps(1.0f);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; j + 16 <= n; j += 16, iv = _mm512_add_epi32(iv, step)) {
+        __m512 v = _mm512_loadu_ps(x + j);
+        if (m) v = _mm512_sub_ps(v, _mm512_loadu_ps(m + j));
+        __mmask16 sel = 0xFFFF;
+        if (s->rule) {
+            __m512 mag = _mm512_abs_ps(v);
+            mag = _mm512_mul_ps(mag, a ? _mm512_loadu_ps(a + j) : one);
+            sel = _mm512_cmp_ps_mask(mag, tv, _CMP_GT_OQ);
+        }
+        if (keep) {
+            __m128i kb = _mm_loadu_si128((const __m128i*)(keep + j));
+            sel &= _mm_test_epi8_mask(kb, kb);
+        }
+        _mm512_storeu_si512((void*)(idx + k), _mm512_maskz_compress_epi32(sel, iv));
+        _mm512_storeu_ps(val + k, _mm512_maskz_compress_ps(sel, v));
+        k += __builtin_popcount((unsigned)sel);
+    }
+#endif
+    for (; j < n; j++) {
+        float v = m ? x[j] - m[j] : x[j];
+        int ok = 1;
+        if (s->rule) ok = fabsf(v) * (a ? a[j] : 1.0f) > t;
+        if (keep) ok &= keep[j] != 0;
+        idx[k] = (int32_t)j;
+        val[k] = v;
+        k += ok;
+    }
+    return k;
+}
+#endif
