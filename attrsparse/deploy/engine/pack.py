@@ -302,11 +302,16 @@ def engine_dir(directory: str | os.PathLike | None = None) -> Path:
     return folder
 
 
-def pack(model: nn.Module, precision: str = "fp32", *, screen: bool = True,
+def pack(model: nn.Module, precision: str = "fp32", *, screen: bool | None = None,
          directory: str | os.PathLike | None = None, source: dict | None = None) -> Path:
-    """Write (once) and return the engine file of ``model`` in ``precision`` (module docstring)."""
+    """Write (once) and return the engine file of ``model`` in ``precision`` (module docstring).
+
+    ``screen``: store the int8 screening copy of the head for the exact screened greedy argmax;
+    default: for fp32 and bf16 heads (an int8 head is as small as its screen would be)."""
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if screen is None:
+        screen = precision != "int8"
     engine_arch(model)
     key = fingerprint(model, precision, screen)
     path = engine_dir(directory) / f"{model.config.model_type}-{precision}-{key[:16]}.aspe"

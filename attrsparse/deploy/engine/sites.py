@@ -126,3 +126,30 @@ def physical_bias(rule: SiteRule, site: str, config: dict, order: Sequence[int] 
     for proj, n in outs.items():
         flat.extend(float(v) for v in as_list(rule.bias[proj])) if proj in rule.bias else flat.extend([0.0] * n)
     return [flat[i] for i in order] if order is not None else flat
+
+
+def rules_to_json(rules: ChannelRules) -> dict:
+    """A JSON-able dict of ``rules`` (for files and worker processes); see :func:`rules_from_json`."""
+    out = []
+    for (layer, site), r in sorted(rules.sites.items()):
+        entry: dict = {"layer": layer, "site": site}
+        if r.threshold is not None:
+            entry["threshold"] = float(r.threshold)
+        for name in ("scale", "center"):
+            if getattr(r, name) is not None:
+                entry[name] = [float(v) for v in as_list(getattr(r, name))]
+        if r.keep is not None:
+            entry["keep"] = [bool(v) for v in as_list(r.keep)]
+        if r.bias:
+            entry["bias"] = {p: [float(v) for v in as_list(b)] for p, b in r.bias.items()}
+        out.append(entry)
+    return {"format": 1, "sites": out}
+
+
+def rules_from_json(data: dict) -> ChannelRules:
+    try:
+        return ChannelRules({(int(e["layer"]), str(e["site"])): SiteRule(
+            threshold=e.get("threshold"), scale=e.get("scale"), center=e.get("center"), keep=e.get("keep"),
+            bias=e.get("bias", {})) for e in data["sites"]})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"not a channel-rules file: {exc}") from None
