@@ -13,15 +13,15 @@ Public API::
 
 from __future__ import annotations
 
-from .architectures import ARCHITECTURES, UnitMap, supported_model_types, unit_map
-from .errors import UnsupportedArchitectureError, UserError
-from .hooks import capture_units
-from .masking import apply_masks
-from .metrics import get_metric, list_metrics, register_metric
-from .scoring import score
-from .selection import POLICIES, select
-from .trace import GradientTrace, trace_gradients
-from .units import ExecutedRatio, UnitMasks, UnitScores, executed_ratio
+from .core.architectures import ARCHITECTURES, UnitMap, supported_model_types, unit_map
+from .core.errors import UnsupportedArchitectureError, UserError
+from .core.hooks import capture_units
+from .core.masking import apply_masks
+from .scores import get_metric, list_metrics, register_metric
+from .scores.scoring import score
+from .selectors.topk import POLICIES, select
+from .core.trace import GradientTrace, trace_gradients
+from .core.units import ExecutedRatio, UnitMasks, UnitScores, executed_ratio
 from .deploy import generate  # noqa: E402  (also registers the static_gxo selector)
 
 __version__ = "0.1.0"
@@ -32,7 +32,7 @@ def load_model(spec: str = "smollm2-135m", **kwargs):
 
     See :func:`attrsparse.models.load_model` for the options.
     """
-    from .models import load_model as _load
+    from .core.models import load_model as _load
 
     return _load(spec, **kwargs)
 

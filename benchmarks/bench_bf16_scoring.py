@@ -52,7 +52,7 @@ def _spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def compare(fp32: torch.Tensor, bf16: torch.Tensor, ratio: float) -> dict:
     """Statistics of bf16 vs fp32 scores ``[T, L, K]`` (module docstring)."""
-    from attrsparse.selection import keep_count, top_k_mask
+    from attrsparse.selectors.topk import keep_count, top_k_mask
 
     ref, low = fp32.double(), bf16.double()
     k = keep_count(ratio, ref.shape[-1])
@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     import transformers
 
     from attrsparse import score
-    from attrsparse.io import atomic_write_json
-    from attrsparse.models import load_model
-    from attrsparse.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
-    from attrsparse.tasks import load_truthfulqa
-    from attrsparse.trace import trace_gradients
+    from attrsparse.core.io import atomic_write_json
+    from attrsparse.core.models import load_model
+    from attrsparse.data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
+    from attrsparse.data.tasks import load_truthfulqa
+    from attrsparse.core.trace import trace_gradients
 
     args = parse_args(argv)
     items = load_truthfulqa(args.data, limit=args.questions, offset=args.offset)

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         "runs": rows,
     }
     if args.out:
-        from attrsparse.io import atomic_write_json
+        from attrsparse.core.io import atomic_write_json
 
         atomic_write_json(Path(args.out), report)
         print(f"\nwrote {args.out}")

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from attrsparse.deploy.kernels import gather_backend
     from attrsparse.deploy.predictor import Predictor, load_predictor
     from attrsparse.deploy.runtime import SparseRuntime, StaticChooser
-    from attrsparse.prompts import encode_prompt, resolve_template
+    from attrsparse.data.prompts import encode_prompt, resolve_template
 
     ratios = [float(r) for r in args.ratios.split(",")]
     threads = [int(t) for t in args.threads.split(",")]

@@ -38,13 +38,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from attrsparse.architectures import unit_map  # noqa: E402
+from attrsparse.core.architectures import unit_map  # noqa: E402
 from attrsparse.deploy.calibrate import load_static_policy, run_calibration  # noqa: E402
 from attrsparse.deploy.predictor import BudgetRule, layer_ratios_from_masks, load_predictor_policy  # noqa: E402
-from attrsparse.errors import UserError  # noqa: E402
+from attrsparse.core.errors import UserError  # noqa: E402
 from attrsparse.evaluation.evaluate import evaluate_task  # noqa: E402
-from attrsparse.io import atomic_write_json  # noqa: E402
-from attrsparse.models import load_model  # noqa: E402
+from attrsparse.core.io import atomic_write_json  # noqa: E402
+from attrsparse.core.models import load_model  # noqa: E402
 from attrsparse.policies import make_policy  # noqa: E402
 
 

@@ -67,13 +67,13 @@ import torch.nn.functional as F  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from attrsparse.architectures import unit_map  # noqa: E402
-from attrsparse.calibration import calibration_sequences  # noqa: E402
+from attrsparse.core.architectures import unit_map  # noqa: E402
+from attrsparse.data.calibration import calibration_sequences  # noqa: E402
 from attrsparse.deploy.calibrate import weights_fingerprint  # noqa: E402
 from attrsparse.deploy.predictor import (  # noqa: E402
     BudgetRule, PredictorConfig, TrainingData, collect_training_data, train_predictor, unit_ranks)
-from attrsparse.io import atomic_save_tensors, atomic_write_json, atomic_write_text, stable_hash  # noqa: E402
-from attrsparse.models import load_model  # noqa: E402
+from attrsparse.core.io import atomic_save_tensors, atomic_write_json, atomic_write_text, stable_hash  # noqa: E402
+from attrsparse.core.models import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predictor_recall_report import markdown, row_order, summarise, table  # noqa: E402

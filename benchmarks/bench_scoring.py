@@ -114,9 +114,9 @@ def main(argv=None) -> int:
 
     import attrsparse
     from attrsparse import score, trace_gradients, unit_map
-    from attrsparse.prompts import encode_prompt, resolve_template
-    from attrsparse.reference import reference_trace
-    from attrsparse.tasks import load_truthfulqa
+    from attrsparse.data.prompts import encode_prompt, resolve_template
+    from attrsparse.core.reference import reference_trace
+    from attrsparse.data.tasks import load_truthfulqa
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "attrsparse": attrsparse.__version__, "python": platform.python_version(),

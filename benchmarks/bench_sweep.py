@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offset", type=int, default=0, help="first question index")
     p.add_argument("--metrics", default="magnitude,gxo,corrected_gxo")
     p.add_argument("--ratios", default="0.3,0.5,0.7,1.0")
-    p.add_argument("--data", default=None, help="TruthfulQA CSV (default: ../shared/data)")
+    p.add_argument("--data", default=None, help="TruthfulQA CSV (default: the bundled copy)")
     p.add_argument("--template", default="auto")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--ig-steps", type=int, default=20)
@@ -50,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _dense_reference(sweep, item, tokens: int, repeats: int) -> dict:
     """Seconds of a dense greedy decode of ``tokens`` tokens (single row, KV cache), the way the
     labels are made and the way the batch decoder runs one row."""
-    from attrsparse.decoding import masked_greedy_decode
-    from attrsparse.prompts import encode_prompt, greedy_continuation
+    from attrsparse.core.decoding import masked_greedy_decode
+    from attrsparse.data.prompts import encode_prompt, greedy_continuation
 
     prompt = encode_prompt(sweep.tok, item.question, sweep.template)
     greedy, batched = [], []
@@ -69,12 +69,12 @@ def run(args) -> dict:
     import torch
     import transformers
 
-    from attrsparse.commands import _floats, _metric_names
-    from attrsparse.models import load_model
-    from attrsparse.sweep import Sweep, SweepConfig
+    from attrsparse.cli.experiments import _metric_names, comma_floats
+    from attrsparse.core.models import load_model
+    from attrsparse.experiments.sweep import Sweep, SweepConfig
 
     config = SweepConfig(model=args.model, data=args.data, metrics=_metric_names(args.metrics),
-                         ratios=_floats(args.ratios, "--ratios"), template=args.template,
+                         ratios=comma_floats(args.ratios, "--ratios"), template=args.template,
                          limit=args.questions, offset=args.offset,
                          max_new_tokens=args.max_new_tokens, ig_steps=args.ig_steps,
                          mc1=not args.no_mc1).validate()  # bad input fails before the model loads
@@ -149,7 +149,7 @@ def table(report: dict) -> str:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from attrsparse.errors import UserError
+    from attrsparse.core.errors import UserError
 
     args = parse_args(argv)
     try:

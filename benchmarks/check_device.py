@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _sweep(model, tok, out: Path) -> dict:
-    from attrsparse.sweep import Sweep, SweepConfig
+    from attrsparse.experiments.sweep import Sweep, SweepConfig
 
     cfg = SweepConfig(metrics=["corrected_gxo", "magnitude"], ratios=[0.5, 1.0], limit=2, max_new_tokens=24)
     return Sweep(cfg, out, model=model, tokenizer=tok).run(progress=False)
@@ -53,7 +53,7 @@ def compare_sweeps(device_run: dict, cpu_run: dict) -> dict:
 
 
 def _evaluate(model, tok, items: int) -> dict:
-    from attrsparse.calibration import calibration_sequences
+    from attrsparse.data.calibration import calibration_sequences
     from attrsparse.evaluation.evaluate import evaluate_task
     from attrsparse.policies import make_policy
 
@@ -69,7 +69,7 @@ def _evaluate(model, tok, items: int) -> dict:
 
 def _calibrate(model, tok, out: Path) -> torch.Tensor:
     from attrsparse.deploy.calibrate import run_calibration
-    from attrsparse.io import load_tensors
+    from attrsparse.core.io import load_tensors
 
     run_calibration(model, tok, out, ratios=[0.5], n_sequences=4, seq_len=128, progress=False)
     return load_tensors(out / "static.safetensors")
@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--items", type=int, default=20, help="ARC-Easy items")
     p.add_argument("--out", default="docs/results/check_device.json")
     args = p.parse_args(argv)
-    from attrsparse.distributed import resolve_device
-    from attrsparse.models import load_model
+    from attrsparse.core.distributed import resolve_device
+    from attrsparse.core.models import load_model
 
     device = resolve_device(args.device)
     report = {"benchmark": "check_device", "model": args.model, "device": str(device),

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from attrsparse import capture_units, get_metric, list_metrics, trace_gradients, unit_map
-from attrsparse.architectures import zero_head_, zero_mlp_unit_
-from attrsparse.cli import main
-from attrsparse.hooks import UnitHooks
-from attrsparse.metrics import calibrated
-from attrsparse.metrics.calibrated import decision_cost_fraction, exact_thresholds, resolve_calibration
+from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
+from attrsparse.cli.main import main
+from attrsparse.core.hooks import UnitHooks
+from attrsparse.selectors import thresholds as calibrated
+from attrsparse.selectors.thresholds import decision_cost_fraction, exact_thresholds, resolve_calibration
 from attrsparse.policies import DensePolicy, make_policy
-from attrsparse.selection import keep_count
-from attrsparse.units import UnitMasks, executed_ratio
+from attrsparse.selectors.topk import keep_count
+from attrsparse.core.units import UnitMasks, executed_ratio
 from conftest import ARCHS
 
 PROMPT = torch.tensor([1, 5, 9, 17])
@@ -320,10 +320,10 @@ def test_sweep_calibrates_through_the_saved_tokenizer(tiny_truthfulqa_lm, tmp_pa
 def test_sweep_runs_every_baseline_by_name(tiny_truthfulqa_lm, tmp_path, monkeypatch):
     from pathlib import Path
 
-    import attrsparse.plots
-    from attrsparse.sweep import Sweep, SweepConfig
+    import attrsparse.experiments.plots
+    from attrsparse.experiments.sweep import Sweep, SweepConfig
 
-    monkeypatch.setattr(attrsparse.plots, "plot_curves", lambda results, out_dir: [])
+    monkeypatch.setattr(attrsparse.experiments.plots, "plot_curves", lambda results, out_dir: [])
     model, tok = tiny_truthfulqa_lm()
     data = Path(__file__).parent / "fixtures" / "truthfulqa_3.csv"
     names = ["teal", "cats", "wanda", "wina", "random"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from attrsparse.errors import UserError
+from attrsparse.core.errors import UserError
 from attrsparse.evaluation.bench import Bench, BenchConfig, macs_per_token, quality_frontier
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from attrsparse.cli import main
-from attrsparse.errors import UserError
+from attrsparse.cli.main import main
+from attrsparse.core.errors import UserError
 from attrsparse.evaluation import compare as compare_mod
 from attrsparse.evaluation.compare import Compare, CompareConfig, within_tolerance
 from attrsparse.evaluation.compare_report import frontier

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from attrsparse import UnitMasks, executed_ratio, unit_map
-from attrsparse.architectures import find_arch
+from attrsparse.core.architectures import find_arch
 from conftest import ARCHS
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import BloomConfig, BloomForCausalLM
 
 from attrsparse import UnsupportedArchitectureError, UserError, supported_model_types, unit_map
-from attrsparse.cli import main
+from attrsparse.cli.main import main
 from conftest import VOCAB, tiny_tokenizer
 
 

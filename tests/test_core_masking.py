@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from attrsparse import UnitMasks, apply_masks, executed_ratio, unit_map
-from attrsparse.architectures import zero_head_, zero_mlp_unit_
+from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
 from conftest import ARCHS
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 2, 40, 41]])

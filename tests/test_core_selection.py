@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attrsparse import UnitScores, UserError, select
-from attrsparse.selection import keep_count, top_k_mask
+from attrsparse.selectors.topk import keep_count, top_k_mask
 
 T, L, N, H = 3, 4, 10, 4
 

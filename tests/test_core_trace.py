@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from attrsparse import trace_gradients, unit_map
-from attrsparse.hooks import capture_units
-from attrsparse.reference import reference_trace
+from attrsparse.core.hooks import capture_units
+from attrsparse.core.reference import reference_trace
 from conftest import ARCHS
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attrsparse.architectures import unit_map
-from attrsparse.decoding import left_pad, masked_greedy_decode, masked_loglik
-from attrsparse.hooks import UnitHooks
-from attrsparse.prompts import encode_prompt, greedy_continuation
-from attrsparse.trace import position_multipliers
-from attrsparse.units import UnitMasks
+from attrsparse.core.architectures import unit_map
+from attrsparse.core.decoding import left_pad, masked_greedy_decode, masked_loglik
+from attrsparse.core.hooks import UnitHooks
+from attrsparse.data.prompts import encode_prompt, greedy_continuation
+from attrsparse.core.trace import position_multipliers
+from attrsparse.core.units import UnitMasks
 
 PAD = 0
 T = 7  # new tokens per row

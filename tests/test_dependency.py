@@ -18,11 +18,10 @@ from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from attrsparse import unit_map
-from attrsparse.architectures import zero_head_, zero_mlp_unit_
-from attrsparse.dependency import (DependencyConfig, ablation_deltas, ablation_errors, error_stats,
-                                   run_dependency, sample_ablations, score_change)
-from attrsparse.reference import reference_trace
-from attrsparse.trace import token_losses, trace_gradients
+from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
+from attrsparse.experiments.dependency import (DependencyConfig, ablation_deltas, ablation_errors, error_stats, run_dependency, sample_ablations, score_change)
+from attrsparse.core.reference import reference_trace
+from attrsparse.core.trace import token_losses, trace_gradients
 from conftest import VOCAB, build_tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -125,7 +124,7 @@ def test_first_order_quantities(model):
     abl = sample_ablations(units, t_len, 3 * t_len, 0.5, torch.Generator().manual_seed(0))
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
     errs = ablation_errors(model, PROMPT, TARGET, trace, abl)
-    from attrsparse.metrics import get_metric
+    from attrsparse.scores import get_metric
 
     gxo = get_metric("gxo").from_trace(trace)
     cor = get_metric("corrected_gxo").from_trace(trace)

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from attrsparse import UnitMasks, unit_map
-from attrsparse.decoding import left_pad
+from attrsparse.core.decoding import left_pad
 from attrsparse.deploy.gathered import GatheredIn, GatheredMLP
 from attrsparse.deploy.kernels import CBackend, gather_backend
 from attrsparse.deploy.predictor import BudgetRule, Predictor, unit_ranks
 from attrsparse.deploy.runtime import SparseRuntime, StaticChooser
-from attrsparse.hooks import UnitHooks
+from attrsparse.core.hooks import UnitHooks
 from conftest import ARCHS, build_tiny
 
 C = gather_backend("auto")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attrsparse import distributed
-from attrsparse.errors import UserError
+from attrsparse.core import distributed
+from attrsparse.core.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -63,9 +63,9 @@ def _strip_timings(obj):
 
 
 def test_sweep_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, tmp_path, monkeypatch, meta_default):
-    from attrsparse import plots
-    from attrsparse.metrics.base import list_metrics
-    from attrsparse.sweep import Sweep, SweepConfig
+    from attrsparse.experiments import plots
+    from attrsparse.scores.base import list_metrics
+    from attrsparse.experiments.sweep import Sweep, SweepConfig
 
     monkeypatch.setattr(plots, "plot_curves", lambda *a, **k: None)
     metrics = [m for m in list_metrics() if m != "static_gxo"]  # static_gxo: its own test below
@@ -82,7 +82,7 @@ def test_sweep_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, tmp_pa
 
 @pytest.mark.parametrize("task", ["truthfulqa_mc1", "wikitext2", "truthfulqa_gen"])
 def test_evaluation_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, task, meta_default):
-    from attrsparse.calibration import calibration_sequences
+    from attrsparse.data.calibration import calibration_sequences
     from attrsparse.evaluation.evaluate import evaluate_task
     from attrsparse.policies import make_policy
 
@@ -108,7 +108,7 @@ def test_evaluation_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, t
 
 def test_calibration_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, tmp_path, meta_default):
     from attrsparse.deploy.calibrate import run_calibration
-    from attrsparse.io import load_tensors
+    from attrsparse.core.io import load_tensors
 
     model, tok = tiny_truthfulqa_lm()
     tok = host_tokenizer(tok)
@@ -140,8 +140,8 @@ def test_unavailable_or_unknown_device_is_a_user_error(monkeypatch, choice):
 
 def test_dependency_analysis_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, tmp_path, monkeypatch,
                                                                      meta_default):
-    from attrsparse import plots
-    from attrsparse.dependency import DependencyConfig, run_dependency
+    from attrsparse.experiments import plots
+    from attrsparse.experiments.dependency import DependencyConfig, run_dependency
 
     monkeypatch.setattr(plots, "plot_dependency", lambda *a, **k: None)
     model, tok = tiny_truthfulqa_lm()
@@ -155,7 +155,7 @@ def test_dependency_analysis_makes_every_tensor_on_the_model_device(tiny_truthfu
 
 
 def test_predictor_training_and_policy_make_every_tensor_on_the_model_device(tiny_truthfulqa_lm, meta_default):
-    from attrsparse.architectures import unit_map
+    from attrsparse.core.architectures import unit_map
     from attrsparse.deploy.predictor import PredictorConfig, PredictorPolicy, collect_training_data, train_predictor
     from attrsparse.evaluation.evaluate import evaluate_task
 

@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from attrsparse import distributed, score
-from attrsparse.cli import main
-from attrsparse.distributed import DistContext, init_distributed, run_sharded
-from attrsparse.errors import UserError
-from attrsparse.streaming import ScoreReader, ScoreWriter
-from attrsparse.sweep import Sweep, SweepConfig
+from attrsparse.core import distributed
+from attrsparse import score
+from attrsparse.cli.main import main
+from attrsparse.core.distributed import DistContext, init_distributed, run_sharded
+from attrsparse.core.errors import UserError
+from attrsparse.experiments.streaming import ScoreReader, ScoreWriter
+from attrsparse.experiments.sweep import Sweep, SweepConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
@@ -150,9 +151,9 @@ def _sweep(tiny_truthfulqa_lm, out, **overrides):
 
 def test_streamed_sweep_scores_equal_score_and_lost_scores_are_recomputed(tiny_truthfulqa_lm, tmp_path,
                                                                           monkeypatch):
-    import attrsparse.plots
+    import attrsparse.experiments.plots
 
-    monkeypatch.setattr(attrsparse.plots, "plot_curves", lambda results, out_dir: [])
+    monkeypatch.setattr(attrsparse.experiments.plots, "plot_curves", lambda results, out_dir: [])
     sweep = _sweep(tiny_truthfulqa_lm, tmp_path, max_memory_mb=1e-6)  # one shard per question
     results = sweep.run(progress=False)
     reader = ScoreReader(tmp_path / "scores")

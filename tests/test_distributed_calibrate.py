@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from attrsparse.cli import main
-from attrsparse.io import load_tensors
+from attrsparse.cli.main import main
+from attrsparse.core.io import load_tensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent

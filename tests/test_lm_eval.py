@@ -17,11 +17,11 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
 
-from attrsparse.architectures import zero_head_, zero_mlp_unit_
-from attrsparse.errors import UserError
-from attrsparse.lm_eval import AttrsparseLM, right_padding_mask, sparse_generation
+from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
+from attrsparse.core.errors import UserError
+from attrsparse.evaluation.lm_eval_model import AttrsparseLM, right_padding_mask, sparse_generation
 from attrsparse.policies import make_policy
-from attrsparse.selection import keep_count
+from attrsparse.selectors.topk import keep_count
 from conftest import tiny_word_lm
 
 FIXTURE = Path(__file__).parent / "fixtures" / "arc_3.jsonl"
@@ -198,7 +198,7 @@ def test_online_generation_is_accounted_and_the_oracle_refuses(setup):
 @pytest.mark.slow
 def test_packaged_model_on_the_documented_task_matches_hf():
     """SmolLM2-135M on 3 questions of the docs' offline ARC-Easy task: ratio 1.0 = ``--model hf``."""
-    from attrsparse.models import load_model
+    from attrsparse.core.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     manager = TaskManager(include_path=str(REPO / "docs" / "lm_eval" / "tasks"), include_defaults=False)

@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from attrsparse import models
-from attrsparse.errors import UserError
+from attrsparse.core import models
+from attrsparse.core.errors import UserError
 
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]
 

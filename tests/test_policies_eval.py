@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from attrsparse import get_metric, select, trace_gradients, unit_map
-from attrsparse.architectures import zero_mlp_unit_
-from attrsparse.errors import UserError
+from attrsparse.core.architectures import zero_mlp_unit_
+from attrsparse.core.errors import UserError
 from attrsparse.evaluation import Evaluator, right_pad
 from attrsparse.policies import (DensePolicy, OraclePolicy, StaticPolicy, account, make_policy,
                                  model_logits)
-from attrsparse.units import UnitMasks
+from attrsparse.core.units import UnitMasks
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -91,7 +91,7 @@ def test_oracle_forward_masks_every_position_and_accounts_real_tokens(make_tiny)
     acc = account(out.masks, mask, units)
     assert acc.tokens == 13
     assert acc.mlp == pytest.approx(math.ceil(0.25 * units.mlp_size) / units.mlp_size)
-    with torch.no_grad(), __import__("attrsparse").hooks.UnitHooks(model) as hooks:
+    with torch.no_grad(), __import__("attrsparse.core.hooks").core.hooks.UnitHooks(model) as hooks:
         hooks.mlp_mult, hooks.head_mult = out.masks.mlp[:1], out.masks.heads[:1]
         direct = model_logits(model, ids[:1], None)
     assert torch.allclose(out.logits[0], direct[0], atol=1e-6)
@@ -186,7 +186,7 @@ def test_generation_dense_oracle_and_cached_static(tiny_truthfulqa_lm):
     class Uncached(StaticPolicy):
         prefix_cache = False
 
-    items = __import__("attrsparse").tasks.load_truthfulqa(data)
+    items = __import__("attrsparse.data.tasks").data.tasks.load_truthfulqa(data)
     cached_ev = Evaluator(model, tok, StaticPolicy("s", 0.6, masks))
     plain_ev = Evaluator(model, tok, Uncached("s", 0.6, masks))
     for item in items:
@@ -196,7 +196,7 @@ def test_generation_dense_oracle_and_cached_static(tiny_truthfulqa_lm):
 
 def test_decision_cost_from_mean_ratios_equals_per_row_sum(make_tiny):
     """The analytic read ratio (from mean unit ratios) equals the per-row decision cost summed."""
-    from attrsparse.metrics.calibrated import decision_cost_fraction
+    from attrsparse.selectors.thresholds import decision_cost_fraction
     from attrsparse.policies.base import with_decision_cost
 
     model = make_tiny("llama")

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from attrsparse import unit_map
-from attrsparse.cli import main
+from attrsparse.cli.main import main
 from attrsparse.deploy.predictor import (BudgetRule, Predictor, PredictorConfig, PredictorPolicy,
                                          collect_training_data, layer_ratios_from_masks, load_predictor,
                                          load_predictor_policy, save_predictor, train_predictor)
 from attrsparse.deploy.predictor_cli import evaluate_predictor
-from attrsparse.errors import UserError
-from attrsparse.hooks import UnitHooks
-from attrsparse.metrics import get_metric
-from attrsparse.metrics.progressive import budget_masks
+from attrsparse.core.errors import UserError
+from attrsparse.core.hooks import UnitHooks
+from attrsparse.scores import get_metric
+from attrsparse.selectors.progressive import budget_masks
 from attrsparse.policies import OraclePolicy, account, make_policy, model_logits
-from attrsparse.units import UnitMasks, UnitScores, executed_ratio, layer_param_fractions
+from attrsparse.core.units import UnitMasks, UnitScores, executed_ratio, layer_param_fractions
 from conftest import build_tiny
 
 RATIOS = [0.3, 0.5, 0.7]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from attrsparse import unit_map
-from attrsparse.metrics import get_metric, resolve_metric_names
-from attrsparse.metrics.progressive import budget_masks
-from attrsparse.trace import position_multipliers, trace_gradients
-from attrsparse.units import UnitScores, executed_ratio, layer_param_fractions
+from attrsparse.scores import get_metric, resolve_metric_names
+from attrsparse.selectors.progressive import budget_masks
+from attrsparse.core.trace import position_multipliers, trace_gradients
+from attrsparse.core.units import UnitScores, executed_ratio, layer_param_fractions
 
 PROMPT = torch.tensor([1, 5, 9, 17])
 TARGET = torch.tensor([3, 8, 21, 4, 30])

@@ -6,14 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attrsparse.plots import metric_colors, normalised_errors, plot_curves, plot_dependency
-from attrsparse.report import (
-    PAPER_TABLE2,
-    ordering_agreement,
-    table2,
-    write_csv,
-    write_report,
-)
+from attrsparse.experiments.plots import metric_colors, normalised_errors, plot_curves, plot_dependency
+from attrsparse.experiments.report import PAPER_TABLE2, ordering_agreement, table2, write_csv, write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results_small.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from attrsparse.cli import main
-from attrsparse.errors import UserError
-from attrsparse.sweep import Sweep, SweepConfig
+from attrsparse.cli.main import main
+from attrsparse.core.errors import UserError
+from attrsparse.experiments.sweep import Sweep, SweepConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = FIXTURES / "truthfulqa_3.csv"
@@ -67,9 +67,9 @@ def count_calls(monkeypatch) -> list[int]:
 @pytest.fixture
 def no_plots(monkeypatch):
     """Skip the figures (the slowest part of a tiny sweep) where a test does not look at them."""
-    import attrsparse.plots
+    import attrsparse.experiments.plots
 
-    monkeypatch.setattr(attrsparse.plots, "plot_curves", lambda results, out_dir: [])
+    monkeypatch.setattr(attrsparse.experiments.plots, "plot_curves", lambda results, out_dir: [])
 
 
 @pytest.fixture(scope="module")

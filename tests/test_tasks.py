@@ -6,21 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from attrsparse.errors import UserError
-from attrsparse.tasks import (
-    MCItem,
-    Task,
-    TruthfulQAItem,
-    get_task,
-    list_tasks,
-    load_task,
-    mc2_score,
-    mc_correct,
-    paper_prompt,
-    qa_prompt,
-    register_task,
-)
-from attrsparse.tasks import common, multiple_choice, registry
+from attrsparse.core.errors import UserError
+from attrsparse.data.tasks import (MCItem, Task, TruthfulQAItem, get_task, list_tasks, load_task, mc2_score, mc_correct, paper_prompt, qa_prompt, register_task)
+from attrsparse.data.tasks import common, multiple_choice, registry
 
 FIX = Path(__file__).parent / "fixtures"
 TQA = FIX / "truthfulqa_3.csv"
@@ -204,7 +192,7 @@ def test_data_dir_env(tmp_path, monkeypatch):
 
 def test_missing_default_data(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTRSPARSE_DATA_DIR", str(tmp_path / "nowhere"))
-    monkeypatch.setattr(common, "DEFAULT_DATA_DIR", tmp_path / "shared" / "data")
+    monkeypatch.setattr(common, "BUNDLED_DIR", tmp_path / "bundled")
     with pytest.raises(UserError, match="--data PATH") as exc:
         load_task("truthfulqa_gen")
     assert str(tmp_path / "nowhere") in str(exc.value) and "\n" not in str(exc.value)

@@ -37,14 +37,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..architectures import UnitMap, accelerator_tag, model_device, unit_map
-from ..errors import UserError, check_ratio
-from ..io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
-from ..metrics.base import Metric, get_metric, register_metric
+from ..core.architectures import UnitMap, accelerator_tag, model_device, unit_map
+from ..core.errors import UserError, check_ratio
+from ..core.io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
+from ..scores.base import Metric, get_metric, register_metric
 from ..policies.base import StaticPolicy, model_logits
-from ..trace import to_ids, trace_gradients
-from ..units import UnitMasks, UnitScores
-from . import allocation as alloc
+from ..core.trace import to_ids, trace_gradients
+from ..core.units import UnitMasks, UnitScores
+from ..selectors import allocation as alloc
 
 FORMAT = "attrsparse-static/1"
 JSON_NAME, TENSORS_NAME = "static.json", "static.safetensors"
@@ -109,7 +109,7 @@ def calibrate(model: nn.Module, sequences: list[torch.Tensor], metric: str = "co
         raise UserError("calibration needs at least one sequence of at least 2 tokens")
     units = unit_map(model)
     if parts_dir is not None:
-        from ..distributed import init_distributed
+        from ..core.distributed import init_distributed
 
         ctx = ctx or init_distributed(model_device(model))
         settings = [weights_fingerprint(model), m.name, labels, head_reduction]
@@ -365,7 +365,7 @@ def run_calibration(model: nn.Module, tokenizer, out: str | Path, *, ratios, met
     Scores already stored in ``out`` for the same model, metric, labels and calibration are
     reused (a rerun with more ratios costs no tracing).
     """
-    from ..calibration import calibration_sequences
+    from ..data.calibration import calibration_sequences
 
     seqs = calibration_sequences(tokenizer, calib, n_sequences, seq_len, data=data)
     calibration = {"source": calib, "n_sequences": len(seqs), "seq_len": seq_len,
@@ -433,7 +433,7 @@ class StaticGxO(Metric):
                        **context) -> list[UnitMasks]:
         """The static masks repeated at each of the T target tokens (``[T, L, *]``)."""
         try:
-            from ..metrics.calibrated import resolve_calibration
+            from ..selectors.thresholds import resolve_calibration
         except ImportError:  # pragma: no cover - the field baselines' helper is optional
             resolve_calibration = None
         seqs = context.get("calibration")

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..architectures import UnitMap, find_arch, linear_dims, unit_map
-from ..errors import UserError
-from ..units import UnitMasks, executed_ratio
+from ..core.architectures import UnitMap, find_arch, linear_dims, unit_map
+from ..core.errors import UserError
+from ..core.units import UnitMasks, executed_ratio
 
 MLP_SIZE_KEY = {"gpt2": "n_inner", "opt": "ffn_dim"}  # default: intermediate_size
 HEADS_FIXED_FAMILIES = ("gpt2", "opt")  # head size = hidden / heads: heads cannot be sliced

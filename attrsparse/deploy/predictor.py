@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architectures import UnitMap, model_device, unit_map
-from ..errors import UserError, check_ratio
-from ..hooks import UnitHooks
-from ..io import atomic_write_bytes
+from ..core.architectures import UnitMap, model_device, unit_map
+from ..core.errors import UserError, check_ratio
+from ..core.hooks import UnitHooks
+from ..core.io import atomic_write_bytes
 from ..policies.base import PolicyOutput, SparsityPolicy, model_logits
-from ..units import UnitMasks, UnitScores, layer_param_fractions
+from ..core.units import UnitMasks, UnitScores, layer_param_fractions
 from .runtime import NativeChoice, UnitChooser
 
 WEIGHTS_NAME = "predictor.safetensors"
@@ -303,8 +303,8 @@ def collect_training_data(model: nn.Module, sequences: list[torch.Tensor], progr
     inputs. Corrected GxO scores are stored as ranks. The passes run on the model's device; the
     data is kept on the CPU.
     """
-    from ..metrics import get_metric
-    from ..trace import to_ids, trace_gradients
+    from ..scores import get_metric
+    from ..core.trace import to_ids, trace_gradients
 
     units = unit_map(model)
     if units.mlp_size > torch.iinfo(torch.int16).max:
@@ -431,7 +431,7 @@ def train_predictor(data: TrainingData, units: UnitMap, ratios, config: Predicto
 
 
 def _label_selector():
-    from ..metrics import get_metric
+    from ..scores import get_metric
 
     return get_metric(LABEL_SELECTOR)
 

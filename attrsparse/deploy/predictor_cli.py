@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ..commands import comma_floats
-from ..errors import UserError, check_ratio
-from ..io import atomic_save_tensors, atomic_write_json, load_tensors, stable_hash
+from ..cli.experiments import comma_floats
+from ..core.errors import UserError, check_ratio
+from ..core.io import atomic_save_tensors, atomic_write_json, load_tensors, stable_hash
 
 DATA_FORMAT = 1
 
@@ -36,7 +36,7 @@ def evaluate_predictor(predictor, data, units, ratio: float) -> dict:
     the oracle's on :class:`~attrsparse.deploy.predictor.TrainingData` at ``ratio``: per unit
     kind, parameter-weighted (kept MLP units and query heads weighted by their parameters) and per
     layer; plus the executed ratio of the predicted and the oracle masks."""
-    from ..units import UnitMasks, executed_ratio
+    from ..core.units import UnitMasks, executed_ratio
     from .predictor import BudgetRule
 
     rule = BudgetRule(units, check_ratio(ratio), predictor.meta.get("head_power", 0.5))
@@ -107,8 +107,8 @@ def run_train_predictor(model, tokenizer, out: str | Path, *, ratios, calib: str
                         eval_tasks: list[str] | None = None, eval_limit: int = 100,
                         eval_max_tokens: int = 4096, progress: bool = True) -> dict:
     """Train, save and report a predictor (module docstring); returns the report dict."""
-    from ..architectures import unit_map
-    from ..calibration import calibration_sequences
+    from ..core.architectures import unit_map
+    from ..data.calibration import calibration_sequences
     from .calibrate import weights_fingerprint
     from .predictor import PredictorConfig, REPORT_NAME, save_predictor, train_predictor
 
@@ -191,7 +191,7 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def cmd_train_predictor(args) -> int:
-    from ..models import load_model
+    from ..core.models import load_model
     from .predictor import PredictorConfig
 
     config = PredictorConfig(rank=args.rank, head_rank=args.head_rank, epochs=args.epochs, lr=args.lr,

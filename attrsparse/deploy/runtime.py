@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..architectures import UnitMap, find_arch, linear_dims, unit_map
-from ..errors import UserError
-from ..units import ExecutedRatio, UnitMasks, executed_ratio
+from ..core.architectures import UnitMap, find_arch, linear_dims, unit_map
+from ..core.errors import UserError
+from ..core.units import ExecutedRatio, UnitMasks, executed_ratio
 from .gathered import Block, GatheredIn, GatheredMLP, GatheredOut, UnitGroup, _col_major, _row_major
-from .kernels import _SUFFIX, gather_backend, measure_break_even
+from .kernels import SUFFIX, gather_backend, measure_break_even
 
 # families whose MLP is one module ``layer.mlp``: (activation module path, gated)
 MLP_MODULES = {"llama": ("mlp.act_fn", True), "qwen2": ("mlp.act_fn", True), "gemma": ("mlp.act_fn", True),
@@ -198,7 +198,7 @@ class SparseRuntime:
         every group natively (:meth:`UnitChooser.native`), the C calls choose the units too."""
         u = self.units
         weight = next(self.model.parameters())
-        if not (self.backend.fused and weight.dtype in _SUFFIX and weight.device.type == "cpu"):
+        if not (self.backend.fused and weight.dtype in SUFFIX and weight.device.type == "cpu"):
             return
         keep = self._keep_buffers = {"mlp": torch.zeros(u.num_layers, u.mlp_size, dtype=torch.bool),
                                      "heads": torch.zeros(u.num_layers, u.num_heads, dtype=torch.bool)}
@@ -399,7 +399,7 @@ def greedy_decode(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens:
 
     Returns ``{"tokens": [T_b] per row, "prefill_s", "decode_s", "decode_tokens"}``.
     """
-    from ..decoding import greedy_loop
+    from ..core.decoding import greedy_loop
 
     def before_call(ids, attn, done):
         real = attn[:, -ids.shape[1]:].bool() & ~done.view(-1, 1)
@@ -458,7 +458,7 @@ def predictor_chooser(path: str, ratio: float | None, model: nn.Module) -> UnitC
 
 
 def _encode(tokenizer, prompts, template: str) -> list[torch.Tensor]:
-    from ..prompts import encode_prompt, resolve_template
+    from ..data.prompts import encode_prompt, resolve_template
 
     if template == "raw":
         ids = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
@@ -486,8 +486,8 @@ def generate(model_or_spec, prompts, sparsity=None, *, ratio: float | None = Non
             or ``raw`` (the text as is).
         stop_at_eos: stop each row at its EOS (False: exactly ``max_new_tokens``, for benchmarks).
     """
-    from ..models import load_model, parse_dtype
-    from ..prompts import stop_token_ids
+    from ..core.models import load_model, parse_dtype
+    from ..data.prompts import stop_token_ids
 
     if isinstance(model_or_spec, (str, bytes)) or hasattr(model_or_spec, "__fspath__"):
         model, tokenizer = load_model(str(model_or_spec), dtype=dtype or "float32")

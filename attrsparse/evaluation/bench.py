@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import UserError, check_ratio
-from ..io import atomic_write_json, read_json, stable_hash
+from ..core.errors import UserError, check_ratio
+from ..core.io import atomic_write_json, read_json, stable_hash
 
 MODES = ("dense", "static", "predictor", "oracle")
 TOLERANCE = {"mc1": 0.05, "task_acc": 0.05, "wikitext2_ppl": 0.10}
@@ -102,7 +102,7 @@ def reset_peak_rss() -> bool:
 
 def macs_per_token(model, computed_fraction: float, predictor_params: int = 0) -> float:
     """Multiply-adds per decoded token: maskable weights x fraction + the rest + LM head + predictor."""
-    from ..architectures import unit_map
+    from ..core.architectures import unit_map
 
     units = unit_map(model)
     maskable = units.maskable_params
@@ -120,7 +120,7 @@ class Bench:
         self.config = config.validate()
         self.out = Path(out)
         if model is None:
-            from ..models import load_model
+            from ..core.models import load_model
 
             model, tokenizer = load_model(config.model, dtype=config.dtype)
         self.model, self.tok = model, tokenizer
@@ -165,7 +165,7 @@ class Bench:
     def prompts(self) -> list[str]:
         """The speed prompts: the first ``speed_prompts`` TruthfulQA questions (read once)."""
         if self._prompts is None:
-            from ..tasks import load_truthfulqa
+            from ..data.tasks import load_truthfulqa
 
             self._prompts = [it.question for it in load_truthfulqa(limit=self.config.speed_prompts)]
         return self._prompts
@@ -215,7 +215,7 @@ class Bench:
                 "threads": torch.get_num_threads()}
 
     def measure_quality(self, mode: str, ratio: float) -> dict:
-        from ..calibration import calibration_sequences
+        from ..data.calibration import calibration_sequences
         from ..policies import make_policy
         from .evaluate import evaluate_task
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..core.io import atomic_write_text
 
 COLORS = {"dense": "#000000", "static": "#1f77b4", "predictor": "#d62728", "oracle": "#2ca02c"}
 
@@ -20,7 +20,7 @@ def _num(v) -> float:
 def plot_bench(results: dict, out_dir: Path) -> list[Path]:
     """``bench.png/.svg``: (a) speed-up and ideal speed-up, (b) quality relative to dense, both
     against the executed parameter-weighted ratio."""
-    from ..plots import _save, plt
+    from ..experiments.plots import _save, plt
 
     records = results["records"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))

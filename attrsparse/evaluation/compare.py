@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..errors import UserError, check_ratio
-from ..io import atomic_write_json, atomic_write_text, stable_hash
-from ..tasks import get_task
+from ..core.errors import UserError, check_ratio
+from ..core.io import atomic_write_json, atomic_write_text, stable_hash
+from ..data.tasks import get_task
 from .evaluate import evaluate_task
 
 PRIMARY = {"multiple_choice": "acc", "perplexity": "ppl", "generation": "bleu_vs_dense"}
@@ -58,7 +58,7 @@ class CompareConfig:
     device: str = "auto"  # cuda:<local rank> when CUDA is available, else cpu
 
     def validate(self) -> "CompareConfig":
-        from ..metrics import get_metric, resolve_metric_names
+        from ..scores import get_metric, resolve_metric_names
 
         if not self.models or not self.tasks:
             raise UserError("compare needs at least one model and one task")
@@ -118,20 +118,20 @@ class Compare:
 
     def context(self):
         """This process's place in the (torchrun) job; the models load on its device."""
-        from ..distributed import init_distributed
+        from ..core.distributed import init_distributed
 
         return init_distributed(self.config.device)
 
     def _load(self, spec: str):
         if spec not in self.loaded:
-            from ..models import load_model
+            from ..core.models import load_model
 
             device = self.context().device
             self.loaded = {spec: load_model(spec, dtype=self.config.dtype, device=device)}  # one model in memory
         return self.loaded[spec]
 
     def run_job(self, model_spec: str, task: str, selector: str, ratio: float, calib_cache: dict) -> dict:
-        from ..calibration import calibration_sequences
+        from ..data.calibration import calibration_sequences
         from ..policies import make_policy
 
         cfg = self.config
@@ -154,9 +154,9 @@ class Compare:
         merges them in job order, so the outputs equal a single-process run. Returns the results
         on rank 0, None on the other ranks.
         """
-        from ..architectures import accelerator_tag
-        from ..distributed import run_sharded
-        from ..sweep import model_fingerprint
+        from ..core.architectures import accelerator_tag
+        from ..core.distributed import run_sharded
+        from ..experiments.sweep import model_fingerprint
 
         calib_cache, weights = {}, {}
 
@@ -177,7 +177,7 @@ class Compare:
         evaluations reported it (exact: it follows from the record's mean unit ratios)."""
         if "executed_ratio_with_decision_cost" in record or record["selector"] == "dense":
             return record
-        from ..architectures import unit_map
+        from ..core.architectures import unit_map
         from ..policies import make_policy
         from ..policies.base import with_decision_cost
 

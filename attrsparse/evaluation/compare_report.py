@@ -17,7 +17,7 @@ import io
 import math
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..core.io import atomic_write_text
 
 CSV_FIELDS = ["model", "task", "selector", "mode", "deployable", "requested_ratio", "executed_ratio",
               "executed_ratio_with_decision_cost",
@@ -167,7 +167,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def plot_task(results: dict, task: str, out_dir: Path) -> list[Path]:
     """``<task>.png/.svg``: primary metric vs executed ratio, one panel per model."""
-    from ..plots import _save, metric_colors, plt
+    from ..experiments.plots import _save, metric_colors, plt
 
     records = [r for r in results["records"] if r["task"] == task]
     if not records:

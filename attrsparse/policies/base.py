@@ -28,10 +28,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..architectures import model_device, unit_map
-from ..errors import UserError, check_ratio
-from ..hooks import UnitHooks
-from ..units import ExecutedRatio, UnitMasks, executed_ratio
+from ..core.architectures import model_device, unit_map
+from ..core.errors import UserError, check_ratio
+from ..core.hooks import UnitHooks
+from ..core.units import ExecutedRatio, UnitMasks, executed_ratio
 
 MODES = ("dense", "oracle", "online", "static", "predictor")
 
@@ -204,6 +204,6 @@ def make_policy(selector: str, ratio: float, **options) -> SparsityPolicy:
 
             return load_predictor_policy(path, ratio)
         raise UserError(f"unknown selector prefix '{kind}:' (use static:PATH or predictor:PATH)")
-    from ..metrics import get_metric
+    from ..scores import get_metric
 
     return get_metric(selector).make_policy(ratio, **options)

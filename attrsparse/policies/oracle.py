@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ..architectures import unit_map
-from ..errors import UserError
-from ..hooks import UnitHooks
-from ..trace import trace_gradients
-from ..units import UnitMasks
+from ..core.architectures import unit_map
+from ..core.errors import UserError
+from ..core.hooks import UnitHooks
+from ..core.trace import trace_gradients
+from ..core.units import UnitMasks
 from .base import PolicyOutput, SparsityPolicy, model_logits
 
 

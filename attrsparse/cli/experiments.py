@@ -1,0 +1,180 @@
+"""The experiment sub-commands (sweep, dependency, demo), registered on the CLI's parser."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..core.errors import UserError
+
+DEMO_METRICS = "magnitude,gradient,gxo,snip,ig,corrected_gxo,recommended"
+ALL_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
+
+
+def comma_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (the CLI's list options)."""
+    return [x.strip() for x in str(text or "").split(",") if x.strip()]
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device`` of the commands that run the model where torchrun puts each rank."""
+    p.add_argument("--device", default="auto", help="auto (default: cuda:<local rank> when CUDA is "
+                                                    "available, else cpu), cpu, cuda or cuda:N")
+
+
+def comma_floats(text: str, what: str, nonempty: bool = False) -> list[float]:
+    """Comma-separated numbers of option ``what``; a bad number (or, with ``nonempty``, no number)
+    is a :class:`UserError`."""
+    try:
+        values = [float(x) for x in comma_list(text)]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got '{text}'") from None
+    if nonempty and not values:
+        raise UserError(f"{what} is empty")
+    return values
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers, got '{text}'") from None
+
+
+def _metric_names(text: str) -> list[str]:
+    from ..scores import resolve_metric_names
+
+    return resolve_metric_names(comma_list(text))
+
+
+def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model spec (default: smollm2-135m)")
+    p.add_argument("--dataset", default="truthfulqa", help="truthfulqa (TruthfulQA generation)")
+    p.add_argument("--data", default=None, help="local TruthfulQA.csv (default: $ATTRSPARSE_DATA_DIR, else the "
+                                               "bundled copy; 'truthful_qa' = HF hub, online)")
+    p.add_argument("--metrics", default="magnitude,gradient,gxo,snip,ig,corrected_gxo",
+                   help="comma-separated metrics/selectors; 'paper' = the paper's six, "
+                        "'recommended' = our best selector")
+    p.add_argument("--ratios", default=ALL_RATIOS, help="requested activation ratios in (0, 1]")
+    p.add_argument("--policy", default="per_layer", help="per_layer (paper), global or threshold")
+    p.add_argument("--template", default="auto", help="auto (chat if the model has one), chat, paper, qa")
+    p.add_argument("--limit", type=int, default=limit, help="number of questions")
+    p.add_argument("--offset", type=int, default=0, help="first question index")
+    p.add_argument("--questions", default=None, help="explicit question indices, e.g. 0,5,9")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="cap on the label length")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    add_device_arg(p)
+    p.add_argument("--head-reduction", default="sum", help="sum (exact) or mean (official code)")
+    p.add_argument("--ig-steps", type=int, default=20, help="Riemann steps of IG (default 20)")
+    p.add_argument("--ig-questions", type=int, default=None, help="run IG on the first k questions only")
+    p.add_argument("--mask-prefill", action="store_true", help="mask the whole prompt with step 0's masks")
+    p.add_argument("--no-mc1", action="store_true", help="skip TruthfulQA MC1 under the masks")
+    p.add_argument("--mc1-ratios", default=None, help="ratios at which MC1 runs under masks (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-scores", action="store_true",
+                   help="keep every question's per-token scores in OUT/scores (safetensors shards)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="MB",
+                   help="memory budget of the streamed-scores buffer (default 256; needs --stream-scores)")
+    p.add_argument("--out", required=True, help="output directory (resumes if it holds a run)")
+
+
+def _sweep_config(args):
+    from ..experiments.sweep import SweepConfig
+
+    if args.max_memory is not None and not args.stream_scores:
+        raise UserError("--max-memory bounds the streamed scores; add --stream-scores")
+    return SweepConfig(
+        model=args.model, dataset=args.dataset, data=args.data, metrics=_metric_names(args.metrics),
+        ratios=comma_floats(args.ratios, "--ratios"), policy=args.policy, template=args.template,
+        limit=args.limit, offset=args.offset, questions=_ints(args.questions, "--questions"),
+        max_new_tokens=args.max_new_tokens, dtype=args.dtype, head_reduction=args.head_reduction,
+        ig_steps=args.ig_steps, ig_questions=args.ig_questions, mask_prefill=args.mask_prefill,
+        mc1=not args.no_mc1, seed=args.seed, stream_scores=args.stream_scores, device=args.device,
+        max_memory_mb=256.0 if args.max_memory is None else args.max_memory,
+        mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios") if args.mc1_ratios else None)
+
+
+def cmd_sweep(args) -> int:
+    from ..experiments.sweep import Sweep
+
+    sweep = Sweep(_sweep_config(args), Path(args.out))
+    if sweep.run() is not None:  # None on the other ranks of a torchrun job: rank 0 reports
+        print(f"report: {Path(args.out) / 'report.md'}\nplots:  {Path(args.out) / 'curves.png'}")
+    return 0
+
+
+def cmd_dependency(args) -> int:
+    from ..experiments.dependency import DependencyConfig, run_dependency
+
+    config = DependencyConfig(model=args.model, data=args.data, limit=args.limit, offset=args.offset,
+                              ratios=comma_floats(args.ratios, "--ratios"), template=args.template,
+                              max_new_tokens=args.max_new_tokens, ablations=args.ablations,
+                              device=args.device)
+    run_dependency(config, Path(args.out))
+    print(f"dependency analysis: {Path(args.out) / 'dependency.json'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The paper's sweep on the default model plus the dependency analysis (about 12 minutes on
+    2 idle cores; IG and MC1 are limited to keep it there, and the report says so)."""
+    from ..experiments.dependency import DependencyConfig, run_dependency
+    from ..core.models import load_model
+    from ..experiments.sweep import Sweep, SweepConfig
+
+    out = Path(args.out)
+    model, tok = load_model(args.model)
+    run_dependency(DependencyConfig(model=args.model, limit=args.dependency_questions,
+                                    offset=args.offset), out, model=model, tokenizer=tok)
+    config = SweepConfig(model=args.model, metrics=_metric_names(DEMO_METRICS), limit=args.limit,
+                         offset=args.offset, ig_steps=args.ig_steps, ig_questions=args.ig_questions,
+                         mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios"))
+    Sweep(config, out, model=model, tokenizer=tok).run()
+    print(f"\nreport: {out / 'report.md'}\nplots:  {out / 'curves.png'} (and .svg)\n"
+          f"data:   {out / 'results.json'}, {out / 'results.csv'}, {out / 'dependency.json'}")
+    return 0
+
+
+def register_commands(sub) -> None:
+    """Add the experiment commands to the CLI's sub-parsers (imports stay lazy)."""
+    p = sub.add_parser("sweep", help="accuracy-activation sweep (the paper's oracle protocol)")
+    _add_sweep_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("dependency", help="attribution error from dependency between layers")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=None)
+    p.add_argument("--limit", type=int, default=4)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    p.add_argument("--template", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--ablations", type=int, default=64, help="single-unit removals measured per question")
+    add_device_arg(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_dependency)
+
+    p = sub.add_parser("demo", help="run the paper's sweep and dependency analysis on the default model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--limit", type=int, default=25)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--ig-steps", type=int, default=4, help="IG steps in the demo (paper: 20)")
+    p.add_argument("--ig-questions", type=int, default=3, help="IG on the first k questions only")
+    p.add_argument("--dependency-questions", type=int, default=3)
+    p.add_argument("--mc1-ratios", default="0.3,0.5", help="ratios with MC1 under masks")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    from .evaluation import register_evaluation_commands  # evaluate, compare
+
+    register_evaluation_commands(sub)
+
+    from .deploy import register_deploy_commands  # calibrate, export, generate
+
+    register_deploy_commands(sub)
+
+    from ..deploy.predictor_cli import register_predictor_commands  # train-predictor
+
+    register_predictor_commands(sub)

@@ -1,0 +1,1 @@
+"""Data: evaluation tasks (bundled and packaged), calibration text, prompt templates, text metrics."""

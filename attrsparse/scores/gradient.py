@@ -1,0 +1,13 @@
+"""Gradient: the signed ``-g`` (as the official code ranks it); a head's score is ``-sum_d g_d``."""
+
+from ..core.units import UnitScores
+from .base import Metric, head_sum, register_metric
+
+
+@register_metric
+class Gradient(Metric):
+    name = "gradient"
+    description = "signed gradient -dL/dx (head: -sum over its dims, or mean)"
+
+    def from_trace(self, trace, head_reduction="sum"):
+        return UnitScores(-trace.mlp_g, head_sum(-trace.head_g, head_reduction))

@@ -1,0 +1,1 @@
+"""Selectors: turn scores or live activations into keep-masks at a target ratio."""

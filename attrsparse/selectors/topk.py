@@ -1,0 +1,71 @@
+"""Turn scores into keep-masks at a target activation ratio.
+
+Policies (``select(..., policy=...)``):
+
+* ``per_layer`` (the paper): in every (token, layer) row keep the top ``k = ceil(r * C)`` units,
+  MLP and heads separately (C = N or H). Ties are broken by unit index (stable sort), so exactly k.
+* ``global``: per token, keep the top ``ceil(r * L * C)`` units of a kind over all layers at once
+  (raw scores compared across layers).
+* ``threshold``: one threshold per unit kind over all tokens and layers, set at the score quantile
+  that keeps a fraction r (ties at the threshold are kept, so the kept fraction can exceed r).
+
+``ratio`` is a *unit* ratio; ``head_ratio`` overrides it for heads. What was really kept is
+measured with :func:`attrsparse.units.executed_ratio`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.errors import UserError, check_ratio
+from ..core.units import UnitMasks, UnitScores
+
+POLICIES = ("per_layer", "global", "threshold")
+
+
+def keep_count(ratio: float, total: int) -> int:
+    """Units kept out of ``total`` at ``ratio``: ``ceil(ratio * total)`` (at least 1).
+
+    A tiny tolerance keeps float noise from rounding 0.3 * 10 = 3.0000000000000004 up to 4.
+    """
+    return max(1, min(total, math.ceil(ratio * total - 1e-9)))
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k highest entries along the last dim (ties -> lower index)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :k], True)
+    return mask
+
+
+def _per_layer(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    return top_k_mask(scores, keep_count(ratio, scores.shape[-1]))
+
+
+def _global(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    flat = scores.reshape(*scores.shape[:-2], -1)
+    return top_k_mask(flat, keep_count(ratio, flat.shape[-1])).reshape(scores.shape)
+
+
+def _threshold(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    flat = scores.reshape(-1).float()
+    k = keep_count(ratio, flat.numel())
+    tau = torch.topk(flat, k).values[-1]
+    return scores >= tau
+
+
+_POLICY_FNS = {"per_layer": _per_layer, "global": _global, "threshold": _threshold}
+
+
+def select(scores: UnitScores, ratio: float, policy: str = "per_layer",
+           head_ratio: float | None = None) -> UnitMasks:
+    """Keep-masks with the shapes of ``scores`` (``mlp [..., L, N]``, ``heads [..., L, H]``)."""
+    ratio = check_ratio(ratio)
+    head_ratio = ratio if head_ratio is None else check_ratio(head_ratio, "head_ratio")
+    if policy not in _POLICY_FNS:
+        raise UserError(f"unknown selection policy '{policy}' (available: {', '.join(POLICIES)})")
+    fn = _POLICY_FNS[policy]
+    return UnitMasks(fn(scores.mlp, ratio), fn(scores.heads, head_ratio))
