@@ -48,7 +48,7 @@ LAYOUT(EngStep, offsetof(EngStep, token), offsetof(EngStep, threads), offsetof(E
 #define MAXT 64
 
 typedef struct Thr {
-    float *h, *xn, *val, *tmp, *sc, *cs, *sn;
+    float *h, *xn, *val, *tmp, *sc, *cs, *sn, *kcur, *vcur;
     int32_t* idx;
     const float* rope_src;   /* cos/sin table cache: (inv_freq, pos) */
     int64_t rope_pos;
@@ -60,7 +60,8 @@ typedef struct Thr {
 typedef struct EngState {
     int64_t max_ctx, pos, n_threads;
     uint64_t rng;
-    float *kc, *vc, *qkv, *att, *obuf, *gu, *mact, *dbuf, *logits, *upper;
+    float *kc, *vc, *att, *gu, *mact, *logits, *upper;
+    float *pq[2], *po[2], *pg[2], *pd[2];   /* the two parts of each linear (engine_kern.h: PARTS) */
     int64_t* kept;           /* [n_layers * 4] of the last step */
     struct { float e; int32_t i; }* pairs;
     Thr th[MAXT];
@@ -78,11 +79,13 @@ static int64_t max3(int64_t a, int64_t b, int64_t c) { int64_t m = a > b ? a : b
 
 void eng_state_free(EngState* s) {
     if (!s) return;
-    free(s->kc); free(s->vc); free(s->qkv); free(s->att); free(s->obuf); free(s->gu); free(s->mact);
-    free(s->dbuf); free(s->logits); free(s->upper); free(s->kept); free(s->pairs);
+    free(s->kc); free(s->vc); free(s->att); free(s->gu); free(s->mact);
+    free(s->logits); free(s->upper); free(s->kept); free(s->pairs);
+    for (int i = 0; i < 2; i++) { free(s->pq[i]); free(s->po[i]); free(s->pg[i]); free(s->pd[i]); }
     for (int t = 0; t < MAXT; t++) {
         Thr* T = &s->th[t];
         free(T->h); free(T->xn); free(T->val); free(T->tmp); free(T->sc); free(T->cs); free(T->sn); free(T->idx);
+        free(T->kcur); free(T->vcur);
     }
     free(s);
 }
@@ -93,22 +96,27 @@ EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uin
     EngState* s = calloc(1, sizeof(EngState));
     if (!s) return NULL;
     int64_t d = m->hidden, hd = m->head_dim, A = m->n_heads * hd, P = (m->n_heads + 2 * m->n_kv) * hd;
+    if (d > TILE * 64 || m->inter > TILE * 64) { free(s); return NULL; }
     int64_t cache = m->n_layers * m->n_kv * max_ctx * hd * (int64_t)sizeof(float);
     int64_t wide = max3(d, A, m->inter) + 16;
     s->max_ctx = max_ctx; s->n_threads = threads; s->rng = seed;
     s->kc = zalloc(cache); s->vc = zalloc(cache);
-    s->qkv = zalloc(P * 4); s->att = zalloc(A * 4); s->obuf = zalloc(d * 4); s->gu = zalloc(2 * m->inter * 4);
-    s->mact = zalloc(m->inter * 4); s->dbuf = zalloc(d * 4);
+    s->att = zalloc(A * 4); s->gu = zalloc(2 * m->inter * 4); s->mact = zalloc(m->inter * 4);
+    int ok = 1;
+    for (int i = 0; i < 2; i++) {
+        s->pq[i] = zalloc(P * 4); s->po[i] = zalloc(d * 4); s->pg[i] = zalloc(2 * m->inter * 4); s->pd[i] = zalloc(d * 4);
+        ok = ok && s->pq[i] && s->po[i] && s->pg[i] && s->pd[i];
+    }
     s->logits = zalloc(m->vocab * 4); s->upper = zalloc(m->vocab * 4);
     s->kept = zalloc((m->n_layers + 1) * N_SITES * 8);
     s->pairs = zalloc(m->vocab * 8);
-    int ok = s->kc && s->vc && s->qkv && s->att && s->obuf && s->gu && s->mact && s->dbuf && s->logits
-             && s->upper && s->kept && s->pairs;
+    ok = ok && s->kc && s->vc && s->att && s->gu && s->mact && s->logits && s->upper && s->kept && s->pairs;
     for (int t = 0; t < threads && ok; t++) {
         Thr* T = &s->th[t];
-        T->h = zalloc(d * 4); T->xn = zalloc(wide * 4); T->val = zalloc(wide * 4); T->tmp = zalloc(d * 4);
+        T->h = zalloc(d * 4); T->xn = zalloc(wide * 4); T->val = zalloc(wide * 4); T->tmp = zalloc(wide * 4);
         T->sc = zalloc(max_ctx * 4); T->cs = zalloc(hd * 4); T->sn = zalloc(hd * 4); T->idx = zalloc(wide * 4);
-        ok = T->h && T->xn && T->val && T->tmp && T->sc && T->cs && T->sn && T->idx;
+        T->kcur = zalloc(hd * 4); T->vcur = zalloc(hd * 4);
+        ok = T->h && T->xn && T->val && T->tmp && T->sc && T->cs && T->sn && T->idx && T->kcur && T->vcur;
     }
     if (!ok) { eng_state_free(s); return NULL; }
     return s;
@@ -168,15 +176,27 @@ static void rope_apply(Thr* T, float* x, const float* inv_freq, float scale, int
     }
 }
 
-/* one site + its linear over this thread's output range; returns the kept count */
-static int64_t site_linear(const EngModel* m, const EngLayer* L, int site, Thr* T, const float* x, int64_t n,
-                           int64_t P, int64_t p0, int64_t p1, float* y) {
-    int64_t nk = site_select(&L->site[site], x, n, T->idx, T->val);
+/* One site + its linear: the site rule (every thread, same result), then this thread's share
+ * of the PARTS x S work items (part r over column slice s of S = ceil(nt / 2)) into parts[r].
+ * Returns the kept count. */
+static int64_t site_parts(const EngModel* m, const EngLayer* L, int site, Thr* T, const float* x, int64_t n,
+                          int64_t P, float* const* parts, int t, int nt) {
+    int64_t nk = site_select(&L->site[site], x, n, T->idx, T->val), p0, p1;
     const int32_t* ix = T->idx;
     const float* vx = T->val;
     if (nk < 0) { nk = n; ix = NULL; vx = x; }
-    linear_slice(m->wtype, L->w[site], P, ix, vx, nk, p0, p1, L->wscale[site], L->wbias[site], L->site[site].bias, y);
+    int S = (nt + 1) / 2;
+    for (int i = t; i < PARTS * S; i += nt) {
+        slice16(P, i % S, S, &p0, &p1);
+        linear_part(m->wtype, L->w[site], P, ix, vx, nk, i / S, p0, p1, parts[i / S]);
+    }
     return nk;
+}
+
+/* out[0:p1-p0] = outputs p0..p1 of linear `site` from its two parts (scale, the model's bias, the
+ * compensation) */
+static inline void site_reduce(const EngLayer* L, int site, float* const* parts, int64_t p0, int64_t p1, float* out) {
+    reduce_out(parts[0], parts[1], p0, p1, L->wscale[site], L->wbias[site], L->site[site].bias, out);
 }
 
 /* ---------------------------------------------------------------- the head */
@@ -293,45 +313,43 @@ static void head_phase(const EngModel* m, EngState* s, EngStep* a, const float* 
 static void layer_forward(const EngModel* m, EngState* s, const EngLayer* L, int64_t l, Thr* T, int t, int nt,
                           int64_t* reads) {
     int64_t d = m->hidden, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, I = m->inter;
-    int64_t A = H * hd, Pqkv = (H + 2 * KV) * hd, pos = s->pos, p0, p1, a0, a1, nk;
+    int64_t A = H * hd, Pqkv = (H + 2 * KV) * hd, pos = s->pos, a0, a1, nk, group = H / KV;
     int64_t* kept = s->kept + l * N_SITES;
     float* h = T->h;
 
-    /* attention input: norm, site attn_in, fused q|k|v */
+    /* attention input: norm, site attn_in, fused q|k|v parts */
     rmsnorm(h, L->norm[0], T->xn, d, m->eps);
-    slice16(Pqkv, t, nt, &p0, &p1);
-    nk = site_linear(m, L, SITE_ATTN_IN, T, T->xn, d, Pqkv, p0, p1, s->qkv);
+    nk = site_parts(m, L, SITE_ATTN_IN, T, T->xn, d, Pqkv, s->pq, t, nt);
     if (t == 0) { kept[0] = nk; *reads += nk * Pqkv; }
 #pragma omp barrier
-    /* q/k norms and RoPE per head; keys and values into the cache */
-    range(H + KV, t, nt, &a0, &a1);
-    for (int64_t it = a0; it < a1; it++) {
-        if (it < H) {
-            float* q = s->qkv + it * hd;
-            if (L->q_norm) { rmsnorm(q, L->q_norm, T->tmp, hd, m->eps); memcpy(q, T->tmp, (size_t)hd * 4); }
-            rope_apply(T, q, L->inv_freq, L->rope_scale, hd, pos);
-        } else {
-            int64_t g = it - H;
-            float* k = s->qkv + (H + g) * hd;
-            if (L->k_norm) { rmsnorm(k, L->k_norm, T->tmp, hd, m->eps); memcpy(k, T->tmp, (size_t)hd * 4); }
-            rope_apply(T, k, L->inv_freq, L->rope_scale, hd, pos);
-            int64_t off = ((l * KV + g) * s->max_ctx + pos) * hd;
-            memcpy(s->kc + off, k, (size_t)hd * 4);
-            memcpy(s->vc + off, s->qkv + (H + KV + g) * hd, (size_t)hd * 4);
-        }
-    }
-#pragma omp barrier
-    /* attention per query head */
+    /* per query head: its q, its group's k and v (computed by every thread that needs them; the
+     * group's first head writes them to the cache), q/k norms, RoPE, attention */
     range(H, t, nt, &a0, &a1);
     int64_t first = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0, n = pos - first + 1;
+    int64_t have = -1;
     for (int64_t hq = a0; hq < a1; hq++) {
-        const float* q = s->qkv + hq * hd;
-        int64_t g = hq / (H / KV), base = (l * KV + g) * s->max_ctx * hd;
+        int64_t g = hq / group, base = (l * KV + g) * s->max_ctx * hd;
+        if (g != have) {
+            site_reduce(L, SITE_ATTN_IN, s->pq, (H + g) * hd, (H + g + 1) * hd, T->kcur);
+            site_reduce(L, SITE_ATTN_IN, s->pq, (H + KV + g) * hd, (H + KV + g + 1) * hd, T->vcur);
+            if (L->k_norm) rmsnorm(T->kcur, L->k_norm, T->kcur, hd, m->eps);
+            rope_apply(T, T->kcur, L->inv_freq, L->rope_scale, hd, pos);
+            have = g;
+        }
+        if (hq % group == 0) {
+            memcpy(s->kc + base + pos * hd, T->kcur, (size_t)hd * 4);
+            memcpy(s->vc + base + pos * hd, T->vcur, (size_t)hd * 4);
+        }
+        float* q = T->tmp;
+        site_reduce(L, SITE_ATTN_IN, s->pq, hq * hd, (hq + 1) * hd, q);
+        if (L->q_norm) rmsnorm(q, L->q_norm, q, hd, m->eps);
+        rope_apply(T, q, L->inv_freq, L->rope_scale, hd, pos);
         const float* K = s->kc + base + first * hd;
         const float* Vc = s->vc + base + first * hd;
         float* sc = T->sc, mx = -INFINITY, *o = s->att + hq * hd;
         for (int64_t i = 0; i < n; i++) {
-            float z = dot_f32(K + i * hd, q, hd) * m->attn_scale;
+            const float* kr = i == n - 1 ? T->kcur : K + i * hd;   /* the current position from this thread's copy */
+            float z = dot_f32(kr, q, hd) * m->attn_scale;
             if (m->attn_softcap > 0.0f) z = tanhf(z / m->attn_softcap) * m->attn_softcap;
             sc[i] = z;
             if (z > mx) mx = z;
@@ -342,37 +360,37 @@ static void layer_forward(const EngModel* m, EngState* s, const EngLayer* L, int
         for (int64_t c = 0; c < hd; c++) o[c] = 0.0f;
         for (int64_t i = 0; i < n; i++) {
             float p = sc[i] * inv;
-            const float* vr = Vc + i * hd;
+            const float* vr = i == n - 1 ? T->vcur : Vc + i * hd;
             for (int64_t c = 0; c < hd; c++) o[c] += p * vr[c];
         }
     }
 #pragma omp barrier
-    /* attention output projection */
-    slice16(d, t, nt, &p0, &p1);
-    nk = site_linear(m, L, SITE_ATTN_OUT, T, s->att, A, d, p0, p1, s->obuf);
+    /* attention output projection; every thread adds it to its own residual stream */
+    nk = site_parts(m, L, SITE_ATTN_OUT, T, s->att, A, d, s->po, t, nt);
     if (t == 0) { kept[1] = nk; *reads += nk * d; }
 #pragma omp barrier
-    if (L->norm[1]) { rmsnorm(s->obuf, L->norm[1], T->tmp, d, m->eps); for (int64_t j = 0; j < d; j++) h[j] += T->tmp[j]; }
-    else for (int64_t j = 0; j < d; j++) h[j] += s->obuf[j];
-    /* MLP input: norm, site mlp_in, fused gate/up over this thread's block pairs, activation */
+    site_reduce(L, SITE_ATTN_OUT, s->po, 0, d, T->tmp);
+    if (L->norm[1]) rmsnorm(T->tmp, L->norm[1], T->tmp, d, m->eps);
+    for (int64_t j = 0; j < d; j++) h[j] += T->tmp[j];
+    /* MLP input: norm, site mlp_in, fused gate/up parts; the activation over block pairs */
     rmsnorm(h, L->norm[2], T->xn, d, m->eps);
-    int64_t nb = (I + 15) / 16, b0 = nb * t / nt, b1 = nb * (t + 1) / nt;
-    p0 = 32 * b0 < 2 * I ? 32 * b0 : 2 * I;
-    p1 = 32 * b1 < 2 * I ? 32 * b1 : 2 * I;
-    nk = site_linear(m, L, SITE_MLP_IN, T, T->xn, d, 2 * I, p0, p1, s->gu);
+    nk = site_parts(m, L, SITE_MLP_IN, T, T->xn, d, 2 * I, s->pg, t, nt);
     if (t == 0) { kept[2] = nk; *reads += nk * 2 * I; }
+#pragma omp barrier
+    int64_t nb = (I + 15) / 16, b0 = nb * t / nt, b1 = nb * (t + 1) / nt;
     for (int64_t b = b0; b < b1; b++) {
         int64_t bs = I - 16 * b < 16 ? I - 16 * b : 16;
+        site_reduce(L, SITE_MLP_IN, s->pg, 32 * b, 32 * b + 2 * bs, s->gu + 32 * b);
         const float* g = s->gu + 32 * b;
         for (int64_t i = 0; i < bs; i++) s->mact[16 * b + i] = act(g[i], m->act) * g[bs + i];
     }
 #pragma omp barrier
-    slice16(d, t, nt, &p0, &p1);
-    nk = site_linear(m, L, SITE_MLP_OUT, T, s->mact, I, d, p0, p1, s->dbuf);
+    nk = site_parts(m, L, SITE_MLP_OUT, T, s->mact, I, d, s->pd, t, nt);
     if (t == 0) { kept[3] = nk; *reads += nk * d; }
 #pragma omp barrier
-    if (L->norm[3]) { rmsnorm(s->dbuf, L->norm[3], T->tmp, d, m->eps); for (int64_t j = 0; j < d; j++) h[j] += T->tmp[j]; }
-    else for (int64_t j = 0; j < d; j++) h[j] += s->dbuf[j];
+    site_reduce(L, SITE_MLP_OUT, s->pd, 0, d, T->tmp);
+    if (L->norm[3]) rmsnorm(T->tmp, L->norm[3], T->tmp, d, m->eps);
+    for (int64_t j = 0; j < d; j++) h[j] += T->tmp[j];
 }
 
 /* Returns the next token (-1 with MODE_NONE); -2 when the cache is full, -3 for a bad token. */
@@ -401,23 +419,33 @@ int64_t eng_step(const EngModel* m, EngState* s, EngStep* a) {
 
 /* ---------------------------------------------------------------- test and tool entry points */
 
-/* One linear through the engine's site rule and kernel: y [P] from x [in]; returns kept count. */
+/* One linear through the engine's site rule, parts and reduction: y [P] from x [in]; returns the
+ * kept count. */
 int64_t eng_linear(int32_t wt, const void* W, const float* wscale, int64_t in, int64_t P, const float* x,
                    const EngSite* site, const float* bias, float* y, int32_t threads) {
-    int32_t* idx = zalloc((in + 16) * 4);
-    float* val = zalloc((in + 16) * 4);
-    int64_t nk = site_select(site, x, in, idx, val);
-    const int32_t* ix = idx;
-    const float* vx = val;
-    if (nk < 0) { nk = in; ix = NULL; vx = x; }
-#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
+    EngLayer L;
+    memset(&L, 0, sizeof L);
+    L.w[0] = W; L.wscale[0] = wscale; L.wbias[0] = bias; L.site[0] = *site;
+    EngModel m;
+    memset(&m, 0, sizeof m);
+    m.wtype = wt;
+    Thr th[MAXT];
+    float* parts[2] = {zalloc(P * 4), zalloc(P * 4)};
+    int nt = threads < 1 ? 1 : threads > MAXT ? MAXT : threads;
+    int64_t kept = 0;
+    for (int t = 0; t < nt; t++) { th[t].idx = zalloc((in + 16) * 4); th[t].val = zalloc((in + 16) * 4); }
+#pragma omp parallel num_threads(nt)
     {
-        int64_t p0, p1;
-        slice16(P, omp_get_thread_num(), omp_get_num_threads(), &p0, &p1);
-        linear_slice(wt, W, P, ix, vx, nk, p0, p1, wscale, bias, site->bias, y);
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        int64_t nk = site_parts(&m, &L, 0, &th[t], x, in, P, parts, t, n), p0, p1;
+        if (t == 0) kept = nk;
+#pragma omp barrier
+        slice16(P, t, n, &p0, &p1);
+        site_reduce(&L, 0, parts, p0, p1, y + p0);
     }
-    free(idx); free(val);
-    return nk;
+    for (int t = 0; t < nt; t++) { free(th[t].idx); free(th[t].val); }
+    free(parts[0]); free(parts[1]);
+    return kept;
 }
 
 /* The head alone on a given hidden state (tests): returns the argmax; a->candidates and

@@ -1,10 +1,9 @@
 /* Kernels of the native engine (included by engine.c only).
  *
- * lin_*:  y[p0:p1] = sum_k val[k] * W^T[row_k, p0:p1] over kept rows, row_k = idx ? idx[k] : k.
- *         Every output lane o is one fused multiply-add chain over k in order, so the value of
- *         y_o does not depend on how outputs are sliced between threads, nor on the unrolling
- *         (ROWS rows per pass over the slice, which stays in L1). The vector and tail paths use
- *         the same operations (masked AVX-512 for the last partial chunk).
+ * lin_*:  y[p0:p1] = sum_k val[k] * W^T[row_k, p0:p1] over kept rows k0 <= k < k1, row_k =
+ *         idx ? idx[k] : k. Every output lane o is one fused multiply-add chain over k in order,
+ *         so the value of y_o does not depend on how columns are sliced between threads; the
+ *         vector and tail paths use the same operations (masked AVX-512 for a partial chunk).
  * dot_*:  one row of the (output-major) LM head with h: a fixed blocked order, shared by the
  *         full head and the exact rows of the screened head, so both give bit-identical logits.
  * select: the site rule, compressed to (idx, val) lists.
@@ -19,7 +18,6 @@
 #include <immintrin.h>
 #endif
 
-#define ROWS 8
 #define PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 0)
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -44,48 +42,37 @@ static inline __m512 ldm_i8(const int8_t* p, __mmask16 m) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-/* One pass of R rows (R <= ROWS) over y[0:n]; r[i] points at column p0 of row i. */
-#define LIN_PASS(T, LD, LDM, R)                                                                    \
-    do {                                                                                           \
-        int64_t c = 0;                                                                             \
-        for (; c + 16 <= n; c += 16) {                                                             \
-            __m512 a = _mm512_loadu_ps(yy + c);                                                    \
-            for (int i = 0; i < (R); i++) a = _mm512_fmadd_ps(xv[i], LD((const T*)r[i] + c), a);  \
-            _mm512_storeu_ps(yy + c, a);                                                           \
-        }                                                                                          \
-        if (c < n) {                                                                               \
-            __mmask16 m = (__mmask16)((1u << (n - c)) - 1u);                                       \
-            __m512 a = _mm512_maskz_loadu_ps(m, yy + c);                                           \
-            for (int i = 0; i < (R); i++) a = _mm512_fmadd_ps(xv[i], LDM((const T*)r[i] + c, m), a); \
-            _mm512_mask_storeu_ps(yy + c, m, a);                                                   \
-        }                                                                                          \
-    } while (0)
-
+/* Partial sum of kept rows [k0, k1) over columns [p0, p1): one row at a time (the rows of one
+ * part are one sequential stream), the next kept row's first line prefetched, columns in tiles
+ * of TILE so that y stays in L1. */
+#define TILE 4096
 #define DEFINE_LIN(NAME, T, LD, LDM)                                                               \
-static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* val, int64_t nk,   \
-                       int64_t p0, int64_t p1, float* y) {                                         \
-    int64_t n = p1 - p0;                                                                           \
-    if (n <= 0) return;                                                                            \
-    float* yy = y + p0;                                                                            \
-    memset(yy, 0, (size_t)n * sizeof(float));                                                      \
-    const T* r[ROWS];                                                                              \
-    __m512 xv[ROWS];                                                                               \
-    int64_t k = 0;                                                                                 \
-    for (; k + ROWS <= nk; k += ROWS) {                                                            \
-        for (int i = 0; i < ROWS; i++) {                                                           \
-            int64_t row = idx ? idx[k + i] : k + i;                                                \
-            r[i] = W + row * ld + p0;                                                              \
-            xv[i] = _mm512_set1_ps(val[k + i]);                                                    \
+static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* val, int64_t k0,   \
+                       int64_t k1, int64_t p0, int64_t p1, float* y) {                             \
+    if (p1 <= p0) return;                                                                          \
+    memset(y + p0, 0, (size_t)(p1 - p0) * sizeof(float));                                         \
+    for (int64_t t0 = p0; t0 < p1; t0 += TILE) {                                                   \
+        int64_t n = p1 - t0 < TILE ? p1 - t0 : TILE;                                               \
+        float* yy = y + t0;                                                                        \
+        for (int64_t k = k0; k < k1; k++) {                                                        \
+            const T* r = W + (idx ? idx[k] : k) * ld + t0;                                         \
+            if (k + 1 < k1) PREFETCH(W + (idx ? idx[k + 1] : k + 1) * ld + t0);                    \
+            const __m512 x = _mm512_set1_ps(val[k]);                                               \
+            int64_t c = 0;                                                                         \
+            for (; c + 64 <= n; c += 64) {                                                         \
+                __m512 a0 = _mm512_fmadd_ps(x, LD(r + c), _mm512_loadu_ps(yy + c));                \
+                __m512 a1 = _mm512_fmadd_ps(x, LD(r + c + 16), _mm512_loadu_ps(yy + c + 16));      \
+                __m512 a2 = _mm512_fmadd_ps(x, LD(r + c + 32), _mm512_loadu_ps(yy + c + 32));      \
+                __m512 a3 = _mm512_fmadd_ps(x, LD(r + c + 48), _mm512_loadu_ps(yy + c + 48));      \
+                _mm512_storeu_ps(yy + c, a0); _mm512_storeu_ps(yy + c + 16, a1);                    \
+                _mm512_storeu_ps(yy + c + 32, a2); _mm512_storeu_ps(yy + c + 48, a3);               \
+            }                                                                                      \
+            for (; c < n; c += 16) {                                                               \
+                __mmask16 m = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1u); \
+                __m512 a = _mm512_fmadd_ps(x, LDM(r + c, m), _mm512_maskz_loadu_ps(m, yy + c));     \
+                _mm512_mask_storeu_ps(yy + c, m, a);                                               \
+            }                                                                                      \
         }                                                                                          \
-        if (k + 2 * ROWS <= nk) /* the first lines of the next pass's rows */                     \
-            for (int i = 0; i < ROWS; i++) PREFETCH(W + (idx ? idx[k + ROWS + i] : k + ROWS + i) * ld + p0); \
-        LIN_PASS(T, LD, LDM, ROWS);                                                                \
-    }                                                                                              \
-    for (; k < nk; k++) {                                                                          \
-        int64_t row = idx ? idx[k] : k;                                                            \
-        r[0] = W + row * ld + p0;                                                                  \
-        xv[0] = _mm512_set1_ps(val[k]);                                                            \
-        LIN_PASS(T, LD, LDM, 1);                                                                   \
     }                                                                                              \
 }
 DEFINE_LIN(f32, float, ld_f32, ldm_f32)
@@ -116,10 +103,10 @@ DEFINE_DOT(i8, int8_t, ld_i8, ldm_i8)
 #else /* portable fallback: the same per-lane order (fmaf chains), no intrinsics */
 
 #define DEFINE_LIN(NAME, T, CV)                                                                    \
-static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* val, int64_t nk,   \
-                       int64_t p0, int64_t p1, float* y) {                                         \
+static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* val, int64_t k0,   \
+                       int64_t k1, int64_t p0, int64_t p1, float* y) {                             \
     for (int64_t c = p0; c < p1; c++) y[c] = 0.0f;                                                 \
-    for (int64_t k = 0; k < nk; k++) {                                                             \
+    for (int64_t k = k0; k < k1; k++) {                                                            \
         const T* r = W + (idx ? idx[k] : k) * ld;                                                  \
         float x = val[k];                                                                          \
         for (int64_t c = p0; c < p1; c++) y[c] = fmaf(x, CV(r[c]), y[c]);                          \
@@ -141,16 +128,28 @@ DEFINE_DOT(bf16, uint16_t, bf16_to_f32)
 DEFINE_DOT(i8, int8_t, CV_I8)
 #endif
 
-/* y[p0:p1] = (sum over kept rows) * scale + bias1 + bias2 (each optional) */
-static void linear_slice(int32_t wt, const void* W, int64_t ld, const int32_t* idx, const float* val,
-                         int64_t nk, int64_t p0, int64_t p1, const float* scale, const float* b1,
-                         const float* b2, float* y) {
-    if (wt == ENG_F32) lin_f32((const float*)W, ld, idx, val, nk, p0, p1, y);
-    else if (wt == ENG_BF16) lin_bf16((const uint16_t*)W, ld, idx, val, nk, p0, p1, y);
-    else lin_i8((const int8_t*)W, ld, idx, val, nk, p0, p1, y);
-    if (scale) for (int64_t c = p0; c < p1; c++) y[c] *= scale[c];
-    if (b1) for (int64_t c = p0; c < p1; c++) y[c] += b1[c];
-    if (b2) for (int64_t c = p0; c < p1; c++) y[c] += b2[c];
+/* Linears are split into PARTS fixed parts of the kept-row list (independent of the thread
+ * count): part r sums kept rows [nk*r/PARTS, nk*(r+1)/PARTS) into its own buffer; y is the sum
+ * of the parts in order, then the scale and biases (reduce_out). */
+#define PARTS 2
+static void linear_part(int32_t wt, const void* W, int64_t ld, const int32_t* idx, const float* val,
+                        int64_t nk, int part, int64_t p0, int64_t p1, float* out) {
+    int64_t k0 = nk * part / PARTS, k1 = nk * (part + 1) / PARTS;
+    if (wt == ENG_F32) lin_f32((const float*)W, ld, idx, val, k0, k1, p0, p1, out);
+    else if (wt == ENG_BF16) lin_bf16((const uint16_t*)W, ld, idx, val, k0, k1, p0, p1, out);
+    else lin_i8((const int8_t*)W, ld, idx, val, k0, k1, p0, p1, out);
+}
+
+/* y[0:p1-p0] = (part0 + part1)[p0:p1] * scale + b1 + b2 (each optional; part/scale/bias vectors
+ * indexed from 0), in separate passes so that the compiler cannot contract them differently at
+ * different call sites */
+static void reduce_out(const float* part0, const float* part1, int64_t p0, int64_t p1, const float* scale,
+                       const float* b1, const float* b2, float* y) {
+    int64_t n = p1 - p0;
+    for (int64_t c = 0; c < n; c++) y[c] = part0[p0 + c] + part1[p0 + c];
+    if (scale) for (int64_t c = 0; c < n; c++) y[c] *= scale[p0 + c];
+    if (b1) for (int64_t c = 0; c < n; c++) y[c] += b1[p0 + c];
+    if (b2) for (int64_t c = 0; c < n; c++) y[c] += b2[p0 + c];
 }
 
 /* logit of head row v (exact: the same code for the full head and the screened head's rows) */
