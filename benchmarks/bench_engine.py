@@ -88,25 +88,24 @@ def crude_thresholds(model, tok, quantile: float, lines: int = 8, max_tokens: in
 
 
 def truthfulqa_head_check(path: Path, tok, n_questions: int, max_new: int, threads: int) -> dict:
-    """Greedy answers with the screened head and with the full head: identical tokens?"""
+    """Greedy answers through the screened head in check mode: at every token the full head's
+    argmax is computed too, on the same hidden state; identical at every token?"""
     with open(DATA / "truthfulqa" / "TruthfulQA.csv", newline="", encoding="utf-8") as fh:
         questions = [row["Question"] for row in csv.DictReader(fh)][:n_questions]
     stop = [tok.convert_tokens_to_ids("<|im_end|>")]
-    same, tokens, mismatched, head_cost, cands = 0, 0, [], [], []
+    identical, tokens, mismatched, head_cost, cands = 0, 0, [], [], []
     with Engine(path, threads=threads, max_ctx=512) as eng:
         for qi, q in enumerate(questions):
-            ids = chat_ids(tok, q)
-            a = eng.generate(ids, max_new, stop_ids=stop)
-            b = eng.generate(ids, max_new, mode="full", stop_ids=stop)
-            tokens += len(a.tokens)
-            head_cost.append(a.head_cost)
-            cands.extend(a.candidates)
-            if a.tokens == b.tokens:
-                same += 1
+            g = eng.generate(chat_ids(tok, q), max_new, mode="check", stop_ids=stop)
+            tokens += len(g.tokens)
+            head_cost.append(g.head_cost)
+            cands.extend(g.candidates)
+            if g.tokens == g.checks:
+                identical += 1
             else:
                 mismatched.append(qi)
-    return {"questions": len(questions), "identical_answers": same, "mismatched": mismatched,
-            "tokens": tokens, "max_new_tokens": max_new, "head_bytes_ratio": statistics.mean(head_cost),
+    return {"questions": len(questions), "answers_identical_at_every_token": identical, "mismatched": mismatched,
+            "tokens": tokens, "max_new_tokens": max_new, "screened_head_bytes_ratio": statistics.mean(head_cost),
             "candidates_mean": statistics.mean(cands), "candidates_max": max(cands)}
 
 

@@ -147,5 +147,7 @@ def test_screened_head_on_a_model(make_tiny, tmp_path):
     with Engine(path, threads=1, max_ctx=64) as eng:
         screened = eng.generate([1, 5, 9], 40)
         full = eng.generate([1, 5, 9], 40, mode="full")
-    assert screened.tokens == full.tokens
+        checked = eng.generate([1, 5, 9], 40, mode="check")
+    assert screened.tokens == full.tokens == checked.tokens == checked.checks
     assert screened.head_cost < full.head_cost == 1.0
+    assert checked.head_cost == screened.head_cost

@@ -7,7 +7,7 @@ from ctypes import POINTER, c_double, c_float, c_int32, c_int64, c_uint64, c_voi
 
 from ..kernels.build import check_layout, load_library
 
-MODE_NONE, MODE_GREEDY_SCREENED, MODE_GREEDY_FULL, MODE_SAMPLE = 0, 1, 2, 3
+MODE_NONE, MODE_GREEDY_SCREENED, MODE_GREEDY_FULL, MODE_SAMPLE, MODE_GREEDY_CHECK = 0, 1, 2, 3, 4
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
 
 
@@ -35,7 +35,7 @@ class EngModel(ctypes.Structure):
 class EngStep(ctypes.Structure):
     _fields_ = [("token", c_int64), ("threads", c_int32), ("mode", c_int32), ("temperature", c_float),
                 ("top_p", c_float), ("logits", c_void_p), ("kept", c_void_p), ("next", c_int64),
-                ("linear_reads", c_int64), ("head_bytes", c_int64), ("candidates", c_int64)]
+                ("linear_reads", c_int64), ("head_bytes", c_int64), ("candidates", c_int64), ("check", c_int64)]
 
 
 _LIB: ctypes.CDLL | None = None

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...core.errors import UserError
-from .cdefs import (MODE_GREEDY_FULL, MODE_GREEDY_SCREENED, MODE_NONE, MODE_SAMPLE, EngLayer, EngModel,
-                    EngStep, engine_library)
+from .cdefs import (MODE_GREEDY_CHECK, MODE_GREEDY_FULL, MODE_GREEDY_SCREENED, MODE_NONE, MODE_SAMPLE, EngLayer,
+                    EngModel, EngStep, engine_library)
 from .fmt import DTYPE_BYTES, DTYPE_CODE, PRECISION_DTYPE, dense_counts, gate_up_order, read_header
 from .sites import SITES, ChannelRules, as_list, physical_bias
 
@@ -48,6 +48,7 @@ class Generation:
     dense_head_bytes: int
     bytes_per_weight: int
     prompt_s: float = 0.0
+    checks: list[int] = field(default_factory=list)  # mode "check": the full head's argmax per token
     extra: dict = field(default_factory=dict)
 
     @property
@@ -209,12 +210,13 @@ class Engine:
     def step(self, token: int, *, mode: str | None = "greedy", temperature: float = 1.0, top_p: float = 1.0,
              logits: bool = False, threads: int | None = None) -> EngStep:
         """Run one token. ``mode``: None (no head: prompt tokens), ``"greedy"`` (screened when the
-        file has a screen), ``"full"`` (greedy over the full head), ``"sample"``. With ``logits``
-        the full head runs and ``self.last_logits`` holds them (a ctypes float array)."""
+        file has a screen), ``"full"`` (greedy over the full head), ``"sample"``, ``"check"``
+        (the screened token, and the full head's argmax in ``.check``: verification). With
+        ``logits`` the full head runs and ``self.last_logits`` holds them (a ctypes float array)."""
         modes = {None: MODE_NONE, "greedy": MODE_GREEDY_SCREENED, "screened": MODE_GREEDY_SCREENED,
-                 "full": MODE_GREEDY_FULL, "sample": MODE_SAMPLE}
+                 "full": MODE_GREEDY_FULL, "sample": MODE_SAMPLE, "check": MODE_GREEDY_CHECK}
         if mode not in modes:
-            raise UserError(f"mode must be one of greedy, full, sample or None, got {mode!r}")
+            raise UserError(f"mode must be one of greedy, full, sample, check or None, got {mode!r}")
         a = EngStep(token=int(token), threads=int(threads or self.threads), mode=modes[mode],
                     temperature=float(temperature), top_p=float(top_p))
         if logits:
@@ -263,6 +265,8 @@ class Engine:
             out.linear_reads.append(int(a.linear_reads))
             out.head_bytes.append(int(a.head_bytes))
             out.candidates.append(int(a.candidates))
+            if mode == "check":
+                out.checks.append(int(a.check))
             if token in stops:
                 break
         return out

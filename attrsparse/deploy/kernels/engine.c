@@ -43,7 +43,7 @@ LAYOUT(EngModel, offsetof(EngModel, n_layers), offsetof(EngModel, hidden), offse
 LAYOUT(EngStep, offsetof(EngStep, token), offsetof(EngStep, threads), offsetof(EngStep, mode),
        offsetof(EngStep, temperature), offsetof(EngStep, top_p), offsetof(EngStep, logits),
        offsetof(EngStep, kept), offsetof(EngStep, next), offsetof(EngStep, linear_reads),
-       offsetof(EngStep, head_bytes), offsetof(EngStep, candidates))
+       offsetof(EngStep, head_bytes), offsetof(EngStep, candidates), offsetof(EngStep, check))
 
 #define MAXT 64
 
@@ -252,8 +252,9 @@ static void head_phase(const EngModel* m, EngState* s, EngStep* a, const float* 
     int64_t V = m->vocab, d = m->hidden, v0, v1;
     Thr* T = &s->th[t];
     range(V, t, nt, &v0, &v1);
-    int full = a->mode != MODE_GREEDY_SCREENED || a->logits || !m->screen || m->final_softcap > 0.0f;
-    if (full) {
+    int screened = (a->mode == MODE_GREEDY_SCREENED || a->mode == MODE_GREEDY_CHECK) && !a->logits && m->screen
+                   && !(m->final_softcap > 0.0f);
+    if (!screened || a->mode == MODE_GREEDY_CHECK) {
         for (int64_t v = v0; v < v1; v++) {
             float z = head_row(m->head_type, m->head, m->head_scale, v, h, d);
             if (m->final_softcap > 0.0f) z = tanhf(z / m->final_softcap) * m->final_softcap;
@@ -264,10 +265,12 @@ static void head_phase(const EngModel* m, EngState* s, EngStep* a, const float* 
             if (a->logits) memcpy(a->logits, s->logits, (size_t)V * 4);
             a->next = a->mode == MODE_SAMPLE ? sample(s, s->logits, V, a->temperature, a->top_p)
                                              : argmax_first(s->logits, V);
+            a->check = a->next;
             a->head_bytes = V * d * elt_size(m->head_type);
             a->candidates = V;
         }
-        return;
+        if (!screened) return;
+#pragma omp barrier
     }
     /* ||h|| rounded up: double sum of exact squares, then a relative margin of 2^-20 */
     double ss = 0.0;

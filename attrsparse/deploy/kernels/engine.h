@@ -16,7 +16,8 @@
 enum { ENG_F32 = 0, ENG_BF16 = 1, ENG_I8 = 2 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
 /* step modes */
-enum { MODE_NONE = 0, MODE_GREEDY_SCREENED = 1, MODE_GREEDY_FULL = 2, MODE_SAMPLE = 3 };
+/* MODE_GREEDY_CHECK: the screened argmax, and the full head's argmax in `check` (verification) */
+enum { MODE_NONE = 0, MODE_GREEDY_SCREENED = 1, MODE_GREEDY_FULL = 2, MODE_SAMPLE = 3, MODE_GREEDY_CHECK = 4 };
 /* sites: attn_in (q,k,v input), attn_out (o input), mlp_in (gate,up input), mlp_out (down input) */
 enum { SITE_ATTN_IN = 0, SITE_ATTN_OUT = 1, SITE_MLP_IN = 2, SITE_MLP_OUT = 3, N_SITES = 4 };
 
@@ -72,6 +73,7 @@ typedef struct EngStep {
     int64_t linear_reads;    /* out: weight elements read by the decoder linears */
     int64_t head_bytes;      /* out: bytes of LM-head weights read (screen copy + exact rows) */
     int64_t candidates;      /* out: head rows computed exactly */
+    int64_t check;           /* out: with MODE_GREEDY_CHECK, the full head's argmax */
 } EngStep;
 
 #endif
