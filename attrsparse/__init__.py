@@ -5,41 +5,36 @@ Public API::
     model, tok = attrsparse.load_model("smollm2-135m")
     units = attrsparse.unit_map(model)
     scores = attrsparse.score(model, prompt_ids, target_ids, metrics=["gxo", "corrected_gxo"])
-    masks = attrsparse.select(scores["corrected_gxo"], ratio=0.5, policy="per_layer")
-    with attrsparse.apply_masks(model, masks) as handle:
-        ...                          # masked forward passes / decoding
-    handle.executed.param            # parameter-weighted activation ratio really executed
+    masks = attrsparse.select(scores["corrected_gxo"], ratio=0.5, scope="per_layer")
+    with attrsparse.sparsify(model, masks) as sp:      # or a spec: "teal", "static:DIR", ...
+        ...                                            # masked forward passes / decoding
+    sp.executed.param                                  # parameter-weighted ratio really executed
+
+The layers, bottom up: :mod:`.core`, :mod:`.data`, :mod:`.scores`, :mod:`.selectors`,
+:mod:`.policies`, :mod:`.deploy`, :mod:`.experiments` / :mod:`.evaluation`, :mod:`.cli`
+(docs/architecture.md).
 """
 
 from __future__ import annotations
 
+from .core import __version__
 from .core.architectures import ARCHITECTURES, UnitMap, supported_model_types, unit_map
 from .core.errors import UnsupportedArchitectureError, UserError
 from .core.hooks import capture_units
 from .core.masking import apply_masks
-from .scores import get_metric, list_metrics, register_metric
-from .scores.scoring import score
-from .selectors.topk import POLICIES, select
+from .core.models import load_model
 from .core.trace import GradientTrace, trace_gradients
 from .core.units import ExecutedRatio, UnitMasks, UnitScores, executed_ratio
-from .deploy import generate  # noqa: E402  (also registers the static_gxo selector)
+from .deploy import generate, sparsify
+from .selectors import get_metric, get_selector, list_metrics, list_selectors, register_metric, select
+from .selectors.scoring import score
+from .selectors.topk import SCOPES
 
-__version__ = "0.1.0"
-
-
-def load_model(spec: str = "smollm2-135m", **kwargs):
-    """Load ``(model, tokenizer)``: a packaged alias, a HF id or directory, or a ``.gguf`` file.
-
-    See :func:`attrsparse.models.load_model` for the options.
-    """
-    from .core.models import load_model as _load
-
-    return _load(spec, **kwargs)
-
+POLICIES = SCOPES  # the old name of the selection scopes
 
 __all__ = [
-    "ARCHITECTURES", "ExecutedRatio", "GradientTrace", "POLICIES", "UnitMap", "UnitMasks",
-    "UnitScores", "UnsupportedArchitectureError", "UserError", "apply_masks", "capture_units",
-    "executed_ratio", "generate", "get_metric", "list_metrics", "load_model", "register_metric", "score",
-    "select", "supported_model_types", "trace_gradients", "unit_map",
+    "ARCHITECTURES", "ExecutedRatio", "GradientTrace", "POLICIES", "SCOPES", "UnitMap", "UnitMasks",
+    "UnitScores", "UnsupportedArchitectureError", "UserError", "__version__", "apply_masks", "capture_units",
+    "executed_ratio", "generate", "get_metric", "get_selector", "list_metrics", "list_selectors", "load_model",
+    "register_metric", "score", "select", "sparsify", "supported_model_types", "trace_gradients", "unit_map",
 ]

@@ -52,11 +52,11 @@ def _spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def compare(fp32: torch.Tensor, bf16: torch.Tensor, ratio: float) -> dict:
     """Statistics of bf16 vs fp32 scores ``[T, L, K]`` (module docstring)."""
-    from attrsparse.selectors.topk import keep_count, top_k_mask
+    from attrsparse.selectors.topk import keep_count, top_k
 
     ref, low = fp32.double(), bf16.double()
     k = keep_count(ratio, ref.shape[-1])
-    keep_ref, keep_low = top_k_mask(ref, k), top_k_mask(low, k)
+    keep_ref, keep_low = top_k(ref, k), top_k(low, k)
     return {"rel_error": float((low - ref).norm() / ref.norm()),
             "topk_agreement": float((keep_ref & keep_low).sum() / keep_ref.sum()),
             "exact_mask_rows": float((keep_ref == keep_low).all(-1).double().mean()),

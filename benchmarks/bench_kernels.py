@@ -78,11 +78,14 @@ def main(argv=None) -> int:
 
     import attrsparse
     from attrsparse import unit_map
-    from attrsparse.deploy.calibrate import load_static_policy, run_calibration
+    from attrsparse.policies.static import load_static_policy
+    from attrsparse.deploy.calibrate import run_calibration
     from attrsparse.deploy.export import export_model, maskable_params
     from attrsparse.deploy.kernels import gather_backend
-    from attrsparse.deploy.predictor import Predictor, load_predictor
-    from attrsparse.deploy.runtime import SparseRuntime, StaticChooser
+    from attrsparse.selectors.predictor import Predictor
+    from attrsparse.policies.predictor import load_predictor
+    from attrsparse.deploy.runtime import SparseRuntime
+    from attrsparse.selectors.chooser import StaticChooser
     from attrsparse.data.prompts import encode_prompt, resolve_template
 
     ratios = [float(r) for r in args.ratios.split(",")]

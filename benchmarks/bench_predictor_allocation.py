@@ -39,8 +39,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from attrsparse.core.architectures import unit_map  # noqa: E402
-from attrsparse.deploy.calibrate import load_static_policy, run_calibration  # noqa: E402
-from attrsparse.deploy.predictor import BudgetRule, layer_ratios_from_masks, load_predictor_policy  # noqa: E402
+from attrsparse.policies.static import load_static_policy
+from attrsparse.deploy.calibrate import run_calibration  # noqa: E402
+from attrsparse.selectors.budget import BudgetRule
+from attrsparse.selectors.predictor import layer_ratios_from_masks
+from attrsparse.policies.predictor import load_predictor_policy  # noqa: E402
 from attrsparse.core.errors import UserError  # noqa: E402
 from attrsparse.evaluation.evaluate import evaluate_task  # noqa: E402
 from attrsparse.core.io import atomic_write_json  # noqa: E402

@@ -69,9 +69,10 @@ sys.path.insert(0, str(REPO))
 
 from attrsparse.core.architectures import unit_map  # noqa: E402
 from attrsparse.data.calibration import calibration_sequences  # noqa: E402
-from attrsparse.deploy.calibrate import weights_fingerprint  # noqa: E402
-from attrsparse.deploy.predictor import (  # noqa: E402
-    BudgetRule, PredictorConfig, TrainingData, collect_training_data, train_predictor, unit_ranks)
+from attrsparse.core.fingerprint import model_fingerprint  # noqa: E402
+from attrsparse.selectors.budget import BudgetRule
+from attrsparse.deploy.predictor import PredictorConfig, TrainingData, collect_training_data, train_predictor
+from attrsparse.selectors.topk import unit_ranks
 from attrsparse.core.io import atomic_save_tensors, atomic_write_json, atomic_write_text, stable_hash  # noqa: E402
 from attrsparse.core.models import load_model  # noqa: E402
 
@@ -340,7 +341,7 @@ def prepare(args):
     sequences = calibration_sequences(tokenizer, "wikitext2", total, args.seq_len)
     if len(sequences) < total:
         raise SystemExit(f"WikiText-2 valid gave {len(sequences)} windows, fewer than {total}")
-    key = {"format": CACHE_FORMAT, "model": args.model, "fingerprint": weights_fingerprint(model),
+    key = {"format": CACHE_FORMAT, "model": args.model, "fingerprint": model_fingerprint(model),
            "calib": "wikitext2", "seq_len": args.seq_len, "dtype": "torch.float32"}
     cache = Path(args.cache)
     t0 = time.perf_counter()

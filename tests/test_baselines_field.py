@@ -33,7 +33,7 @@ def calibration(n: int = 4, length: int = 12, seed: int = 0) -> list[torch.Tenso
 
 
 def prepared(name: str, ratio: float, model, calib):
-    policy = get_metric(name).make_policy(ratio)
+    policy = make_policy(name, ratio)
     policy.prepare(model, calib)
     return policy
 
@@ -81,7 +81,7 @@ def test_cats_statistic_is_the_gate_activation(make_tiny, name):
     handle = mlp_module.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0]))
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
     try:
-        scores = get_metric("cats").from_model(model, PROMPT, TARGET, trace)
+        scores = get_metric("cats").scores(model, PROMPT, TARGET, trace)
     finally:
         handle.remove()
     h = seen["h"][0, PROMPT.numel() - 1:]  # [T, hidden], the MLP input at the target positions
@@ -99,7 +99,7 @@ def test_cats_statistic_is_the_gate_activation(make_tiny, name):
 def test_teal_statistic_is_magnitude(make_tiny):
     model = make_tiny("qwen2")
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
-    teal = get_metric("teal").from_model(model, PROMPT, TARGET, trace)
+    teal = get_metric("teal").scores(model, PROMPT, TARGET, trace)
     dense_pass = get_metric("teal").values(model, torch.cat([PROMPT, TARGET[:-1]]).unsqueeze(0))
     torch.testing.assert_close(teal.mlp, trace.mlp_x.abs())
     torch.testing.assert_close(teal.heads, trace.head_x.norm(dim=-1))
@@ -111,7 +111,7 @@ def test_wanda_scores_by_hand(make_tiny):
     units = unit_map(model)
     calib = calibration()
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
-    scores = get_metric("wanda").from_model(model, PROMPT, TARGET, trace, calibration=calib)
+    scores = get_metric("wanda").scores(model, PROMPT, TARGET, trace, calibration=calib)
     with torch.no_grad(), capture_units(model) as cap:
         inputs_mlp, inputs_heads = [], []
         for seq in calib:
@@ -142,8 +142,8 @@ def test_shapes_and_determinism_on_every_architecture(make_tiny, arch):
     t, layers = TARGET.numel(), units.num_layers
     for name in FIELD:
         metric = get_metric(name)
-        scores = metric.from_model(model, PROMPT, TARGET, trace, calibration=calib)
-        again = metric.from_model(model, PROMPT, TARGET, trace, calibration=calib)
+        scores = metric.scores(model, PROMPT, TARGET, trace, calibration=calib)
+        again = metric.scores(model, PROMPT, TARGET, trace, calibration=calib)
         assert scores.mlp.shape == (t, layers, units.mlp_size)
         assert scores.heads.shape == (t, layers, units.num_heads)
         context = dict(model=model, trace=trace, units=units, calibration=calib)
@@ -172,10 +172,10 @@ def test_thresholds_keep_the_ratio_on_the_calibration_data(make_tiny, arch, name
     heads = torch.cat([d.heads[0] for d in dense])
     tokens = mlp.shape[0]
     for layer in range(units.num_layers):
-        kept = int((mlp[:, layer] > policy.tau[layer]).sum())
+        kept = int((mlp[:, layer] > policy.rule.tau[layer]).sum())
         assert kept == keep_count(ratio, tokens * units.mlp_size)
         if name == "teal":
-            kept = int((heads[:, layer] > policy.tau[units.num_layers + layer]).sum())
+            kept = int((heads[:, layer] > policy.rule.tau[units.num_layers + layer]).sum())
             assert kept == keep_count(ratio, tokens * units.num_heads)
     # online, the first layer's inputs do not depend on any mask: same kept fraction there
     online = policy.forward(model, torch.stack(calib)).masks
@@ -211,7 +211,7 @@ def test_ratio_one_is_dense(make_tiny, name):
     ids = torch.stack(calibration(n=2))
     dense = DensePolicy().forward(model, ids).logits
     assert isinstance(make_policy(name, 1.0), DensePolicy)
-    policy = get_metric(name).make_policy(1.0)  # the policy class itself, at ratio 1.0
+    policy = make_policy(name, 1.0)  # the policy class itself, at ratio 1.0
     policy.prepare(model, calibration())
     out = policy.forward(model, ids)
     assert torch.equal(out.logits, dense)
@@ -245,7 +245,7 @@ def test_online_masks_are_what_ran(make_tiny, name):
     model = make_tiny("llama")
     calib = calibration()
     ids = torch.stack(calib[:2])
-    policy = get_metric(name).make_policy(0.4)
+    policy = make_policy(name, 0.4)
     policy.prepare(model, calib)
     out = policy.forward(model, ids)
     with torch.no_grad(), UnitHooks(model) as hooks:
@@ -286,7 +286,7 @@ def test_sweep_masks_fall_back_to_each_questions_own_tokens(make_tiny, capsys):
     model = make_tiny("llama")
     units = unit_map(model)
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
-    scores = get_metric("teal").from_model(model, PROMPT, TARGET, trace)
+    scores = get_metric("teal").scores(model, PROMPT, TARGET, trace)
     masks = get_metric("teal").masks_for_many(scores, [0.5, 1.0], model=model, trace=trace, units=units)
     t = TARGET.numel()
     for layer in range(units.num_layers):
@@ -311,9 +311,9 @@ def test_sweep_calibrates_through_the_saved_tokenizer(tiny_truthfulqa_lm, tmp_pa
     policy = prepared("teal", 0.5, loaded, seqs)
     units = unit_map(loaded)
     trace = trace_gradients(loaded, PROMPT, TARGET).row(0)
-    scores = get_metric("teal").from_model(loaded, PROMPT, TARGET, trace)
+    scores = get_metric("teal").scores(loaded, PROMPT, TARGET, trace)
     masks = get_metric("teal").masks_for(scores, 0.5, model=loaded, trace=trace, units=units)
-    expected = scores.mlp > torch.tensor(policy.tau[:units.num_layers]).view(-1, 1)
+    expected = scores.mlp > torch.tensor(policy.rule.tau[:units.num_layers]).view(-1, 1)
     assert torch.equal(masks.mlp, expected)  # the same calibrated thresholds as the task policy
 
 

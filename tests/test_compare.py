@@ -10,7 +10,8 @@ import pytest
 from attrsparse.cli.main import main
 from attrsparse.core.errors import UserError
 from attrsparse.evaluation import compare as compare_mod
-from attrsparse.evaluation.compare import Compare, CompareConfig, within_tolerance
+from attrsparse.evaluation.compare import Compare, CompareConfig
+from attrsparse.evaluation.tolerance import within_tolerance
 from attrsparse.evaluation.compare_report import frontier
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from attrsparse import UserError, get_metric, list_metrics, score, trace_gradients, unit_map
+from attrsparse.scores import get_score
 from attrsparse.core.attention import KVRecorder
 from attrsparse.scores.ig import integrated_gradients
 from attrsparse.core.trace import forward_units
@@ -68,7 +69,7 @@ def hand_scores(tr, name: str, reduction: str):
 @pytest.mark.parametrize("name", SINGLE_PASS)
 def test_metric_equals_hand_formula(llama_trace, name, reduction):
     model, tr = llama_trace
-    got = get_metric(name).from_trace(tr, head_reduction=reduction)
+    got = get_score(name).from_trace(tr, head_reduction=reduction)
     mlp, heads = hand_scores(tr, name, reduction)
     assert got.mlp.shape == mlp.shape and got.heads.shape == heads.shape
     torch.testing.assert_close(got.mlp, mlp, atol=1e-6, rtol=1e-5)
@@ -83,7 +84,7 @@ def test_score_shares_one_trace_and_matches_metrics(llama_trace):
     for name, s in out.items():
         assert s.mlp.shape == (len(TARGET), units.num_layers, units.mlp_size)
         assert s.heads.shape == (len(TARGET), units.num_layers, units.num_heads)
-        ref = get_metric(name).from_trace(tr)
+        ref = get_score(name).from_trace(tr)
         torch.testing.assert_close(s.mlp, ref.mlp, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(s.heads, ref.heads, atol=1e-6, rtol=1e-6)
     # a single metric name as a string works too; official "mean" form passes through score()
@@ -96,8 +97,8 @@ def test_mean_reduction_is_sum_over_head_dim(llama_trace):
     model, tr = llama_trace
     d = unit_map(model).head_dim
     for name in ("gradient", "gxo"):
-        s = get_metric(name).from_trace(tr, "sum").heads
-        m = get_metric(name).from_trace(tr, "mean").heads
+        s = get_score(name).from_trace(tr, "sum").heads
+        m = get_score(name).from_trace(tr, "mean").heads
         torch.testing.assert_close(m * d, s, atol=1e-6, rtol=1e-5)
 
 
@@ -119,7 +120,7 @@ def test_registry_and_errors(llama_trace):
     with pytest.raises(UserError, match="did you mean"):
         score(model, PROMPT, TARGET, metrics=["magnitud"], trace=tr)
     with pytest.raises(UserError, match="head_reduction"):
-        get_metric("gxo").from_trace(tr, head_reduction="max")
+        get_score("gxo").from_trace(tr, head_reduction="max")
     with pytest.raises(UserError, match="empty"):
         score(model, [], TARGET)
     with pytest.raises(UserError, match="empty"):
@@ -187,7 +188,7 @@ def test_gxo_predicts_single_unit_removal(make_tiny, name):
     model = make_tiny(name)
     units = unit_map(model)
     tr = trace_gradients(model, PROMPT, TARGET).row(0)
-    gxo = get_metric("gxo").from_trace(tr)
+    gxo = get_score("gxo").from_trace(tr)
     recorder, dense = dense_recorder(model)
     n = units.mlp_size
     est, real = [], []
@@ -208,7 +209,7 @@ def test_head_gxo_predicts_single_head_removal(make_tiny, name):
     model = make_tiny(name)
     units = unit_map(model)
     tr = trace_gradients(model, PROMPT, TARGET).row(0)
-    gxo = get_metric("gxo").from_trace(tr, head_reduction="sum")
+    gxo = get_score("gxo").from_trace(tr, head_reduction="sum")
     recorder, dense = dense_recorder(model)
     h = units.num_heads
     est, real = [], []
@@ -278,7 +279,7 @@ def test_ig_all_layers_completeness(make_tiny, name):
 def test_ig_one_step_is_gxo(llama_trace):
     """m = 1: the only Riemann point is alpha = 1, the dense gradient, so IG equals GxO."""
     model, tr = llama_trace
-    gxo = get_metric("gxo").from_trace(tr)
+    gxo = get_score("gxo").from_trace(tr)
     for all_layers in (False, True):
         ig = integrated_gradients(model, PROMPT, TARGET, tr, n_steps=1, all_layers=all_layers)
         torch.testing.assert_close(ig.mlp, gxo.mlp, atol=1e-5, rtol=1e-4)

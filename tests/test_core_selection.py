@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attrsparse import UnitScores, UserError, select
-from attrsparse.selectors.topk import keep_count, top_k_mask
+from attrsparse.selectors.topk import keep_count, top_k
 
 T, L, N, H = 3, 4, 10, 4
 
@@ -61,7 +61,7 @@ def test_head_ratio_overrides_heads_only():
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 1.0])
 def test_global_keeps_total_per_token(ratio):
     s = scores()
-    masks = select(s, ratio, policy="global")
+    masks = select(s, ratio, scope="global")
     assert (masks.mlp.sum((-1, -2)) == keep_count(ratio, L * N)).all()
     assert (masks.heads.sum((-1, -2)) == keep_count(ratio, L * H)).all()
     for t in range(T):  # top units over all layers of the token
@@ -72,7 +72,7 @@ def test_global_keeps_total_per_token(ratio):
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 1.0])
 def test_threshold_keeps_total_over_everything(ratio):
     s = scores()
-    masks = select(s, ratio, policy="threshold")
+    masks = select(s, ratio, scope="threshold")
     assert masks.mlp.sum() == keep_count(ratio, T * L * N)  # distinct scores: exact
     assert masks.heads.sum() == keep_count(ratio, T * L * H)
     if ratio < 1:
@@ -81,13 +81,13 @@ def test_threshold_keeps_total_over_everything(ratio):
 
 def test_threshold_keeps_ties_at_the_threshold():
     s = UnitScores(torch.zeros(T, L, N), torch.zeros(T, L, H))
-    masks = select(s, 0.3, policy="threshold")
+    masks = select(s, 0.3, scope="threshold")
     assert masks.mlp.all() and masks.heads.all()
 
 
 @pytest.mark.parametrize("policy", ["per_layer", "global", "threshold"])
 def test_ratio_one_keeps_everything(policy):
-    masks = select(scores(), 1.0, policy=policy)
+    masks = select(scores(), 1.0, scope=policy)
     assert masks.mlp.all() and masks.heads.all()
 
 
@@ -101,7 +101,7 @@ def test_invalid_head_ratio_and_policy():
     with pytest.raises(UserError, match="head_ratio"):
         select(scores(), 0.5, head_ratio=2)
     with pytest.raises(UserError, match="policy"):
-        select(scores(), 0.5, policy="random")
+        select(scores(), 0.5, scope="random")
 
 
 def test_string_ratio_is_accepted():
@@ -111,18 +111,18 @@ def test_string_ratio_is_accepted():
 def test_ties_break_by_lowest_index_deterministically():
     s = UnitScores(torch.zeros(T, L, N), torch.ones(T, L, H))
     for policy in ("per_layer", "global"):
-        masks = select(s, 0.3, policy=policy)
-        again = select(s, 0.3, policy=policy)
+        masks = select(s, 0.3, scope=policy)
+        again = select(s, 0.3, scope=policy)
         assert torch.equal(masks.mlp, again.mlp) and torch.equal(masks.heads, again.heads)
     per_layer = select(s, 0.3)
     assert per_layer.mlp[..., :3].all() and not per_layer.mlp[..., 3:].any()
     assert per_layer.heads[..., :2].all() and not per_layer.heads[..., 2:].any()  # ceil(1.2) = 2
-    glob = select(s, 0.3, policy="global")  # 12 of 40 per token: layers 0 (10) and 1 (first 2)
+    glob = select(s, 0.3, scope="global")  # 12 of 40 per token: layers 0 (10) and 1 (first 2)
     assert glob.mlp[:, 0].all() and glob.mlp[:, 1, :2].all() and (glob.mlp[:, 1].sum(-1) == 2).all()
     assert not glob.mlp[:, 2:].any()
     # partial ties: among equal scores the lower index wins; higher scores always win
     row = torch.tensor([1.0, 2.0, 2.0, 0.5, 2.0, 3.0])
-    assert top_k_mask(row, 3).tolist() == [False, True, True, False, False, True]
+    assert top_k(row, 3).tolist() == [False, True, True, False, False, True]
 
 
 def test_select_works_on_leading_batch_dims():

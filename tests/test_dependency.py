@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from attrsparse import unit_map
+from attrsparse.scores import get_score
 from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
 from attrsparse.experiments.dependency import (DependencyConfig, ablation_deltas, ablation_errors, error_stats, run_dependency, sample_ablations, score_change)
 from attrsparse.core.reference import reference_trace
@@ -124,10 +125,10 @@ def test_first_order_quantities(model):
     abl = sample_ablations(units, t_len, 3 * t_len, 0.5, torch.Generator().manual_seed(0))
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
     errs = ablation_errors(model, PROMPT, TARGET, trace, abl)
-    from attrsparse.scores import get_metric
+    from attrsparse.selectors import get_metric
 
-    gxo = get_metric("gxo").from_trace(trace)
-    cor = get_metric("corrected_gxo").from_trace(trace)
+    gxo = get_score("gxo").from_trace(trace)
+    cor = get_score("corrected_gxo").from_trace(trace)
     s = np.array([float(getattr(gxo, k)[t, l, i]) for k, l, i, t in abl])
     c = np.array([float(getattr(cor, k)[t, l, i]) for k, l, i, t in abl])
     np.testing.assert_allclose(errs["gxo_pred"], s, rtol=1e-5, atol=1e-7)

@@ -14,8 +14,11 @@ from attrsparse import UnitMasks, unit_map
 from attrsparse.core.decoding import left_pad
 from attrsparse.deploy.gathered import GatheredIn, GatheredMLP
 from attrsparse.deploy.kernels import CBackend, gather_backend
-from attrsparse.deploy.predictor import BudgetRule, Predictor, unit_ranks
-from attrsparse.deploy.runtime import SparseRuntime, StaticChooser
+from attrsparse.selectors.budget import BudgetRule
+from attrsparse.selectors.predictor import Predictor
+from attrsparse.selectors.topk import unit_ranks
+from attrsparse.deploy.runtime import SparseRuntime
+from attrsparse.selectors.chooser import StaticChooser
 from attrsparse.core.hooks import UnitHooks
 from conftest import ARCHS, build_tiny
 

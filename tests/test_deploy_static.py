@@ -20,11 +20,13 @@ from attrsparse import UnitMasks, UnitScores, UserError, executed_ratio, score, 
 from attrsparse.cli.main import main
 from attrsparse.core.decoding import left_pad
 from attrsparse.selectors import allocation as A
-from attrsparse.deploy.calibrate import (JSON_NAME, TENSORS_NAME, calibrate, load_static_policy,
-                                         run_calibration, static_masks)
+from attrsparse.policies.static import JSON_NAME, TENSORS_NAME, load_static_policy
+from attrsparse.selectors.static import calibrate, static_masks
+from attrsparse.deploy.calibrate import run_calibration
 from attrsparse.deploy.export import EXPORT_INFO, export_model, slice_model
 from attrsparse.deploy.kernels import CBackend, TorchBackend, gather_backend
-from attrsparse.deploy.runtime import SparseRuntime, StaticChooser, UnitChooser, generate
+from attrsparse.deploy.runtime import SparseRuntime, generate
+from attrsparse.selectors.chooser import StaticChooser, UnitChooser
 from attrsparse.core.hooks import UnitHooks
 from attrsparse.policies import StaticPolicy, make_policy
 from conftest import ARCHS, VOCAB, build_tiny, tiny_tokenizer

@@ -64,7 +64,7 @@ def _strip_timings(obj):
 
 def test_sweep_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, tmp_path, monkeypatch, meta_default):
     from attrsparse.experiments import plots
-    from attrsparse.scores.base import list_metrics
+    from attrsparse.selectors.base import list_metrics
     from attrsparse.experiments.sweep import Sweep, SweepConfig
 
     monkeypatch.setattr(plots, "plot_curves", lambda *a, **k: None)
@@ -156,7 +156,8 @@ def test_dependency_analysis_makes_every_tensor_on_the_model_device(tiny_truthfu
 
 def test_predictor_training_and_policy_make_every_tensor_on_the_model_device(tiny_truthfulqa_lm, meta_default):
     from attrsparse.core.architectures import unit_map
-    from attrsparse.deploy.predictor import PredictorConfig, PredictorPolicy, collect_training_data, train_predictor
+    from attrsparse.deploy.predictor import PredictorConfig, collect_training_data, train_predictor
+    from attrsparse.policies.predictor import PredictorPolicy
     from attrsparse.evaluation.evaluate import evaluate_task
 
     model, tok = tiny_truthfulqa_lm()

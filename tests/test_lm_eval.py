@@ -19,7 +19,8 @@ from lm_eval.tasks import TaskManager
 
 from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
 from attrsparse.core.errors import UserError
-from attrsparse.evaluation.lm_eval_model import AttrsparseLM, right_padding_mask, sparse_generation
+from attrsparse.deploy import sparsify
+from attrsparse.evaluation.lm_eval_model import AttrsparseLM, right_padding_mask
 from attrsparse.policies import make_policy
 from attrsparse.selectors.topk import keep_count
 from conftest import tiny_word_lm
@@ -191,7 +192,7 @@ def test_online_generation_is_accounted_and_the_oracle_refuses(setup):
     assert 0.0 < lm.executed.param < 1.0
     oracle = make_policy("corrected_gxo", 0.5)
     with pytest.raises(UserError, match="cannot generate"):
-        with sparse_generation(lm.model, oracle, lambda masks, mask: None):
+        with sparsify(lm.model, oracle):
             pass
 
 

@@ -13,8 +13,8 @@ from attrsparse import get_metric, select, trace_gradients, unit_map
 from attrsparse.core.architectures import zero_mlp_unit_
 from attrsparse.core.errors import UserError
 from attrsparse.evaluation import Evaluator, right_pad
-from attrsparse.policies import (DensePolicy, OraclePolicy, StaticPolicy, account, make_policy,
-                                 model_logits)
+from attrsparse.policies import DensePolicy, OraclePolicy, StaticPolicy, account, make_policy
+from attrsparse.core.trace import model_logits
 from attrsparse.core.units import UnitMasks
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -74,7 +74,7 @@ def test_oracle_masks_follow_dense_predictions_not_ground_truth(make_tiny):
     for t in [0, 4, 9]:
         tr = trace_gradients(model, ids[:t + 1], torch.cat([ids[t + 1:t + 2], labels[t:t + 1]])[:1],
                              labels=labels[t:t + 1]).row(0)
-        want = select(metric.from_trace(tr), 0.5)
+        want = select(metric.score.from_trace(tr), 0.5)
         assert torch.equal(masks.mlp[t], want.mlp[0]) and torch.equal(masks.heads[t], want.heads[0])
 
 

@@ -10,15 +10,17 @@ import torch
 
 from attrsparse import unit_map
 from attrsparse.cli.main import main
-from attrsparse.deploy.predictor import (BudgetRule, Predictor, PredictorConfig, PredictorPolicy,
-                                         collect_training_data, layer_ratios_from_masks, load_predictor,
-                                         load_predictor_policy, save_predictor, train_predictor)
-from attrsparse.deploy.predictor_cli import evaluate_predictor
+from attrsparse.selectors.budget import BudgetRule
+from attrsparse.selectors.predictor import Predictor, layer_ratios_from_masks
+from attrsparse.deploy.predictor import PredictorConfig, collect_training_data, train_predictor
+from attrsparse.policies.predictor import (PredictorPolicy, load_predictor, load_predictor_policy, save_predictor)
+from attrsparse.deploy.predictor import evaluate_predictor
 from attrsparse.core.errors import UserError
 from attrsparse.core.hooks import UnitHooks
-from attrsparse.scores import get_metric
+from attrsparse.selectors import get_metric
 from attrsparse.selectors.progressive import budget_masks
-from attrsparse.policies import OraclePolicy, account, make_policy, model_logits
+from attrsparse.policies import OraclePolicy, account, make_policy
+from attrsparse.core.trace import model_logits
 from attrsparse.core.units import UnitMasks, UnitScores, executed_ratio, layer_param_fractions
 from conftest import build_tiny
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from attrsparse import unit_map
-from attrsparse.scores import get_metric, resolve_metric_names
+from attrsparse.scores import get_score
+from attrsparse.selectors import get_metric, resolve_metric_names
 from attrsparse.selectors.progressive import budget_masks
 from attrsparse.core.trace import position_multipliers, trace_gradients
 from attrsparse.core.units import UnitScores, executed_ratio, layer_param_fractions
@@ -90,7 +91,7 @@ def test_progressive_rescoring_sees_earlier_masks(make_tiny):
     trace = trace_gradients(model, PROMPT, TARGET,
                             mlp_mult=position_multipliers(masked.unsqueeze(0), PROMPT.numel()),
                             head_mult=position_multipliers(heads.unsqueeze(0), PROMPT.numel())).row(0)
-    scores = get_metric("corrected_gxo").from_trace(trace)
+    scores = get_score("corrected_gxo").from_trace(trace)
     last = budget_masks(UnitScores(scores.mlp[:, 2:], scores.heads[:, 2:]), 0.3, ctx["units"], 0.5)
     assert torch.equal(last.mlp, progressive.mlp[:, 2:])
     assert torch.equal(last.heads, progressive.heads[:, 2:])

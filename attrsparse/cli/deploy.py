@@ -8,14 +8,26 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .experiments import add_device_arg
-from ..core.errors import UserError
+from ..core.architectures import model_device
+from ..core.artifacts import artifact_kind
+from ..core.distributed import init_distributed
+from ..core.errors import UserError, check_ratio
+from ..core.io import atomic_write_json
+from ..core.models import load_model
+from ..core.trace import to_ids
+from ..data.tasks import load_wikitext
+from ..deploy.calibrate import run_calibration
+from ..deploy.export import EXPORT_INFO, export_model
+from ..deploy.predictor import PredictorConfig, print_report, run_train_predictor
+from ..deploy.runtime import generate
+from ..evaluation.evaluate import evaluate_task
+from ..policies import DensePolicy, load_predictor_policy
+from ..policies.predictor import REPORT_NAME
+from ..policies.static import JSON_NAME, TENSORS_NAME, load_static_policy
+from .experiments import add_device_arg, comma_floats
 
 
 def _ratios(text: str) -> list[float]:
-    from .experiments import comma_floats
-    from ..core.errors import check_ratio
-
     return [check_ratio(v, "ratio") for v in comma_floats(text, "--ratios", nonempty=True)]
 
 
@@ -42,8 +54,6 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(model, tok, args, ratios, out: Path) -> dict:
-    from ..deploy.calibrate import run_calibration
-
     _positive(args.n_seq, "--n-seq")
     _positive(args.search_seqs, "--search-seqs")
     if args.seq_len < 2:
@@ -55,9 +65,6 @@ def _calibrate(model, tok, args, ratios, out: Path) -> dict:
 
 
 def cmd_calibrate(args) -> int:
-    from ..core.distributed import init_distributed
-    from ..core.models import load_model
-
     ratios = _ratios(args.ratios)
     ctx = init_distributed(args.device)  # under torchrun: join the job; the model runs on this rank's device
     model, tok = load_model(args.model, dtype=args.dtype, device=ctx.device)
@@ -76,8 +83,6 @@ def cmd_calibrate(args) -> int:
 def test_windows(tokenizer, n: int, seq_len: int, data: str | None = None):
     """The first ``n`` windows of ``seq_len`` tokens of the WikiText-2 *test* split (calibration
     reads the valid split)."""
-    from ..data.tasks import load_wikitext
-
     text = load_wikitext(data, split="test")
     ids = tokenizer(text[: n * seq_len * 8], add_special_tokens=False, return_tensors="pt").input_ids[0]
     return [ids[i * seq_len:(i + 1) * seq_len] for i in range(min(n, ids.numel() // seq_len))]
@@ -89,9 +94,6 @@ def perplexity(model, sequences) -> float:
 
     import torch
     import torch.nn.functional as F
-
-    from ..core.architectures import model_device
-    from ..core.trace import to_ids
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -105,11 +107,6 @@ def perplexity(model, sequences) -> float:
 
 def cmd_export(args) -> int:
     from transformers import AutoModelForCausalLM
-
-    from ..core.errors import check_ratio
-    from ..core.models import load_model
-    from ..deploy.calibrate import JSON_NAME, TENSORS_NAME, load_static_policy
-    from ..deploy.export import EXPORT_INFO, export_model
 
     ratio = check_ratio(args.ratio)
     out = Path(args.out)
@@ -138,7 +135,6 @@ def cmd_export(args) -> int:
         report["quality"] = {"wikitext2_test_windows": len(seqs), "window": args.seq_len,
                              "ppl_dense": perplexity(model, seqs), "ppl_export": perplexity(reloaded, seqs),
                              "loaded_with": "AutoModelForCausalLM.from_pretrained"}
-        from ..core.io import atomic_write_json
 
         atomic_write_json(out / EXPORT_INFO, report)
     mb = report["size_on_disk_bytes"] / 1e6
@@ -161,13 +157,13 @@ def cmd_export(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from ..deploy.runtime import generate
-
     if not args.prompt or not any(p.strip() for p in args.prompt):
         raise UserError("--prompt is empty")
     if args.threads:
         torch.set_num_threads(_positive(args.threads, "--threads"))
     sparsity = args.sparsity_from
+    if sparsity and ":" not in sparsity and artifact_kind(sparsity) is None:
+        sparsity = f"static:{sparsity}"  # what --sparsity-from names: a sparsity (static) directory
     if args.predictor:
         if sparsity:
             raise UserError("use either --sparsity-from or --predictor")
@@ -186,8 +182,66 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _quality(model, tokenizer, weights: Path, ratios, tasks, limit, max_tokens, progress) -> list[dict]:
+    """Task numbers under the dense model and the predictor at each ratio."""
+    rows = []
+    for task in tasks:
+        policies = [DensePolicy()] + [load_predictor_policy(weights, r) for r in ratios]
+        for policy in policies:
+            rows.append(evaluate_task(model, tokenizer, task, policy, limit=limit, max_tokens=max_tokens,
+                                      progress=progress))
+    return rows
+
+
+def cmd_train_predictor(args) -> int:
+    config = PredictorConfig(rank=args.rank, head_rank=args.head_rank, epochs=args.epochs, lr=args.lr,
+                             batch_size=args.batch_size, seed=args.seed).validate()
+    ratios = comma_floats(args.ratios, "--ratios", nonempty=True)
+    tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()] if args.eval_tasks else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    report = run_train_predictor(model, tokenizer, args.out, ratios=ratios, calib=args.calib, data=args.data,
+                                 n_seq=args.n_seq, seq_len=args.seq_len, holdout=args.holdout,
+                                 config=config, spec=args.model)
+    if tasks:
+        report["quality"] = _quality(model, tokenizer, report["predictor"], ratios, tasks, args.eval_limit,
+                                     args.eval_max_tokens, True)
+        atomic_write_json(Path(args.out) / REPORT_NAME, report)
+    print_report(report, Path(args.out))
+    return 0
+
+
+def register_predictor_commands(sub) -> None:
+    """Add ``train-predictor`` to the CLI's sub-parsers."""
+    p = sub.add_parser("train-predictor",
+                       help="train per-layer unit predictors on the oracle's attribution labels")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--ratios", default="0.3,0.5,0.7",
+                   help="parameter-weighted ratios whose oracle labels train the predictor")
+    p.add_argument("--calib", default="wikitext2", help="wikitext2 (valid split), truthfulqa or a text file")
+    p.add_argument("--data", default=None, help="local data file of the calibration source")
+    p.add_argument("--n-seq", type=int, default=64,
+                   help="training sequences (default 64; more is better but holds every layer's block inputs "
+                        "and unit ranks in memory and on disk beside the predictor: on SmolLM2, 256 x 128 "
+                        "tokens take 7.6 GB and improved WikiText-2 perplexity at 0.7 from 25.9 to 23.7)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--holdout", type=int, default=None, help="held-out sequences (default n-seq/8)")
+    p.add_argument("--rank", type=int, default=64, help="bottleneck of the MLP-unit predictor")
+    p.add_argument("--head-rank", type=int, default=32, help="bottleneck of the head predictor")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-tasks", default=None,
+                   help="optional tasks to score dense and under the predictor, e.g. wikitext2,truthfulqa_mc1")
+    p.add_argument("--eval-limit", type=int, default=100, help="items per multiple-choice task")
+    p.add_argument("--eval-max-tokens", type=int, default=4096, help="tokens of perplexity tasks")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_train_predictor)
+
+
 def register_deploy_commands(sub) -> None:
-    """Add ``calibrate``, ``export`` and ``generate`` to the CLI's sub-parsers."""
+    """Add ``calibrate``, ``export``, ``generate`` and ``train-predictor`` to the CLI's sub-parsers."""
     p = sub.add_parser("calibrate", help="calibrated static masks at parameter-weighted ratios")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32")
@@ -223,3 +277,4 @@ def register_deploy_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+    register_predictor_commands(sub)

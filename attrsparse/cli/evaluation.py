@@ -7,8 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from .experiments import add_device_arg, comma_floats, comma_list
 from ..core.errors import UserError
+from ..core.models import load_model
+from ..data.calibration import calibration_sequences
+from ..data.tasks import get_task
+from ..evaluation.bench import Bench, BenchConfig
+from ..evaluation.compare import Compare, CompareConfig, save_command
+from ..evaluation.evaluate import evaluate_task
+from ..policies import make_policy
+from .experiments import add_device_arg, comma_floats, comma_list
 
 
 def _task_paths(text: str | None) -> dict:
@@ -31,19 +38,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                                                         "wikitext2 (valid split), truthfulqa (questions >= 400) or a text file")
     p.add_argument("--calib-sequences", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=128)
-    p.add_argument("--policy", default="per_layer", help="selection policy of oracle metrics")
+    p.add_argument("--scope", "--policy", dest="scope", default="per_layer",
+                   help="top-k scope of oracle selectors: per_layer, global or threshold")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     add_device_arg(p)
 
 
 def cmd_evaluate(args) -> int:
-    from ..data.calibration import calibration_sequences
-    from ..core.models import load_model
-    from ..policies import make_policy
-    from ..evaluation.evaluate import evaluate_task
-
-    policy = make_policy(args.selector, args.ratio, policy=args.policy)
-    from ..data.tasks import get_task
+    policy = make_policy(args.selector, args.ratio, scope=args.scope)
 
     get_task(args.task)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -57,14 +59,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ..evaluation.compare import Compare, CompareConfig, save_command
-
     config = CompareConfig(models=comma_list(args.models), tasks=comma_list(args.tasks),
                            selectors=comma_list(args.selectors), ratios=comma_floats(args.ratios, "--ratios"),
                            limit=args.limit, offset=args.offset, max_tokens=args.max_tokens,
                            max_new_tokens=args.max_new_tokens, calib=args.calib,
                            calib_sequences=args.calib_sequences, calib_len=args.calib_len,
-                           dtype=args.dtype, policy=args.policy, data=_task_paths(args.data),
+                           dtype=args.dtype, scope=args.scope, data=_task_paths(args.data),
                            device=args.device)
     out = Path(args.out)
     results = Compare(config, out).run()
@@ -76,8 +76,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ..evaluation.bench import Bench, BenchConfig
-
     if args.threads:
         import torch
 

@@ -6,6 +6,10 @@ import argparse
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.models import load_model
+from ..experiments.dependency import DependencyConfig, run_dependency
+from ..experiments.sweep import Sweep, SweepConfig
+from ..selectors import resolve_metric_names
 
 DEMO_METRICS = "magnitude,gradient,gxo,snip,ig,corrected_gxo,recommended"
 ALL_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
@@ -44,8 +48,6 @@ def _ints(text: str | None, what: str) -> list[int] | None:
 
 
 def _metric_names(text: str) -> list[str]:
-    from ..scores import resolve_metric_names
-
     return resolve_metric_names(comma_list(text))
 
 
@@ -58,7 +60,8 @@ def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
                    help="comma-separated metrics/selectors; 'paper' = the paper's six, "
                         "'recommended' = our best selector")
     p.add_argument("--ratios", default=ALL_RATIOS, help="requested activation ratios in (0, 1]")
-    p.add_argument("--policy", default="per_layer", help="per_layer (paper), global or threshold")
+    p.add_argument("--scope", "--policy", dest="scope", default="per_layer",
+                   help="top-k scope: per_layer (paper), global or threshold")
     p.add_argument("--template", default="auto", help="auto (chat if the model has one), chat, paper, qa")
     p.add_argument("--limit", type=int, default=limit, help="number of questions")
     p.add_argument("--offset", type=int, default=0, help="first question index")
@@ -81,13 +84,11 @@ def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
 
 
 def _sweep_config(args):
-    from ..experiments.sweep import SweepConfig
-
     if args.max_memory is not None and not args.stream_scores:
         raise UserError("--max-memory bounds the streamed scores; add --stream-scores")
     return SweepConfig(
         model=args.model, dataset=args.dataset, data=args.data, metrics=_metric_names(args.metrics),
-        ratios=comma_floats(args.ratios, "--ratios"), policy=args.policy, template=args.template,
+        ratios=comma_floats(args.ratios, "--ratios"), scope=args.scope, template=args.template,
         limit=args.limit, offset=args.offset, questions=_ints(args.questions, "--questions"),
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, head_reduction=args.head_reduction,
         ig_steps=args.ig_steps, ig_questions=args.ig_questions, mask_prefill=args.mask_prefill,
@@ -97,8 +98,6 @@ def _sweep_config(args):
 
 
 def cmd_sweep(args) -> int:
-    from ..experiments.sweep import Sweep
-
     sweep = Sweep(_sweep_config(args), Path(args.out))
     if sweep.run() is not None:  # None on the other ranks of a torchrun job: rank 0 reports
         print(f"report: {Path(args.out) / 'report.md'}\nplots:  {Path(args.out) / 'curves.png'}")
@@ -106,8 +105,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_dependency(args) -> int:
-    from ..experiments.dependency import DependencyConfig, run_dependency
-
     config = DependencyConfig(model=args.model, data=args.data, limit=args.limit, offset=args.offset,
                               ratios=comma_floats(args.ratios, "--ratios"), template=args.template,
                               max_new_tokens=args.max_new_tokens, ablations=args.ablations,
@@ -120,10 +117,6 @@ def cmd_dependency(args) -> int:
 def cmd_demo(args) -> int:
     """The paper's sweep on the default model plus the dependency analysis (about 12 minutes on
     2 idle cores; IG and MC1 are limited to keep it there, and the report says so)."""
-    from ..experiments.dependency import DependencyConfig, run_dependency
-    from ..core.models import load_model
-    from ..experiments.sweep import Sweep, SweepConfig
-
     out = Path(args.out)
     model, tok = load_model(args.model)
     run_dependency(DependencyConfig(model=args.model, limit=args.dependency_questions,
@@ -166,15 +159,3 @@ def register_commands(sub) -> None:
     p.add_argument("--mc1-ratios", default="0.3,0.5", help="ratios with MC1 under masks")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
-
-    from .evaluation import register_evaluation_commands  # evaluate, compare
-
-    register_evaluation_commands(sub)
-
-    from .deploy import register_deploy_commands  # calibrate, export, generate
-
-    register_deploy_commands(sub)
-
-    from ..deploy.predictor_cli import register_predictor_commands  # train-predictor
-
-    register_predictor_commands(sub)

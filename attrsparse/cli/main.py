@@ -11,7 +11,17 @@ import json
 import os
 import sys
 
-from ..core.errors import UserError
+from ..core.architectures import unit_map
+from ..core.errors import UserError, check_ratio
+from ..core.models import load_model
+from ..core.units import executed_ratio
+from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
+from ..data.tasks import get_task, list_tasks
+from ..selectors import get_metric, list_metrics, select
+from ..selectors.scoring import score
+from .deploy import register_deploy_commands
+from .evaluation import register_evaluation_commands
+from .experiments import register_commands
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -22,8 +32,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args) -> int:
-    from .. import load_model, unit_map
-
     model, _ = load_model(args.model, dtype=args.dtype)
     summary = unit_map(model).summary()
     if args.json:
@@ -37,8 +45,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from ..scores import get_metric, list_metrics
-
     names = list_metrics()
     width = max(len(n) for n in names)
     for name in names:
@@ -48,8 +54,6 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from ..data.tasks import get_task, list_tasks
-
     for name in list_tasks():
         task = get_task(name)
         print(f"{name:<16} {task.kind:<16} {task.description}")
@@ -58,10 +62,6 @@ def cmd_tasks(args) -> int:
 
 def cmd_score(args) -> int:
     import torch
-
-    from .. import executed_ratio, load_model, score, select, unit_map
-    from ..core.errors import check_ratio
-    from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 
     ratio = check_ratio(args.ratio)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -81,7 +81,7 @@ def cmd_score(args) -> int:
     report = {"model": args.model, "template": template, "target": tok.decode(target),
               "target_tokens": int(target.numel()), "ratio": ratio, "metrics": {}}
     for name, s in scores.items():
-        masks = select(s, ratio, policy=args.policy)
+        masks = select(s, ratio, scope=args.scope)
         acc = executed_ratio(masks, units)
         top_layer = torch.topk(s.mlp.sum(-1).mean(0), k=min(3, units.num_layers)).indices.tolist()
         report["metrics"][name] = {**acc.as_dict(), "mlp_scores_shape": list(s.mlp.shape),
@@ -118,13 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="auto", help="auto, chat, paper or qa")
     p.add_argument("--metrics", default="magnitude,gradient,gxo,snip,corrected_gxo")
     p.add_argument("--ratio", default=0.5, help="unit activation ratio in (0, 1]")
-    p.add_argument("--policy", default="per_layer", help="per_layer, global or threshold")
+    p.add_argument("--scope", "--policy", dest="scope", default="per_layer",
+                   help="top-k scope: per_layer, global or threshold")
     p.add_argument("--ig-steps", type=int, default=20)
     p.set_defaults(func=cmd_score)
 
-    from .experiments import register_commands  # sweep, dependency, ... (heavier modules)
-
-    register_commands(sub)
+    register_commands(sub)  # sweep, dependency, demo
+    register_evaluation_commands(sub)  # evaluate, compare, bench
+    register_deploy_commands(sub)  # calibrate, export, generate, train-predictor
     return parser
 
 

@@ -14,7 +14,7 @@ Supporting a new architecture is one :class:`ArchSpec` line in :data:`ARCHITECTU
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ from .errors import UnsupportedArchitectureError
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Module paths of one architecture family (paths relative to a decoder layer)."""
+    """Module paths and structural facts of one architecture family (paths relative to a decoder
+    layer). The only place attrsparse knows module names and config keys."""
 
     family: str
     model_types: tuple[str, ...]
@@ -34,37 +35,40 @@ class ArchSpec:
     attn_qkv: tuple[str, ...]  # q, k, v projections, or one fused qkv projection
     attn_out: str  # projection whose input is the concatenated head outputs
     examples: str = ""
-    # activation module of a gated MLP (its output is act(gate x), before the product with up x);
-    # "" for non-gated MLPs, where the activation's output is the down-projection input itself
-    mlp_act: str = ""
+    mlp_act: str = ""  # the MLP's activation module (gated: its output is act(gate x), before "* up x")
+    mlp_gated: bool = False  # act(gate x) * up x; else act(fc1 x)
+    mlp_module: str = "mlp"  # the module holding the whole MLP ("" when inlined in the layer, OPT)
+    mlp_size_key: str = "intermediate_size"  # config key of the MLP width
+    heads_sliceable: bool = True  # False where head size = hidden / heads (GPT-2, OPT): no head export
 
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "mistral", "mobillama"), "model.layers",
              ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
-             "SmolLM2, TinyLlama, MobiLlama-style", mlp_act="mlp.act_fn"),
+             "SmolLM2, TinyLlama, MobiLlama-style", mlp_act="mlp.act_fn", mlp_gated=True),
     ArchSpec("qwen2", ("qwen2", "qwen3"), "model.layers",
              ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
-             "Qwen2/2.5, Qwen3", mlp_act="mlp.act_fn"),
+             "Qwen2/2.5, Qwen3", mlp_act="mlp.act_fn", mlp_gated=True),
     ArchSpec("gemma", ("gemma", "gemma2", "gemma3_text", "gemma3"), "model.layers",
              ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
-             "Gemma, Gemma 2, Gemma 3 (text)", mlp_act="mlp.act_fn"),
+             "Gemma, Gemma 2, Gemma 3 (text)", mlp_act="mlp.act_fn", mlp_gated=True),
     ArchSpec("phi", ("phi",), "model.layers",
              ("mlp.fc1",), "mlp.fc2",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.dense",
-             "phi-1.5, phi-2"),
+             "phi-1.5, phi-2", mlp_act="mlp.activation_fn"),
     ArchSpec("phi3", ("phi3",), "model.layers",
              ("mlp.gate_up_proj",), "mlp.down_proj",
-             ("self_attn.qkv_proj",), "self_attn.o_proj", "Phi-3", mlp_act="mlp.activation_fn"),
+             ("self_attn.qkv_proj",), "self_attn.o_proj", "Phi-3", mlp_act="mlp.activation_fn", mlp_gated=True),
     ArchSpec("gpt2", ("gpt2",), "transformer.h",
-             ("mlp.c_fc",), "mlp.c_proj", ("attn.c_attn",), "attn.c_proj", "GPT-2 (Conv1D)"),
+             ("mlp.c_fc",), "mlp.c_proj", ("attn.c_attn",), "attn.c_proj", "GPT-2 (Conv1D)",
+             mlp_act="mlp.act", mlp_size_key="n_inner", heads_sliceable=False),
     ArchSpec("opt", ("opt",), "model.decoder.layers",
              ("fc1",), "fc2",
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.out_proj",
-             "OPT"),
+             "OPT", mlp_act="activation_fn", mlp_module="", mlp_size_key="ffn_dim", heads_sliceable=False),
 )
 
 
@@ -87,14 +91,6 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def accelerator_tag(model: nn.Module) -> str | None:
-    """The model's device type when it is not the CPU (``"cuda"``), else None. Result keys hold it,
-    so records of other kernels (other rounding) never mix with CPU ones while CPU keys stay as
-    they were."""
-    kind = model_device(model).type
-    return None if kind == "cpu" else kind
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -162,6 +158,20 @@ class UnitMap:
         return (self.head_params * self.num_heads + self.kv_group_params * self.num_kv_heads
                 + self.attn_fixed_params)
 
+    def attention_params(self, n_heads, n_groups):
+        """Attention parameters of one layer running ``n_heads`` query heads in ``n_groups``
+        key/value groups (ints or tensors, broadcast): the one accounting rule for heads."""
+        return n_heads * self.head_params + n_groups * self.kv_group_params + self.attn_fixed_params
+
+    def mlp_params(self, n_units):
+        """MLP parameters of one layer running ``n_units`` units (ints or tensors)."""
+        return n_units * self.mlp_unit_params + self.mlp_fixed_params
+
+    @property
+    def layer_params(self) -> int:
+        """Attention and MLP parameters of one layer."""
+        return self.attn_params_per_layer + self.mlp_params_per_layer
+
     @property
     def maskable_params(self) -> int:
         """Parameters of all attention and MLP blocks: the denominator of the activation ratio."""
@@ -175,6 +185,15 @@ class UnitMap:
     @property
     def mlp_share(self) -> float:
         return 1.0 - self.attn_share
+
+    @classmethod
+    def structure_fields(cls) -> list[str]:
+        """The scalar fields (everything but module lists): what files record and check."""
+        return [f.name for f in fields(cls) if not f.name.endswith("modules")]
+
+    def structure(self) -> dict:
+        """:meth:`structure_fields` and their values."""
+        return {name: getattr(self, name) for name in self.structure_fields()}
 
     def summary(self) -> dict:
         """Plain-dict description (for ``attrsparse info`` and result files)."""

@@ -69,6 +69,10 @@ class UnitHooks:
         self._layer_shape: list[tuple[int, int] | None] = [None] * self.units.num_layers
         self._handles: list = []
 
+    def layer_shape(self, layer: int) -> tuple[int, int] | None:
+        """``(B, q)`` of the layer's current forward call (recorded by its pre-hook)."""
+        return self._layer_shape[layer]
+
     # -- hook bodies -------------------------------------------------------------------------
     def _shape_hook(self, layer: int):
         """Remember the layer's [B, q] (OPT flattens the MLP input to [B*q, N])."""

@@ -43,6 +43,8 @@ from attrsparse.core.errors import CacheError, UserError
 from attrsparse.core.io import sha256_file
 from attrsparse.core.paths import cache_root
 
+from .distributed import resolve_device
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -140,8 +142,6 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _check_device(device: str | torch.device) -> torch.device:
-    from .distributed import resolve_device
-
     return resolve_device(device)
 
 

@@ -111,6 +111,16 @@ def forward_units(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
     return captured, losses.detach(), grads, p, t
 
 
+def model_logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 **model_kwargs) -> torch.Tensor:
+    """Plain forward (no cache unless ``model_kwargs`` give one): ``[B, S, V]`` float32, on the
+    model's device (where ``ids`` and ``attention_mask`` are moved)."""
+    model_kwargs.setdefault("use_cache", False)
+    device = model_device(model)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    return model(input_ids=ids.to(device), attention_mask=attention_mask, **model_kwargs).logits.float()
+
+
 def record_dense_kv(model: nn.Module, prompt_ids, target_ids) -> KVRecorder:
     """Keys/values of one dense teacher-forced pass, to be served to later passes (off-diagonal)."""
     recorder = KVRecorder()

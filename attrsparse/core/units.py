@@ -104,10 +104,7 @@ def layer_param_fractions(mlp: torch.Tensor, heads: torch.Tensor, units: UnitMap
     kept_heads = heads.sum(-1)
     groups = heads.reshape(*heads.shape[:-1], units.num_kv_heads, units.group_size)
     kept_kv = groups.amax(-1).sum(-1)
-    executed = (kept_mlp * units.mlp_unit_params + units.mlp_fixed_params
-                + kept_heads * units.head_params + kept_kv * units.kv_group_params
-                + units.attn_fixed_params)
-    return executed / (units.mlp_params_per_layer + units.attn_params_per_layer)
+    return (units.mlp_params(kept_mlp) + units.attention_params(kept_heads, kept_kv)) / units.layer_params
 
 
 def executed_ratio(masks: UnitMasks, units: UnitMap) -> ExecutedRatio:

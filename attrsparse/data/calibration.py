@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UserError
+from .tasks import load_truthfulqa, load_wikitext
 
 SOURCES = ("wikitext2", "truthfulqa")
 TRUTHFULQA_CALIBRATION_START = 400  # questions [0, 400) are for evaluation, [400, 817) calibrate
@@ -37,15 +38,11 @@ def calibration_sequences(tokenizer, source: str = "wikitext2", n_sequences: int
     if n_sequences < 1 or seq_len < 2:
         raise UserError("calibration needs at least 1 sequence of at least 2 tokens")
     if source == "wikitext2":
-        from .tasks import load_wikitext
-
         text = load_wikitext(data, split="valid")
         ids = tokenizer(text[: n_sequences * seq_len * 8], add_special_tokens=False,
                         return_tensors="pt").input_ids[0]
         return _windows(ids, n_sequences, seq_len, "WikiText-2 valid")
     if source == "truthfulqa":
-        from .tasks import load_truthfulqa
-
         items = load_truthfulqa(data, limit=n_sequences, offset=TRUTHFULQA_CALIBRATION_START)
         texts = [f"Q: {it.question}\nA: {it.best_answer}" for it in items]
         return [tokenizer(t, return_tensors="pt").input_ids[0][:seq_len] for t in texts]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.architectures import model_device
 from ..core.errors import UserError
 
 TEMPLATES = ("chat", "paper", "qa")
@@ -61,8 +62,6 @@ def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int, st
     """Dense greedy continuation ``[T]`` (CPU; T <= max_new_tokens), stopping after a stop token
     (the stop token itself is kept: it is a generated token the masks must also produce)."""
     from transformers import DynamicCache
-
-    from ..core.architectures import model_device
 
     device = model_device(model)
     cache = DynamicCache(config=model.config)

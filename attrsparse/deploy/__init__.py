@@ -1,19 +1,20 @@
-"""Deployment: calibrated static masks, sliced stock exports and a sparse decoding runtime.
+"""Deployment: the one verb to make a model sparse, calibrated static masks, predictors, sliced
+stock exports, kernels and the sparse decoding runtime.
 
-* :mod:`.calibrate`: :func:`calibrate` (mean per-token scores over calibration text), the sparsity
-  directory (:func:`run_calibration`, :func:`load_static_policy`), the ``static_gxo`` selector;
-* :mod:`.allocation`: static unit sets at a parameter-weighted ratio (``uniform``, ``greedy``);
+* :mod:`.sparsify`: :func:`sparsify`, the entry point for any sparsity spec;
+* :mod:`.calibrate`: ``attrsparse calibrate``, the sparsity directory (:func:`run_calibration`);
+* :mod:`.predictor`: ``attrsparse train-predictor`` (oracle labels, training, held-out report);
 * :mod:`.export`: :func:`slice_model` / :func:`export_model`, a physically smaller stock model;
-* :mod:`.kernels`: gathered MLP/attention projections (C kernels, ``index_select`` fallback);
-* :mod:`.runtime`: :func:`generate`, greedy decoding with a KV cache under static masks or a
-  per-token unit chooser (predictors).
+* :mod:`.kernels`: C sources and their one build step; gathered MLP/attention products;
+* :mod:`.gathered`, :mod:`.runtime`: :func:`generate`, greedy decoding with a KV cache under
+  static masks, per-token unit choosers (predictors) or online rules;
+* :mod:`.engine`: the native decode engine (see docs/engine.md).
 """
 
-from .calibrate import (CalibratedScores, CalibratedStaticPolicy, calibrate, load_static_policy,
-                        read_static, run_calibration, static_masks, weights_fingerprint)
+from .calibrate import run_calibration, save_static
 from .export import export_model, slice_model
-from .runtime import GenerationResult, SparseRuntime, StaticChooser, UnitChooser, generate
+from .runtime import GenerationResult, SparseRuntime, generate
+from .sparsify import Sparsified, sparsify
 
-__all__ = ["CalibratedScores", "CalibratedStaticPolicy", "GenerationResult", "SparseRuntime",
-           "StaticChooser", "UnitChooser", "calibrate", "export_model", "generate", "load_static_policy",
-           "read_static", "run_calibration", "slice_model", "static_masks", "weights_fingerprint"]
+__all__ = ["GenerationResult", "SparseRuntime", "Sparsified", "export_model", "generate", "run_calibration",
+           "save_static", "slice_model", "sparsify"]

@@ -38,8 +38,6 @@ from ..core.architectures import UnitMap, find_arch, linear_dims, unit_map
 from ..core.errors import UserError
 from ..core.units import UnitMasks, executed_ratio
 
-MLP_SIZE_KEY = {"gpt2": "n_inner", "opt": "ffn_dim"}  # default: intermediate_size
-HEADS_FIXED_FAMILIES = ("gpt2", "opt")  # head size = hidden / heads: heads cannot be sliced
 EXPORT_INFO = "attrsparse_export.json"
 
 
@@ -184,7 +182,7 @@ def sliced_state_dict(model: nn.Module, plan: SlicePlan) -> dict[str, torch.Tens
 def sliced_config(model: nn.Module, plan: SlicePlan):
     config = copy.deepcopy(model.config)
     spec, units = find_arch(config.model_type), unit_map(model)
-    setattr(config, MLP_SIZE_KEY.get(spec.family, "intermediate_size"), plan.mlp_size)
+    setattr(config, spec.mlp_size_key, plan.mlp_size)
     if plan.heads_sliced:
         config.num_attention_heads = plan.num_heads
         config.num_key_value_heads = plan.kv_heads
@@ -235,7 +233,7 @@ def slice_model(model: nn.Module, masks: UnitMasks, *, exact_mlp: bool = False) 
 
     units = unit_map(model)
     spec = find_arch(model.config.model_type)
-    plan = plan_slices(masks, units, heads_sliced=spec.family not in HEADS_FIXED_FAMILIES)
+    plan = plan_slices(masks, units, heads_sliced=spec.heads_sliceable)
     config = sliced_config(model, plan)
     attn = getattr(model.config, "_attn_implementation", None)
     try:

@@ -5,10 +5,13 @@ texts with the executed activation ratio and the speed:
 
 * ``sparsity=None`` / ``"dense"``: the stock model.
 * static masks (a directory written by ``attrsparse calibrate``, ``"static:DIR"``, a
-  :class:`~attrsparse.units.UnitMasks` ``[L, *]`` or a ``StaticPolicy``): the model is sliced
+  :class:`~attrsparse.core.units.UnitMasks` ``[L, *]`` or a ``StaticPolicy``): the model is sliced
   in memory (:func:`attrsparse.deploy.export.slice_model`, the same stock layout as the export,
   MLP padding trimmed per layer) and decodes densely with contiguous smaller weights.
-* a :class:`UnitChooser` or ``"predictor:PATH"``: per-token masks chosen in every layer *before*
+* an online selector (``"teal"``, ``"wina"``, ...): the stock model decodes with the policy's rules
+  applied to every call (:meth:`attrsparse.policies.SparsityPolicy.apply`), accounted per call;
+  no work is skipped (quality, not speed).
+* a :class:`~attrsparse.selectors.chooser.UnitChooser` or ``"predictor:PATH"``: per-token masks chosen in every layer *before*
   that layer's attention and MLP run, from the hidden state entering the block; the unit
   projections are swapped for gathered ones (:mod:`attrsparse.deploy.gathered`) by
   :class:`SparseRuntime`. Keys and values are computed for every key/value head, so the cache
@@ -29,87 +32,21 @@ dense fallbacks, padding included). Embeddings and the LM head are outside both,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.architectures import UnitMap, find_arch, linear_dims, unit_map
+from ..core.decoding import greedy_loop
 from ..core.errors import UserError
+from ..core.models import load_model, parse_dtype
 from ..core.units import ExecutedRatio, UnitMasks, executed_ratio
+from ..data.prompts import encode_prompt, resolve_template, stop_token_ids
+from ..policies import DensePolicy, PredictorPolicy, SparsityPolicy, StaticPolicy, make_policy
+from ..selectors.chooser import NativeChoice, UnitChooser
+from .export import maskable_params, slice_model
 from .gathered import Block, GatheredIn, GatheredMLP, GatheredOut, UnitGroup, _col_major, _row_major
 from .kernels import SUFFIX, gather_backend, measure_break_even
-
-# families whose MLP is one module ``layer.mlp``: (activation module path, gated)
-MLP_MODULES = {"llama": ("mlp.act_fn", True), "qwen2": ("mlp.act_fn", True), "gemma": ("mlp.act_fn", True),
-               "phi3": ("mlp.activation_fn", True), "phi": ("mlp.activation_fn", False),
-               "gpt2": ("mlp.act", False)}
-
-
-@dataclass
-class NativeChoice:
-    """How the C library chooses one token row's units of one layer itself (no Python per token).
-
-    ``mask [K]``: the same units at every token. Else a low-rank predictor whose logits
-    ``w2 relu(w1 h + b1) + b2`` (``w1 [r, d]``, ``b1 [r]``, ``w2 [K, r]``, ``b2 [K]``) rank the
-    units: the top ``budget[0]`` are kept or, with ``by_heads`` (MLP units), the top
-    ``budget[nh * (G + 1) + ng]`` given the layer's chosen heads (``nh`` heads in ``ng`` of the
-    ``G`` key/value groups). Ties go to the lower index, as a stable descending sort.
-    """
-
-    mask: torch.Tensor | None = None
-    w1: torch.Tensor | None = None
-    b1: torch.Tensor | None = None
-    w2: torch.Tensor | None = None
-    b2: torch.Tensor | None = None
-    budget: torch.Tensor | None = None  # int64
-    by_heads: bool = False
-
-    def predictor(self) -> tuple | None:
-        """``(w1, b1, w2, b2)`` as contiguous fp32, or None for a fixed mask."""
-        if self.w1 is None:
-            return None
-        return tuple(None if t is None else t.detach().float().contiguous() for t in (self.w1, self.b1, self.w2, self.b2))
-
-
-class UnitChooser:
-    """Chooses each layer's units from the hidden state entering the block, before it runs.
-
-    ``hidden [..., d]`` is the input of the block's first projection (the normed hidden state);
-    the leading dims are the call's token rows. Return a bool keep-mask ``[..., N]`` / ``[..., H]``.
-    :meth:`native` may describe the same choice for one token row to the C library.
-    """
-
-    def native(self, kind: str, layer: int) -> NativeChoice | None:
-        """The one-token choice of ``kind`` (``"mlp"`` / ``"heads"``) units in ``layer`` for the C
-        library, equal to ``choose_*`` on one row (ties aside); None: ask ``choose_*`` per call."""
-        return None
-
-    def choose_mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def choose_heads(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def cost_params(self) -> int:
-        """Parameters the chooser multiplies per token (predictor weights), for the accounting."""
-        return 0
-
-
-class StaticChooser(UnitChooser):
-    """The same masks ``mlp [L, N]``, ``heads [L, H]`` at every token (tests, benchmarks)."""
-
-    def __init__(self, masks: UnitMasks):
-        self.masks = UnitMasks(masks.mlp.bool(), masks.heads.bool())
-
-    def choose_mlp(self, layer, hidden):
-        return self.masks.mlp[layer].expand(*hidden.shape[:-1], -1)
-
-    def choose_heads(self, layer, hidden):
-        return self.masks.heads[layer].expand(*hidden.shape[:-1], -1)
-
-    def native(self, kind, layer):
-        return NativeChoice(mask=(self.masks.mlp if kind == "mlp" else self.masks.heads)[layer])
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -171,11 +108,11 @@ class SparseRuntime:
             mlp = UnitGroup("mlp", l, u.mlp_size, 1)
             heads = UnitGroup("heads", l, u.num_heads, u.head_dim)
             self.groups.append((mlp, heads))
-            if spec.family in MLP_MODULES:  # swap the whole MLP module
-                act_path, gated = MLP_MODULES[spec.family]
+            if spec.mlp_module:  # swap the whole MLP module
+                act_path, gated = spec.mlp_act, spec.mlp_gated
                 ins = [layer.get_submodule(p) for p in spec.mlp_in]
                 down, act = layer.get_submodule(spec.mlp_down), layer.get_submodule(act_path)
-                mlps.append(self._swap(layer, "mlp", lambda m, g=mlp, i=ins, d=down, a=act, gt=gated:
+                mlps.append(self._swap(layer, spec.mlp_module, lambda m, g=mlp, i=ins, d=down, a=act, gt=gated:
                                        GatheredMLP(m, g, self, i, d, a, gt)))
             else:  # MLP inlined in the decoder layer (OPT): swap its projections
                 for path in spec.mlp_in:
@@ -399,8 +336,6 @@ def greedy_decode(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens:
 
     Returns ``{"tokens": [T_b] per row, "prefill_s", "decode_s", "decode_tokens"}``.
     """
-    from ..core.decoding import greedy_loop
-
     def before_call(ids, attn, done):
         real = attn[:, -ids.shape[1]:].bool() & ~done.view(-1, 1)
         generated = torch.zeros_like(real)
@@ -412,54 +347,54 @@ def greedy_decode(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens:
     return greedy_loop(model, prompts, max_new_tokens, stop_ids, pad_id, before_call, runtime.end)
 
 
-def _resolve_sparsity(sparsity, ratio, model):
-    """-> ("dense", None, info) | ("static", UnitMasks, info) | ("dynamic", UnitChooser, info)."""
-    from ..policies.base import StaticPolicy
-
-    if sparsity is None or sparsity == "dense":
+def resolve_sparsity(sparsity, ratio, model):
+    """-> ("dense", None, info) | ("static", UnitMasks, info) | ("dynamic", UnitChooser, info)
+    | ("hooks", SparsityPolicy, info): what :func:`generate` runs for ``sparsity`` (a spec string,
+    a policy, masks or a chooser)."""
+    if sparsity is None or (isinstance(sparsity, str) and sparsity == "dense"):
         return "dense", None, {}
     if isinstance(sparsity, UnitChooser):
         return "dynamic", sparsity, {"sparsity": type(sparsity).__name__}
     if isinstance(sparsity, UnitMasks):
         return "static", sparsity, {"sparsity": "masks"}
-    if isinstance(sparsity, StaticPolicy):
-        if hasattr(sparsity, "check_model"):
-            sparsity.check_model(model)
-        return "static", sparsity.masks, {"sparsity": sparsity.name}
-    text = str(sparsity)
-    kind, _, path = text.partition(":") if ":" in text else ("static", "", text)
-    if kind == "static" and (Path(path).expanduser() / "predictor.safetensors").exists():
-        kind = "predictor"  # a train-predictor directory given without its prefix
-    if kind == "predictor":
-        return "dynamic", predictor_chooser(path, ratio, model), {"sparsity": text}
-    if kind != "static":
-        raise UserError(f"unknown sparsity '{text}' (use a calibrate directory, static:DIR or predictor:PATH)")
-    from .calibrate import load_static_policy
-
-    policy = load_static_policy(path, ratio)
-    policy.check_model(model)
-    return "static", policy.masks, {"sparsity": f"static:{path}", "ratio": policy.ratio}
+    policy = sparsity if isinstance(sparsity, SparsityPolicy) else make_policy(str(sparsity), ratio)
+    info = {"sparsity": policy.name, "ratio": policy.ratio}
+    if isinstance(policy, DensePolicy):
+        return "dense", None, info
+    if isinstance(policy, PredictorPolicy):
+        return "dynamic", policy.chooser(model), info
+    if isinstance(policy, StaticPolicy):
+        return "static", policy._ready(model), info
+    return "hooks", policy, info
 
 
-def predictor_chooser(path: str, ratio: float | None, model: nn.Module) -> UnitChooser:
-    """The :class:`UnitChooser` of predictors saved at ``path`` (:mod:`attrsparse.deploy.predictor`)."""
-    try:
-        from . import predictor
-    except ImportError as exc:
-        raise UserError(f"predictor runtime unavailable: {exc}") from None
-    policy = predictor.load_predictor_policy(path, ratio)
-    chooser = getattr(policy, "chooser", None)
-    chooser = chooser(model) if callable(chooser) and not isinstance(chooser, UnitChooser) else chooser
-    if chooser is None and hasattr(policy, "choose_mlp"):
-        chooser = policy
-    if chooser is None:
-        raise UserError(f"predictor at {path} does not expose a unit chooser for the runtime")
-    return chooser
+def _decode_under(model: nn.Module, policy: SparsityPolicy, prompts: list[torch.Tensor], max_new_tokens: int,
+                  stop_ids: set[int], pad_id: int) -> tuple[dict, ExecutedRatio, ExecutedRatio]:
+    """Greedy decoding of the stock model under ``policy.apply`` (online rules): the result of
+    :func:`greedy_loop` and the executed ratios of the generated and the prompt positions."""
+    units = unit_map(model)
+    gen, prompt = [], []
+    state = {}
+
+    def before_call(ids, attn, done):
+        real = attn[:, -ids.shape[1]:].bool() & ~done.view(-1, 1)
+        state["real"], state["shape"] = real, ids.shape
+
+    with policy.apply(model) as applied:
+        def after_call():
+            masks = applied.last_masks(*state["shape"])
+            real = state["real"].to(masks.mlp.device)
+            last = torch.zeros_like(real)
+            last[:, -1] = True
+            for where, store in ((real & last, gen), (real & ~last, prompt)):
+                if bool(where.any()):
+                    store.append(UnitMasks(masks.mlp[where], masks.heads[where]))
+
+        res = greedy_loop(model, prompts, max_new_tokens, stop_ids, pad_id, before_call, after_call)
+    return res, SparseRuntime._account(gen, units), SparseRuntime._account(prompt, units)
 
 
 def _encode(tokenizer, prompts, template: str) -> list[torch.Tensor]:
-    from ..data.prompts import encode_prompt, resolve_template
-
     if template == "raw":
         ids = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
     else:
@@ -486,9 +421,6 @@ def generate(model_or_spec, prompts, sparsity=None, *, ratio: float | None = Non
             or ``raw`` (the text as is).
         stop_at_eos: stop each row at its EOS (False: exactly ``max_new_tokens``, for benchmarks).
     """
-    from ..core.models import load_model, parse_dtype
-    from ..data.prompts import stop_token_ids
-
     if isinstance(model_or_spec, (str, bytes)) or hasattr(model_or_spec, "__fspath__"):
         model, tokenizer = load_model(str(model_or_spec), dtype=dtype or "float32")
     elif isinstance(model_or_spec, tuple):
@@ -513,12 +445,10 @@ def generate(model_or_spec, prompts, sparsity=None, *, ratio: float | None = Non
         ids = _encode(tokenizer, prompts, template)
     stop = stop_token_ids(tokenizer, model) if (stop_at_eos and tokenizer is not None) else set()
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    mode, what, info = _resolve_sparsity(sparsity, ratio, model)
+    mode, what, info = resolve_sparsity(sparsity, ratio, model)
     units = unit_map(model)
     runner, runtime, computed = model, None, 1.0
     if mode == "static":
-        from .export import maskable_params, slice_model
-
         runner = slice_model(model, what, exact_mlp=True)
         computed = maskable_params(runner) / units.maskable_params
     step = batch_size or len(ids)
@@ -538,6 +468,9 @@ def generate(model_or_spec, prompts, sparsity=None, *, ratio: float | None = Non
             info["break_even"] = runtime.break_even
             info["kernel_backend"] = runtime.backend.name
             info["chooser_fraction"] = what.cost_params() / units.maskable_params  # predictor weights
+        elif mode == "hooks":  # an online policy on the stock model: accounted per call
+            res, gen, prompt = _decode_under(model, what, chunk, max_new_tokens, stop, pad_id)
+            executed, prompt_executed = executed.add(gen), prompt_executed.add(prompt)
         else:
             res = greedy_decode(runner, chunk, max_new_tokens, stop, pad_id)
             masks = what if mode == "static" else UnitMasks.dense(units)

@@ -34,12 +34,22 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..core import __version__
+from ..core.architectures import unit_map
 from ..core.errors import UserError, check_ratio
 from ..core.io import atomic_write_json, read_json, stable_hash
+from ..core.models import load_model
+from ..data.calibration import calibration_sequences
+from ..data.tasks import load_truthfulqa
+from ..deploy.calibrate import run_calibration
+from ..deploy.predictor import run_train_predictor
+from ..deploy.runtime import generate
+from ..policies import make_policy
+from .bench_report import plot_bench, write_bench_markdown
+from .evaluate import evaluate_task
+from .tolerance import within
 
 MODES = ("dense", "static", "predictor", "oracle")
-TOLERANCE = {"mc1": 0.05, "task_acc": 0.05, "wikitext2_ppl": 0.10}
 
 
 @dataclass
@@ -102,8 +112,6 @@ def reset_peak_rss() -> bool:
 
 def macs_per_token(model, computed_fraction: float, predictor_params: int = 0) -> float:
     """Multiply-adds per decoded token: maskable weights x fraction + the rest + LM head + predictor."""
-    from ..core.architectures import unit_map
-
     units = unit_map(model)
     maskable = units.maskable_params
     head = model.get_output_embeddings().weight.numel()
@@ -120,8 +128,6 @@ class Bench:
         self.config = config.validate()
         self.out = Path(out)
         if model is None:
-            from ..core.models import load_model
-
             model, tokenizer = load_model(config.model, dtype=config.dtype)
         self.model, self.tok = model, tokenizer
         self._sources: dict[str, str] = {}
@@ -132,7 +138,6 @@ class Bench:
         cfg = self.config
         if cfg.static_from:
             return cfg.static_from
-        from ..deploy.calibrate import run_calibration
 
         path = self.out / "static"
         run_calibration(self.model, self.tok, path, ratios=cfg.ratios, allocation=cfg.allocation,
@@ -143,7 +148,6 @@ class Bench:
         cfg = self.config
         if cfg.predictor_from:
             return cfg.predictor_from
-        from ..deploy.predictor_cli import run_train_predictor
 
         path = self.out / "predictor"
         if not (path / "predictor.json").exists():
@@ -165,14 +169,10 @@ class Bench:
     def prompts(self) -> list[str]:
         """The speed prompts: the first ``speed_prompts`` TruthfulQA questions (read once)."""
         if self._prompts is None:
-            from ..data.tasks import load_truthfulqa
-
             self._prompts = [it.question for it in load_truthfulqa(limit=self.config.speed_prompts)]
         return self._prompts
 
     def _generate(self, sparsity, ratio):
-        from ..deploy.runtime import generate
-
         cfg = self.config
         return generate((self.model, self.tok), self.prompts(), sparsity, ratio=ratio,
                         max_new_tokens=cfg.new_tokens, batch_size=cfg.batch_size, stop_at_eos=False)
@@ -196,9 +196,7 @@ class Bench:
         last = results[-1]
         predictor_params = 0
         if mode == "predictor":
-            from ..deploy.runtime import predictor_chooser
-
-            predictor_params = predictor_chooser(sparsity.split(":", 1)[1], ratio, self.model).cost_params()
+            predictor_params = make_policy(sparsity, ratio).chooser(self.model).cost_params()
         dense_macs = macs_per_token(self.model, 1.0)
         computed = last.computed_fraction if mode != "dense" else 1.0
         executed = last.executed.param if mode != "dense" else 1.0
@@ -215,10 +213,6 @@ class Bench:
                 "threads": torch.get_num_threads()}
 
     def measure_quality(self, mode: str, ratio: float) -> dict:
-        from ..data.calibration import calibration_sequences
-        from ..policies import make_policy
-        from .evaluate import evaluate_task
-
         cfg = self.config
         policy = make_policy(self.selector(mode), ratio if mode != "dense" else 1.0)
         if policy.mode in ("online", "static", "predictor"):
@@ -286,7 +280,6 @@ class Bench:
                                "platform": platform.platform()},
                    "records": records, "frontier": quality_frontier(records)}
         atomic_write_json(self.out / "bench.json", results)
-        from .bench_report import plot_bench, write_bench_markdown
 
         plot_bench(results, self.out)
         write_bench_markdown(results, self.out)
@@ -303,10 +296,8 @@ def quality_frontier(records: list[dict]) -> dict:
         rows = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["requested_ratio"])
         lowest = None
         for r in reversed(rows):
-            ok = r.get("mc1_relative") is not None and r["mc1_relative"] >= 1 - TOLERANCE["mc1"] \
-                and r.get("task_acc_relative") is not None and r["task_acc_relative"] >= 1 - TOLERANCE["task_acc"] \
-                and r.get("wikitext2_ppl_relative") is not None \
-                and r["wikitext2_ppl_relative"] <= 1 + TOLERANCE["wikitext2_ppl"]
+            ok = bool(within("mc1", r.get("mc1_relative")) and within("acc", r.get("task_acc_relative"))
+                      and within("ppl", r.get("wikitext2_ppl_relative")))
             if not ok:
                 break
             lowest = r

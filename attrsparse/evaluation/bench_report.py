@@ -5,22 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..core.figures import num as _num
+from ..core.figures import pyplot, save_figure
 from ..core.io import atomic_write_text
 
 COLORS = {"dense": "#000000", "static": "#1f77b4", "predictor": "#d62728", "oracle": "#2ca02c"}
 
 
-def _num(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def plot_bench(results: dict, out_dir: Path) -> list[Path]:
     """``bench.png/.svg``: (a) speed-up and ideal speed-up, (b) quality relative to dense, both
     against the executed parameter-weighted ratio."""
-    from ..experiments.plots import _save, plt
+    plt = pyplot()
 
     records = results["records"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -46,7 +41,7 @@ def plot_bench(results: dict, out_dir: Path) -> list[Path]:
             title="quality (held-out)")
     ax1.legend(fontsize=6)
     ax2.legend(fontsize=6, ncol=2)
-    return _save(fig, out_dir, "bench")
+    return save_figure(fig, out_dir, "bench")
 
 
 def _fmt(v, nd=2) -> str:

@@ -20,21 +20,27 @@ on calibration sequences disjoint from the evaluated data (:mod:`attrsparse.cali
 
 from __future__ import annotations
 
-import math
 import platform
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import __version__
+from ..core import __version__
+from ..core.architectures import unit_map
+from ..core.distributed import init_distributed, run_sharded
 from ..core.errors import UserError, check_ratio
+from ..core.fingerprint import model_key
 from ..core.io import atomic_write_json, atomic_write_text, stable_hash
+from ..core.models import load_model
+from ..data.calibration import calibration_sequences
 from ..data.tasks import get_task
+from ..policies import make_policy
+from ..policies.base import with_decision_cost
+from ..selectors import get_metric, resolve_metric_names
+from .compare_report import frontier, plot_task, write_csv, write_markdown
 from .evaluate import evaluate_task
 
 PRIMARY = {"multiple_choice": "acc", "perplexity": "ppl", "generation": "bleu_vs_dense"}
-LOWER_IS_BETTER = {"ppl"}
-TOLERANCE = {"acc": 0.05, "mc2": 0.05, "ppl": 0.10}
 
 
 @dataclass
@@ -53,13 +59,11 @@ class CompareConfig:
     calib_sequences: int = 32
     calib_len: int = 128
     dtype: str = "float32"
-    policy: str = "per_layer"  # selection policy of oracle metrics
+    scope: str = "per_layer"  # selection scope of oracle selectors
     data: dict = field(default_factory=dict)  # {task: local path or hub name}; default: bundled
     device: str = "auto"  # cuda:<local rank> when CUDA is available, else cpu
 
     def validate(self) -> "CompareConfig":
-        from ..scores import get_metric, resolve_metric_names
-
         if not self.models or not self.tasks:
             raise UserError("compare needs at least one model and one task")
         for task in list(self.tasks) + list(self.data):
@@ -118,25 +122,18 @@ class Compare:
 
     def context(self):
         """This process's place in the (torchrun) job; the models load on its device."""
-        from ..core.distributed import init_distributed
-
         return init_distributed(self.config.device)
 
     def _load(self, spec: str):
         if spec not in self.loaded:
-            from ..core.models import load_model
-
             device = self.context().device
             self.loaded = {spec: load_model(spec, dtype=self.config.dtype, device=device)}  # one model in memory
         return self.loaded[spec]
 
     def run_job(self, model_spec: str, task: str, selector: str, ratio: float, calib_cache: dict) -> dict:
-        from ..data.calibration import calibration_sequences
-        from ..policies import make_policy
-
         cfg = self.config
         model, tok = self._load(model_spec)
-        policy = make_policy(selector, ratio, policy=cfg.policy)
+        policy = make_policy(selector, ratio, scope=cfg.scope)
         if policy.mode in ("online", "static", "predictor"):
             if model_spec not in calib_cache:
                 calib_cache[model_spec] = calibration_sequences(tok, cfg.calib, cfg.calib_sequences, cfg.calib_len)
@@ -154,18 +151,13 @@ class Compare:
         merges them in job order, so the outputs equal a single-process run. Returns the results
         on rank 0, None on the other ranks.
         """
-        from ..core.architectures import accelerator_tag
-        from ..core.distributed import run_sharded
-        from ..experiments.sweep import model_fingerprint
-
         calib_cache, weights = {}, {}
 
         def key(_, job):
             model_spec, task, selector, ratio = job
             if model_spec not in weights:
                 model = self._load(model_spec)[0]
-                tag = accelerator_tag(model)
-                weights[model_spec] = model_fingerprint(model) + (f"-{tag}" if tag else "")
+                weights[model_spec] = model_key(model)
             return self.record_key(model_spec, task, selector, ratio, weights[model_spec])
 
         records = run_sharded(self.jobs(), key, lambda _, job: self.run_job(*job, calib_cache),
@@ -177,20 +169,15 @@ class Compare:
         evaluations reported it (exact: it follows from the record's mean unit ratios)."""
         if "executed_ratio_with_decision_cost" in record or record["selector"] == "dense":
             return record
-        from ..core.architectures import unit_map
-        from ..policies import make_policy
-        from ..policies.base import with_decision_cost
 
         units = unit_map(self._load(record["model"])[0])
-        policy = make_policy(record["selector"], record["requested_ratio"], policy=self.config.policy)
+        policy = make_policy(record["selector"], record["requested_ratio"], scope=self.config.scope)
         read = with_decision_cost(record, units, policy.prepaid_params(units))
         return record if read is None else {**record, "executed_ratio_with_decision_cost": read}
 
     def write(self, records: list[dict]) -> dict:
         import torch
         import transformers
-
-        from .compare_report import frontier, write_csv, write_markdown, plot_task
 
         results = {"schema_version": 1, "config": asdict(self.config),
                    "versions": {"attrsparse": __version__, "torch": torch.__version__,
@@ -216,17 +203,6 @@ def with_relative(record: dict, records: list[dict]) -> dict:
     rel = value / dense_value if value is not None and dense_value not in (None, 0) else None
     return {**record, "primary_metric": metric, "value": value, "dense_value": dense_value,
             "relative_to_dense": rel}
-
-
-def within_tolerance(record: dict) -> bool | None:
-    metric, rel = record["primary_metric"], record["relative_to_dense"]
-    if metric == "bleu_vs_dense":
-        return record["value"] >= 95.0
-    if rel is None or (isinstance(rel, float) and math.isnan(rel)):
-        return None
-    tol = TOLERANCE[metric]
-    return rel <= 1 + tol if metric in LOWER_IS_BETTER else rel >= 1 - tol
-
 
 
 def command_line(argv: list[str]) -> str:

@@ -17,7 +17,9 @@ import io
 import math
 from pathlib import Path
 
+from ..core.figures import metric_colors, pyplot, save_figure
 from ..core.io import atomic_write_text
+from .tolerance import within_tolerance
 
 CSV_FIELDS = ["model", "task", "selector", "mode", "deployable", "requested_ratio", "executed_ratio",
               "executed_ratio_with_decision_cost",
@@ -34,8 +36,6 @@ def _groups(records: list[dict]) -> dict:
 
 
 def frontier(records: list[dict], config) -> list[dict]:
-    from .compare import within_tolerance
-
     out = []
     for (model, task), by_selector in _groups(records).items():
         entries = []
@@ -68,8 +68,6 @@ def _rank_key(entry: dict) -> float:
 
 
 def write_csv(results: dict, out_dir: Path) -> Path:
-    from .compare import within_tolerance
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
@@ -87,8 +85,6 @@ def _fmt(value, metric: str) -> str:
 
 
 def write_markdown(results: dict, out_dir: Path) -> Path:
-    from .compare import within_tolerance
-
     cfg = results["config"]
     lines = ["# Selectors compared side by side", "",
              f"Models: {', '.join(cfg['models'])}. Tasks: {', '.join(cfg['tasks'])}. "
@@ -167,7 +163,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def plot_task(results: dict, task: str, out_dir: Path) -> list[Path]:
     """``<task>.png/.svg``: primary metric vs executed ratio, one panel per model."""
-    from ..experiments.plots import _save, metric_colors, plt
+    plt = pyplot()
 
     records = [r for r in results["records"] if r["task"] == task]
     if not records:
@@ -196,4 +192,4 @@ def plot_task(results: dict, task: str, out_dir: Path) -> list[Path]:
             ax.set_yscale("log")
     axes[0][-1].legend(fontsize=6, loc="best")
     fig.suptitle(task, fontsize=10)
-    return _save(fig, out_dir, task)
+    return save_figure(fig, out_dir, task)

@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from ..core.architectures import model_device, unit_map
-from ..core.decoding import right_pad
+from ..core.decoding import masked_greedy_decode, right_pad
 from ..core.errors import UserError
+from ..core.units import ExecutedRatio, UnitMasks, executed_ratio
+from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
+from ..data.tasks import get_task, load_task, mc2_score, mc_correct
+from ..data.textmetrics import rouge_l, sentence_bleu, truth_scores
 from ..policies import SparsityPolicy, account
 from ..policies.base import with_decision_cost
-from ..data.tasks import get_task, load_task, mc_correct, mc2_score
-from ..core.units import ExecutedRatio, executed_ratio
 
 
 class Evaluator:
@@ -147,9 +149,6 @@ class Evaluator:
 
     def generation(self, items, max_new_tokens: int = 32, template: str = "auto", progress=None) -> dict:
         """Greedy answers under the policy vs the dense answers (same prompt and length cap)."""
-        from ..data.prompts import encode_prompt, resolve_template, stop_token_ids
-        from ..data.textmetrics import rouge_l, sentence_bleu, truth_scores
-
         template = resolve_template(self.tok, template)
         stop = stop_token_ids(self.tok, self.model)
         rows = []
@@ -169,8 +168,6 @@ class Evaluator:
         return {k: _mean([r[k] for r in rows]) for k in rows[0]} | {"n": len(rows), "template": template}
 
     def _decode_dense(self, prompt: torch.Tensor, max_new_tokens: int, stop: set[int]) -> list[int]:
-        from ..data.prompts import greedy_continuation
-
         return greedy_continuation(self.model, prompt, max_new_tokens, stop).tolist()
 
     @torch.no_grad()
@@ -202,9 +199,6 @@ class Evaluator:
     def oracle_decode(self, prompt: torch.Tensor, dense: list[int], stop: set[int]) -> list[int]:
         """The paper's protocol: masks scored along the dense answer, replayed token by token
         (prefill dense except its last position, as in ``attrsparse sweep``)."""
-        from ..core.decoding import masked_greedy_decode
-        from ..core.units import UnitMasks
-
         label = torch.tensor(dense, device=self.device)
         masks = self.policy.schedule(self.model, prompt, label)  # [T, L, *]
         out = masked_greedy_decode(self.model, [prompt], UnitMasks.stack([masks]), label.numel(), stop,

@@ -21,7 +21,8 @@ and in Python::
 * ``selector`` (default ``dense``) and ``ratio``: :func:`attrsparse.policies.make_policy`
   (any registered metric, selector or baseline, ``static:PATH``, ``predictor:PATH``); ratio 1.0 is
   the dense model, identical to ``--model hf``;
-* ``policy`` (selection policy of attribution metrics: ``per_layer``, ``global``, ``threshold``),
+* ``scope`` (top-k scope of attribution selectors: ``per_layer``, ``global``, ``threshold``; the
+  old name ``policy`` is accepted),
   ``head_reduction``, ``seed`` (``random``);
 * ``calib`` (``wikitext2`` default, ``truthfulqa`` or a text file), ``calib_sequences`` (16),
   ``calib_len`` (128): calibration of ``teal``, ``cats``, ``wanda``;
@@ -39,20 +40,18 @@ sequence, so they run with gradients enabled inside lm-eval's loop; they cannot 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..core.architectures import unit_map
-from ..data.calibration import calibration_sequences
 from ..core.errors import UserError
-from ..core.hooks import UnitHooks
-from ..policies import OnlinePolicy, SparsityPolicy, StaticPolicy, account, make_policy
-from ..policies.base import with_decision_cost
+from ..core.models import load_model
 from ..core.units import ExecutedRatio, UnitMasks
+from ..data.calibration import calibration_sequences
+from ..deploy.sparsify import sparsify
+from ..policies import account, make_policy, with_decision_cost
 
 log = logging.getLogger("lm_eval.models.attrsparse")  # shown with lm-eval's own logging
 
@@ -67,58 +66,16 @@ def right_padding_mask(ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     return torch.arange(ids.shape[1], device=ids.device) < length[:, None]
 
 
-@contextmanager
-def sparse_generation(model, policy: SparsityPolicy,
-                      on_masks: Callable[[UnitMasks, torch.Tensor | None], None]) -> Iterator[None]:
-    """Apply ``policy`` to every forward call of ``model`` in the block (``model.generate``), in
-    the style of lm-eval's ``hf_steered``; after each call ``on_masks(masks [B, q, L, *],
-    attention_mask [B, q] | None)`` receives what ran on the q new positions."""
-    units = unit_map(model)
-    if isinstance(policy, OnlinePolicy):
-        hooks_cm = policy.hooks(model)
-    elif isinstance(policy, StaticPolicy) or policy.mode == "dense":
-        hooks_cm = UnitHooks(model) if policy.mode != "dense" else nullcontext(None)
-    else:
-        raise UserError(f"selector '{policy.name}' ({policy.mode}) cannot generate: its masks need "
-                        "the whole sequence; use log-likelihood tasks, or an online/static selector")
-    with hooks_cm as hooks:
-        if isinstance(policy, StaticPolicy):
-            hooks.mlp_mult, hooks.head_mult = policy.masks.mlp, policy.masks.heads
-
-        def after_call(module, args, kwargs, output):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            ids = kwargs.get("inputs_embeds") if ids is None else ids
-            b, q = ids.shape[:2]
-            mask = kwargs.get("attention_mask")
-            mask = None if mask is None else mask[:, -q:]
-            if isinstance(policy, OnlinePolicy):
-                masks = UnitMasks(torch.stack([m.bool() for m in hooks.rule_mlp], dim=2),
-                                  torch.stack([m.bool() for m in hooks.rule_heads], dim=2))
-            elif isinstance(policy, StaticPolicy):
-                masks = UnitMasks(policy.masks.mlp.expand(b, q, *policy.masks.mlp.shape),
-                                  policy.masks.heads.expand(b, q, *policy.masks.heads.shape))
-            else:
-                masks = UnitMasks.dense(units, b, q)
-            on_masks(masks, mask)
-
-        handle = model.register_forward_hook(after_call, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-
 @register_model("attrsparse")
 class AttrsparseLM(HFLM):
     """HFLM whose forward passes run under an attrsparse sparsity policy (module docstring)."""
 
     def __init__(self, pretrained="smollm2-135m", selector: str = "dense", ratio: float = 1.0,
-                 policy: str = "per_layer", head_reduction: str = "sum", seed: int = 0,
+                 scope: str = "per_layer", head_reduction: str = "sum", seed: int = 0,
                  calib: str = "wikitext2", calib_sequences: int = 16, calib_len: int = 128,
                  dtype: str = "float32", device: str | None = None, tokenizer=None, **kwargs):
+        scope = kwargs.pop("policy", scope)  # the old name of the scope
         if isinstance(pretrained, str):
-            from ..core.models import load_model
-
             model, tokenizer = load_model(pretrained, dtype=dtype, device=_device(device))
         elif tokenizer is None:
             raise UserError("a loaded model as `pretrained` needs its `tokenizer`")
@@ -127,7 +84,7 @@ class AttrsparseLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
         self.attrsparse_model = str(pretrained) if isinstance(pretrained, str) else type(model).__name__
         self.units = unit_map(self.model)
-        self.sparsity = make_policy(str(selector), ratio, policy=policy, head_reduction=head_reduction,
+        self.sparsity = make_policy(str(selector), ratio, scope=scope, head_reduction=head_reduction,
                                     seed=seed)
         calibration = None
         if getattr(self.sparsity, "needs_calibration", False):
@@ -179,8 +136,11 @@ class AttrsparseLM(HFLM):
         return out.logits
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        with sparse_generation(self.model, self.sparsity, self._account):
-            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        with sparsify(self.model, self.sparsity) as applied:  # the policy on every call of generate
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        if self._accounting:
+            self.executed = self.executed.add(applied.executed)
+        return out
 
 
 def _device(device: str | None) -> str:

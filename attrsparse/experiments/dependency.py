@@ -38,15 +38,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from ..core import __version__
 from ..core.architectures import model_device, unit_map
 from ..core.attention import KVRecorder
 from ..core.errors import UserError, check_ratio
 from ..core.io import atomic_write_json
-from ..scores import get_metric
+from ..core.models import load_model
+from ..core.trace import (
+    GradientTrace,
+    forward_units,
+    position_multipliers,
+    record_dense_kv,
+    to_ids,
+    trace_gradients,
+)
 from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
-from ..selectors.topk import keep_count, select, top_k_mask
-from ..core.trace import (GradientTrace, forward_units, position_multipliers, record_dense_kv, to_ids, trace_gradients)
+from ..data.tasks import load_truthfulqa
+from ..scores import get_score
+from ..selectors.topk import keep_count, select, top_k
+from .plots import plot_dependency
 
 __all__ = ["DependencyConfig", "run_dependency", "split_layer", "score_change", "sample_ablations",
            "ablation_deltas", "ablation_errors", "error_stats", "PAPER_FIG5",
@@ -154,7 +164,7 @@ def score_change(model, prompt_ids, target_ids, ratios, trace: GradientTrace | N
     trace row (computed when not given). One forward+backward with ``1 + R`` rows (row 0 dense).
     """
     units = unit_map(model)
-    gxo = get_metric("gxo")
+    gxo = get_score("gxo")
     if trace is None:
         trace = trace_gradients(model, prompt_ids, target_ids).row(0)
     dense = gxo.from_trace(trace, head_reduction)  # mlp [T, L, N], heads [T, L, H]
@@ -179,7 +189,7 @@ def score_change(model, prompt_ids, target_ids, ratios, trace: GradientTrace | N
         for kind in ("mlp", "heads"):
             s_after = getattr(a, kind)[:, split:]
             s_before = getattr(before, kind)[:, split:]
-            keep = top_k_mask(getattr(dense, kind)[:, split:], keep_count(r, s_before.shape[-1]))
+            keep = top_k(getattr(dense, kind)[:, split:], keep_count(r, s_before.shape[-1]))
             out[kind].append(_rel_change(s_after, s_before))
             out[kind + "_kept"].append(_rel_change(s_after, s_before, keep))
     for a in after:
@@ -401,16 +411,11 @@ def run_dependency(config: DependencyConfig, out_dir: Path, model=None, tokenize
     """Run the analysis (see module docstring); write ``dependency.json`` and the figure."""
     from tqdm.auto import tqdm
 
-    from .plots import plot_dependency
-    from ..data.tasks import load_truthfulqa
-
     config = config.validate()
     out_dir = Path(out_dir)
     timings = {k: 0.0 for k in ("load", "labels", "dense_trace", "score_change", "ablations")}
     t_all = time.perf_counter()
     if model is None:
-        from ..core.models import load_model
-
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     timings["load"] = time.perf_counter() - t_all
     units = unit_map(model)

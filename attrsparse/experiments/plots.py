@@ -10,88 +10,29 @@
   first-order attribution error normalised by the theorem's bound ``|x|*||g||``, before and after
   adding the correction. Missing keys skip their panel.
 
-The schemas are described in :mod:`attrsparse.report`.
+The schemas are described in :mod:`attrsparse.experiments.report`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..core.figures import METRIC_LABELS, metric_colors, metric_label, pyplot, save_figure
+from ..core.figures import num as _num
 
 __all__ = ["METRIC_LABELS", "metric_label", "metric_colors", "plot_curves", "plot_dependency",
            "normalised_errors"]
 
-#: Display names; the paper's six metrics first, in the row order of its Table 2.
-METRIC_LABELS = {
-    "gradient": "Gradient",
-    "magnitude": "Magnitude",
-    "snip": "SNIP/Fisher",
-    "ig": "IG",
-    "gxo": "GxO",
-    "corrected_gxo": "Corrected GxO",
-}
-_PAPER_COLORS = {
-    "gradient": "#7f7f7f",
-    "magnitude": "#1f77b4",
-    "snip": "#9467bd",
-    "ig": "#2ca02c",
-    "gxo": "#ff7f0e",
-    "corrected_gxo": "#d62728",
-}
-_EXTRA_COLORS = ["#17becf", "#e377c2", "#8c564b", "#bcbd22", "#000000", "#aec7e8", "#98df8a"]
 _MARKERS = {"gradient": "v", "magnitude": "o", "snip": "D", "ig": "^", "gxo": "s",
             "corrected_gxo": "*"}
-
-
-def metric_label(name: str) -> str:
-    return METRIC_LABELS.get(name, name)
-
-
-def metric_colors(names) -> dict[str, str]:
-    """Fixed colours for the paper's metrics, a cycle for the others (in order of appearance)."""
-    colors, extra = {}, 0
-    for name in names:
-        if name in _PAPER_COLORS:
-            colors[name] = _PAPER_COLORS[name]
-        elif name not in colors:
-            colors[name] = _EXTRA_COLORS[extra % len(_EXTRA_COLORS)]
-            extra += 1
-    return colors
-
-
-def _num(value) -> float:
-    """``float(value)``, with ``None`` and non-numbers as NaN."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _metric_order(names) -> list[str]:
     paper = [m for m in METRIC_LABELS if m in names]
     return paper + [m for m in dict.fromkeys(names) if m not in METRIC_LABELS]
-
-
-def _save(fig, out_dir: Path, stem: str) -> list[Path]:
-    """Save PNG and SVG atomically (temporary file, then ``os.replace``)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "svg"):
-        path = out_dir / f"{stem}.{ext}"
-        tmp = out_dir / f".{stem}.{ext}.tmp"
-        fig.savefig(tmp, format=ext, dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
-        paths.append(path)
-    plt.close(fig)
-    return paths
 
 
 def plot_curves(results: dict, out_dir: Path) -> list[Path]:
@@ -110,6 +51,7 @@ def plot_curves(results: dict, out_dir: Path) -> list[Path]:
          "truth BLEU diff (correct - incorrect)"),
         ("mc1", None, "(d) MC1 accuracy (log-likelihood)", "MC1 accuracy"),
     ]
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for ax, (field, err_field, title, ylabel) in zip(axes.flat, panels):
         drawn = 0
@@ -154,7 +96,7 @@ def plot_curves(results: dict, out_dir: Path) -> list[Path]:
                  f"template '{cfg.get('template', '?')}', policy {cfg.get('policy', '?')}",
                  fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    return _save(fig, out_dir, "curves")
+    return save_figure(fig, out_dir, "curves")
 
 
 def normalised_errors(dep: dict) -> dict[str, np.ndarray]:
@@ -187,6 +129,7 @@ def plot_dependency(dep: dict, out_dir: Path) -> list[Path]:
     n_panels = int(has_change) + int(has_errors)
     if not n_panels:
         return []
+    plt = pyplot()
     fig, axes = plt.subplots(1, n_panels, figsize=(6.5 * n_panels, 4.8), squeeze=False)
     axes = list(axes.flat)
     if has_change:
@@ -223,4 +166,4 @@ def plot_dependency(dep: dict, out_dir: Path) -> list[Path]:
         ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the legend
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    return _save(fig, out_dir, "dependency")
+    return save_figure(fig, out_dir, "dependency")

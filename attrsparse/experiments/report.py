@@ -5,7 +5,7 @@
     {
      "schema_version": 1,
      "config": {"model": str, "dataset": str, "template": "chat"|"paper"|"qa", "metrics": [...],
-                "ratios": [...], "policy": str, "limit": int, "offset": int,
+                "ratios": [...], "scope": str, "limit": int, "offset": int,
                 "max_new_tokens": int, "dtype": str, "ig_steps": int, "ig_questions": int|null,
                 "mask_prefill": bool, "seed": int, ...},
      "versions": {"attrsparse": str, "torch": str, "transformers": str},
@@ -267,8 +267,8 @@ def write_report(results: dict, out_dir: Path, dependency: dict | None = None) -
           f"`{str(data.get('sha256', '?'))[:16]}…`), {n} questions (offset "
           f"{cfg.get('offset', 0)}, limit {cfg.get('limit', '?')})",
           f"- Metrics: {', '.join(cfg.get('metrics', []))}; ratios: "
-          f"{', '.join(f'{r:g}' for r in cfg.get('ratios', []))}; selection policy "
-          f"`{cfg.get('policy', '?')}`",
+          f"{', '.join(f'{r:g}' for r in cfg.get('ratios', []))}; selection scope "
+          f"`{cfg.get('scope', '?')}`",
           f"- IG steps: {cfg.get('ig_steps', '?')}"
           + (f"; IG on only {ig_q} questions" if ig_q and n and ig_q < n else ""),
           f"- max_new_tokens {cfg.get('max_new_tokens', '?')}, seed {cfg.get('seed', '?')}, "

@@ -23,19 +23,32 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..core.architectures import accelerator_tag, model_device, unit_map
+from ..core import __version__
+from ..core.architectures import model_device, unit_map
 from ..core.decoding import masked_greedy_decode, masked_loglik
 from ..core.distributed import init_distributed, run_sharded
 from ..core.errors import UserError, check_ratio
-from ..core.io import (atomic_save_tensors, atomic_write_json, load_tensors, read_json, sha256_file, stable_hash)
-from ..scores import PAPER_METRICS, get_metric, resolve_metric_names
+from ..core.fingerprint import model_key
+from ..core.io import (
+    atomic_save_tensors,
+    atomic_write_json,
+    load_tensors,
+    read_json,
+    sha256_file,
+    stable_hash,
+)
+from ..core.models import describe_source, load_model
+from ..core.trace import GradientTrace, trace_gradients
+from ..core.units import UnitMasks, executed_ratio
 from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from ..data.tasks import load_truthfulqa
 from ..data.tasks.truthfulqa import resolve_truthfulqa_path
 from ..data.textmetrics import mean_and_stderr, rouge_l, sentence_bleu, truth_scores
-from ..core.trace import GradientTrace, trace_gradients
-from ..core.units import UnitMasks, executed_ratio
+from ..scores import PAPER_SCORES as PAPER_METRICS
+from ..selectors import get_metric, resolve_metric_names
+from .plots import plot_curves
+from .report import write_csv, write_report
+from .streaming import ScoreReader, ScoreWriter
 
 DATASETS = ("truthfulqa", "truthfulqa_gen")
 
@@ -47,7 +60,7 @@ class SweepConfig:
     data: str | None = None
     metrics: list = field(default_factory=lambda: list(PAPER_METRICS))
     ratios: list = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    policy: str = "per_layer"
+    scope: str = "per_layer"
     template: str = "auto"
     limit: int | None = 25
     offset: int = 0
@@ -114,8 +127,6 @@ class Sweep:
         # joins the torchrun group (if any); the model runs on this rank's device
         self.ctx = init_distributed(config.device if model is None else model_device(model))
         if model is None:
-            from ..core.models import load_model
-
             model, tokenizer = load_model(config.model, dtype=config.dtype, device=self.ctx.device)
         self.model, self.tok = model, tokenizer
         self.units = unit_map(model)
@@ -125,10 +136,8 @@ class Sweep:
         self.records_dir = self.out / "records"
         self.cache_dir = self.out / "cache"
         self.score_writer = None  # a streaming.ScoreWriter while a run streams scores
-        self.key_base = {"model": config.model, "weights": model_fingerprint(model), "dtype": config.dtype,
+        self.key_base = {"model": config.model, "weights": model_key(model), "dtype": config.dtype,
                          "template": self.template, "attrsparse": __version__}
-        if accelerator_tag(model):
-            self.key_base["device"] = accelerator_tag(model)
 
     # -- one question --------------------------------------------------------------------------
     def _uses_ig(self, q_pos: int) -> bool:
@@ -145,12 +154,9 @@ class Sweep:
         names = {m for m, _ in variants}
         scores = {}
         for name in names:
-            metric = get_metric(name)
-            if metric.kind == "selector":
-                scores[name] = None
-            else:  # from_model defaults to from_trace (no extra passes)
-                scores[name] = metric.from_model(self.model, prompt, target, trace,
-                                                 head_reduction=cfg.head_reduction, ig_steps=cfg.ig_steps)
+            # None for selectors that choose masks themselves; most need no extra passes
+            scores[name] = get_metric(name).scores(self.model, prompt, target, trace,
+                                                   head_reduction=cfg.head_reduction, ig_steps=cfg.ig_steps)
         if stream_key is not None and self.score_writer is not None:
             tensors = {"prompt_ids": prompt, "target_ids": target}
             for name in sorted(n for n in scores if scores[n] is not None):
@@ -161,7 +167,7 @@ class Sweep:
         chosen = {}
         for name in scores:
             ratios = [r for m, r in variants if m == name]
-            for r, masks in zip(ratios, get_metric(name).masks_for_many(scores[name], ratios, cfg.policy, **context)):
+            for r, masks in zip(ratios, get_metric(name).masks_for_many(scores[name], ratios, cfg.scope, **context)):
                 chosen[(name, r)] = masks
         return [chosen[v] for v in variants]
 
@@ -258,8 +264,6 @@ class Sweep:
         Under torchrun each rank runs its shard of the questions; only rank 0 writes
         ``results.json``, the CSV, the plots and the report, from all records in question order.
         """
-        from .streaming import ScoreReader, ScoreWriter
-
         ctx = self.ctx
         streamed = None
         if self.config.stream_scores:
@@ -279,8 +283,6 @@ class Sweep:
         if records is None:
             return None  # not rank 0: rank 0 writes the merged outputs
         results = self.results(records)
-        from .report import write_csv, write_report
-        from .plots import plot_curves
 
         atomic_write_json(self.out / "results.json", results)
         write_csv(results, self.out)
@@ -307,21 +309,11 @@ class Sweep:
         }
 
 
-def model_fingerprint(model) -> str:
-    """Cheap identity of the weights: config plus sums of the first and last parameter tensors."""
-    params = list(model.parameters())
-    probe = [float(p.detach().double().sum()) for p in (params[0], params[len(params) // 2], params[-1])]
-    return stable_hash([model.config.to_json_string(), probe, sum(p.numel() for p in params)])
-
-
 def _model_source(spec: str) -> dict:
     try:
-        from ..core.models import describe_source
-
         return {"source": describe_source(spec)}
     except Exception as err:  # provenance is best-effort; never fail a finished sweep on it
         return {"source": {"spec": spec, "error": str(err)}}
-
 
 
 def _dense_aggregate(records: list[dict]) -> dict:

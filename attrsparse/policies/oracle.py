@@ -10,14 +10,18 @@ text as input and ``y`` as labels); (3) the metric's scores give per-position ma
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..core.architectures import unit_map
 from ..core.errors import UserError
 from ..core.hooks import UnitHooks
-from ..core.trace import trace_gradients
+from ..core.trace import model_logits, trace_gradients
 from ..core.units import UnitMasks
-from .base import PolicyOutput, SparsityPolicy, model_logits
+from ..selectors.base import Selector
+from ..selectors.topk import check_scope
+from .base import PolicyOutput, SparsityPolicy
 
 
 class OraclePolicy(SparsityPolicy):
@@ -26,29 +30,29 @@ class OraclePolicy(SparsityPolicy):
     mode = "oracle"
     deployable = False
 
-    def __init__(self, metric, ratio: float, policy: str = "per_layer", head_reduction: str = "sum", **_):
-        super().__init__(metric.name, ratio)
-        if metric.is_ig:
-            raise UserError(f"{metric.name}: Integrated Gradients needs {20}+ passes per sequence; "
+    def __init__(self, selector: Selector, ratio: float, scope: str = "per_layer", head_reduction: str = "sum",
+                 **_):
+        super().__init__(selector.name, ratio)
+        if selector.is_ig:
+            raise UserError(f"{selector.name}: Integrated Gradients needs {20}+ passes per sequence; "
                             "use it in `attrsparse sweep`, not in task evaluations")
-        self.metric = metric
-        self.policy = policy
+        self.selector = selector
+        self.scope = check_scope(scope)
         self.head_reduction = head_reduction
 
     def _masks(self, model, prompt: torch.Tensor, target: torch.Tensor, labels=None) -> UnitMasks:
         """Masks ``[T, L, *]`` from one trace of ``prompt + target`` attributing ``labels``
         (default ``target``; ``"argmax"``: the trace's own dense predictions)."""
         trace = trace_gradients(model, prompt, target, labels=labels).row(0)
-        scores = None if self.metric.kind == "selector" else \
-            self.metric.from_model(model, prompt, target, trace, head_reduction=self.head_reduction)
-        return self.metric.masks_for(scores, self.ratio, self.policy, model=model, prompt_ids=prompt,
-                                     target_ids=target, labels=labels, trace=trace, units=unit_map(model),
-                                     head_reduction=self.head_reduction)
+        scores = self.selector.scores(model, prompt, target, trace, head_reduction=self.head_reduction)
+        return self.selector.masks_for(scores, self.ratio, self.scope, model=model, prompt_ids=prompt,
+                                       target_ids=target, labels=labels, trace=trace, units=unit_map(model),
+                                       head_reduction=self.head_reduction)
 
     def row_masks(self, model, ids: torch.Tensor) -> UnitMasks:
         """Masks ``[S, L, *]`` for one unpadded sequence ``ids [S]``."""
         labels = "argmax"  # the dense prediction at each position, taken from the trace's own pass
-        if self.metric.kind == "selector":  # re-scoring passes need the labels themselves
+        if self.selector.kind == "selector":  # re-scoring passes need the labels themselves
             with torch.no_grad():
                 labels = model_logits(model, ids.unsqueeze(0), None)[0].argmax(-1)  # [S]
         return self._masks(model, ids[:1], torch.cat([ids[1:], ids[-1:]]), labels)  # last target token is never input
@@ -57,7 +61,14 @@ class OraclePolicy(SparsityPolicy):
         """Masks ``[T, L, *]`` for generating ``label`` after ``prompt`` (the sweep's protocol)."""
         return self._masks(model, prompt, label)
 
-    def forward(self, model, ids, attention_mask=None):
+    @contextmanager
+    def apply(self, model):
+        raise UserError(f"selector '{self.name}' (oracle) cannot generate or run plain forward calls: its "
+                        "masks need the whole sequence and its dense labels; use a static, online or "
+                        "predictor selector")
+        yield  # pragma: no cover
+
+    def forward(self, model, ids, attention_mask=None, **_):
         units = unit_map(model)
         b, s = ids.shape
         keep = torch.ones(b, s, dtype=torch.bool, device=ids.device) if attention_mask is None \

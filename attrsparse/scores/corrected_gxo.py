@@ -9,11 +9,11 @@ the whole output-projection input of the layer (the Cauchy-Schwarz form of the b
 """
 
 from ..core.units import UnitScores
-from .base import Metric, gxo_terms, register_metric
+from .base import Score, gxo_terms, register_score
 
 
-@register_metric
-class CorrectedGxO(Metric):
+@register_score
+class CorrectedGxO(Score):
     name = "corrected_gxo"
     description = "the paper's corrected GxO: -x*g + 1/2*|x|*||g of the layer||"
 

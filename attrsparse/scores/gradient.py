@@ -1,11 +1,11 @@
 """Gradient: the signed ``-g`` (as the official code ranks it); a head's score is ``-sum_d g_d``."""
 
 from ..core.units import UnitScores
-from .base import Metric, head_sum, register_metric
+from .base import Score, head_sum, register_score
 
 
-@register_metric
-class Gradient(Metric):
+@register_score
+class Gradient(Score):
     name = "gradient"
     description = "signed gradient -dL/dx (head: -sum over its dims, or mean)"
 

@@ -1,10 +1,10 @@
 """Gradient x Output: ``-x_i g_i``, the first-order loss increase when unit i is removed."""
 
-from .base import Metric, gxo_terms, register_metric
+from .base import Score, gxo_terms, register_score
 
 
-@register_metric
-class GradientTimesOutput(Metric):
+@register_score
+class GradientTimesOutput(Score):
     name = "gxo"
     description = "gradient x output -x*dL/dx: first-order loss increase on removal"
 

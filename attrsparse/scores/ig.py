@@ -24,7 +24,7 @@ import torch
 from ..core.architectures import model_device, unit_map
 from ..core.trace import forward_units, record_dense_kv, to_ids
 from ..core.units import UnitScores
-from .base import Metric, head_sum, register_metric
+from .base import Score, head_sum, register_score
 
 DEFAULT_STEPS = 20
 
@@ -87,8 +87,8 @@ def integrated_gradients(model, prompt_ids, target_ids, trace, *, n_steps: int =
     return UnitScores(mlp, heads)
 
 
-@register_metric
-class IntegratedGradients(Metric):
+@register_score
+class IntegratedGradients(Score):
     name = "ig"
     description = "integrated gradients, zero baseline, one layer scaled at a time (the paper)"
     single_pass = False
@@ -100,8 +100,8 @@ class IntegratedGradients(Metric):
                                     head_reduction=head_reduction)
 
 
-@register_metric
-class IntegratedGradientsAllLayers(Metric):
+@register_score
+class IntegratedGradientsAllLayers(Score):
     name = "ig_all_layers"
     description = "integrated gradients with all layers scaled together (faster variant)"
     single_pass = False

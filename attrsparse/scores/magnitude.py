@@ -1,11 +1,11 @@
 """Output magnitude: ``|x_i|``; a head's score is ``||o_h||_2`` (the LLM practice, the paper's baseline)."""
 
 from ..core.units import UnitScores
-from .base import Metric, register_metric
+from .base import Score, register_score
 
 
-@register_metric
-class Magnitude(Metric):
+@register_score
+class Magnitude(Score):
     name = "magnitude"
     description = "output magnitude |x| (head: L2 norm of its output)"
 

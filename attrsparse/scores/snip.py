@@ -1,10 +1,10 @@
 """SNIP: ``|x_i g_i|`` (Fisher information, its square, ranks identically); heads ``|sum_d o_d g_d|``."""
 
-from .base import Metric, gxo_terms, register_metric
+from .base import Score, gxo_terms, register_score
 
 
-@register_metric
-class Snip(Metric):
+@register_score
+class Snip(Score):
     name = "snip"
     description = "SNIP |x*dL/dx| (ranks like Fisher information)"
 

@@ -38,25 +38,21 @@ from ..core.architectures import UnitMap, model_device
 from ..core.hooks import UnitHooks
 from ..core.trace import to_ids
 from ..core.units import UnitMasks, UnitScores, executed_ratio
+from .budget import HEAD_POWER, layer_budget, mlp_fill
+from .topk import top_k
 
 ALLOCATIONS = ("uniform", "greedy")
 LEVELS = (0.1, 0.2, 0.3, 0.45, 0.6, 0.8)  # MLP fractions of the sensitivity curves
-HEAD_POWER = 0.5  # heads keep ratio ** 0.5 of their units (heads are the bottleneck; see pitfalls)
 
 
 def head_params(units: UnitMap, kv: int, g: int) -> int:
     """Attention parameters of one layer keeping ``kv`` groups of ``g`` query heads."""
-    return kv * g * units.head_params + kv * units.kv_group_params + units.attn_fixed_params
-
-
-def layer_budget(units: UnitMap, ratio: float) -> float:
-    return ratio * (units.attn_params_per_layer + units.mlp_params_per_layer)
+    return units.attention_params(kv * g, kv)
 
 
 def mlp_units_for(units: UnitMap, ratio: float, kv: int, g: int) -> int:
     """MLP units per layer that fill the layer's budget after the heads (in [1, N])."""
-    room = layer_budget(units, ratio) - head_params(units, kv, g) - units.mlp_fixed_params
-    return int(min(units.mlp_size, max(1, math.floor(room / units.mlp_unit_params + 0.5))))
+    return mlp_fill(units, ratio, kv * g, kv)
 
 
 def feasible_structures(units: UnitMap, ratio: float) -> list[tuple[int, int]]:
@@ -94,10 +90,7 @@ def structured_heads(scores: torch.Tensor, units: UnitMap, kv: int, g: int) -> t
 
 def top_units(scores: torch.Tensor, counts) -> torch.Tensor:
     """Top ``counts[l]`` entries of each row of ``scores [L, N]`` (ties -> lower index)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return ranks < torch.as_tensor(counts, device=scores.device).view(-1, 1)
+    return top_k(scores, torch.as_tensor(counts, device=scores.device))
 
 
 def uniform_masks(scores: UnitScores, ratio: float, units: UnitMap, structure=None,

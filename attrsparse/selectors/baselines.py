@@ -21,26 +21,37 @@ import torch
 from torch import nn
 
 from ..core.architectures import unit_map
-from ..policies.base import OnlinePolicy, StaticPolicy
-from .topk import keep_count, select, top_k_mask
 from ..core.units import UnitMasks, UnitScores
-from ..scores.base import Metric, register_metric
+from .base import OnlineRule, Selector, register_selector
+from .thresholds import prepaid_on_unit_inputs
+from .topk import keep_count, select, top_k
 
 
-@register_metric
-class RandomScores(Metric):
+@register_selector
+class RandomScores(Selector):
     name = "random"
     description = "baseline: uniform random scores (fixed seed)"
     kind = "baseline"
+    mode = "static"
 
-    def from_trace(self, trace, head_reduction="sum"):
+    def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
         gen = torch.Generator().manual_seed(0)  # on the CPU: the same draws on every device
         device = trace.mlp_x.device
         return UnitScores(torch.rand(trace.mlp_x.shape, generator=gen, device="cpu").to(device),
                           torch.rand(trace.head_x.shape[:-1], generator=gen, device="cpu").to(device))
 
-    def make_policy(self, ratio, seed: int = 0, **_):
-        return RandomStaticPolicy(ratio, seed)
+    def masks_for(self, scores, ratio, scope="per_layer", **context):
+        return select(scores, ratio, scope)
+
+    def static_masks(self, model, calibration, ratio, seed: int = 0, **_) -> UnitMasks:
+        """One seeded random static mask, ``keep_count(ratio, C)`` units per layer."""
+        units = unit_map(model)
+        gen = torch.Generator().manual_seed(seed)
+        scores = UnitScores(torch.rand(units.num_layers, units.mlp_size, generator=gen, device="cpu"),
+                            torch.rand(units.num_layers, units.num_heads, generator=gen, device="cpu"))
+        masks = select(scores, ratio)
+        device = next(model.parameters()).device
+        return UnitMasks(masks.mlp.to(device), masks.heads.to(device))
 
 
 def _input_column_norms(module: nn.Module) -> torch.Tensor:
@@ -49,75 +60,44 @@ def _input_column_norms(module: nn.Module) -> torch.Tensor:
     return weight.norm(dim=0) if isinstance(module, nn.Linear) else weight.norm(dim=1)
 
 
-@register_metric
-class Wina(Metric):
+@register_selector
+class Wina(Selector):
     name = "wina"
     description = "baseline (WINA): |x| times the norm of the weight column that consumes it"
     kind = "baseline"
+    mode = "online"
 
-    def from_trace(self, trace, head_reduction="sum"):
-        raise NotImplementedError("wina needs the model's weights: use from_model")
-
-    def from_model(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
+    def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
         units = unit_map(model)
         down = torch.stack([_input_column_norms(m) for m in units.down_modules])  # [L, N]
         out = torch.stack([_input_column_norms(m) for m in units.out_modules])  # [L, H*D]
         head_norm = out.view(units.num_layers, units.num_heads, units.head_dim).norm(dim=-1)  # [L, H]
         return UnitScores(trace.mlp_x.abs() * down, trace.head_x.norm(dim=-1) * head_norm)
 
-    def make_policy(self, ratio, **_):
-        return WinaPolicy(ratio)
+    def masks_for(self, scores, ratio, scope="per_layer", **context):
+        return select(scores, ratio, scope)
+
+    def online_rule(self, model, calibration, ratio) -> "WinaRule":
+        return WinaRule(model, ratio)
+
+    def prepaid_params(self, units):
+        """The rule reads the down / output-projection input: see :func:`prepaid_on_unit_inputs`."""
+        return prepaid_on_unit_inputs(units)
 
 
-class RandomStaticPolicy(StaticPolicy):
-    """``random`` on tasks: a seeded random static mask, ``keep_count(ratio, C)`` units per layer."""
-
-    def __init__(self, ratio: float, seed: int = 0):
-        super().__init__("random", ratio)
-        self.seed = seed
-
-    def prepare(self, model, calibration=None) -> None:
-        units = unit_map(model)
-        gen = torch.Generator().manual_seed(self.seed)
-        scores = UnitScores(torch.rand(units.num_layers, units.mlp_size, generator=gen, device="cpu"),
-                            torch.rand(units.num_layers, units.num_heads, generator=gen, device="cpu"))
-        masks = select(scores, self.ratio)
-        device = next(model.parameters()).device
-        self.masks = UnitMasks(masks.mlp.to(device), masks.heads.to(device))
-
-    def forward(self, model, ids, attention_mask=None, **model_kwargs):
-        if self.masks is None:
-            self.prepare(model)
-        return super().forward(model, ids, attention_mask, **model_kwargs)
-
-
-class WinaPolicy(OnlinePolicy):
+class WinaRule(OnlineRule):
     """``wina`` on tasks: per token and layer, top ``keep_count(ratio, C)`` of ``|x_i| * ||W[:, i]||``
     (heads ``||o_h|| * ||W_o[:, h]||_F``) over the live inputs."""
 
-    def __init__(self, ratio: float):
-        super().__init__("wina", ratio)
-        self.down = self.out = None
-
-    def prepare(self, model, calibration=None) -> None:
+    def __init__(self, model: nn.Module, ratio: float):
         units = unit_map(model)
         self.down = [_input_column_norms(m) for m in units.down_modules]  # [N] each
         self.out = [_input_column_norms(m).view(units.num_heads, units.head_dim).norm(dim=-1)
                     for m in units.out_modules]  # [H] each
-        self.k_mlp, self.k_heads = keep_count(self.ratio, units.mlp_size), keep_count(self.ratio, units.num_heads)
+        self.k_mlp, self.k_heads = keep_count(ratio, units.mlp_size), keep_count(ratio, units.num_heads)
 
     def mlp_keep(self, layer, x):
-        return top_k_mask(x.detach().abs().float() * self.down[layer], self.k_mlp)
+        return top_k(x.detach().abs().float() * self.down[layer], self.k_mlp)
 
     def head_keep(self, layer, o):
-        return top_k_mask(o.detach().float().norm(dim=-1) * self.out[layer], self.k_heads)
-
-    def forward(self, model, ids, attention_mask=None, **model_kwargs):
-        if self.down is None:
-            self.prepare(model)
-        return super().forward(model, ids, attention_mask, **model_kwargs)
-
-    def prepaid_params(self, units):
-        from .thresholds import prepaid_on_unit_inputs
-
-        return prepaid_on_unit_inputs(units)
+        return top_k(o.detach().float().norm(dim=-1) * self.out[layer], self.k_heads)

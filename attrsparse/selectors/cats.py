@@ -8,7 +8,7 @@ gate projection always runs. Attention is left dense.
 Here:
 
 * The statistic ``|act(gate x)|`` is read by a forward hook on the MLP's activation module (the
-  ``mlp_act`` path of :mod:`attrsparse.architectures`), in the same pass; the keep-mask multiplies
+  ``mlp_act`` path of :mod:`attrsparse.core.architectures`), in the same pass; the keep-mask multiplies
   the down-projection input ``act(gate x) * up x`` (our MLP unit), exactly zeroing the neuron.
 * Non-gated MLPs (GPT-2, OPT, Phi-1.5/2) have no gate: the statistic is ``|act(fc1 x)|``, the
   down-projection input itself, and CATS coincides with TEAL's MLP rule.
@@ -31,15 +31,16 @@ from torch import nn
 
 from ..core.architectures import find_arch, linear_dims, unit_map
 from ..core.units import UnitScores
-from ..scores.base import register_metric
+from .base import register_selector
 from .thresholds import ThresholdSelector
 
 
 def activation_modules(model: nn.Module) -> list[nn.Module] | None:
     """Per layer, the activation module of a gated MLP; None for non-gated MLPs."""
-    path = find_arch(model.config.model_type).mlp_act
-    if not path:
+    spec = find_arch(model.config.model_type)
+    if not spec.mlp_gated:
         return None
+    path = spec.mlp_act
     modules = [layer.get_submodule(path) for layer in unit_map(model).layer_modules]
     if len({id(m) for m in modules}) != len(modules):
         raise RuntimeError("the MLP activation module is shared between layers; cannot hook it per layer")
@@ -69,7 +70,7 @@ def capture_activations(model: nn.Module) -> Iterator[list[torch.Tensor | None] 
             handle.remove()
 
 
-@register_metric
+@register_selector
 class Cats(ThresholdSelector):
     name = "cats"
     description = ("baseline (CATS): |act(gate x)| of the MLP above per-layer thresholds calibrated "
@@ -85,14 +86,11 @@ class Cats(ThresholdSelector):
         act = x if state is None else state[layer].view(x.shape)
         return act.detach().abs().float()
 
-    def from_trace(self, trace, head_reduction="sum"):
-        raise NotImplementedError("cats reads act(gate x), which the trace does not hold: use from_model")
-
-    def from_model(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
+    def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
         """``|act(gate x)|`` along the dense label ``[T, L, N]`` (one extra dense pass); heads ones."""
         if activation_modules(model) is None:
             return UnitScores(trace.mlp_x.abs(), torch.ones(trace.head_x.shape[:-1]))
-        return super().from_model(model, prompt_ids, target_ids, trace, head_reduction, **options)
+        return super().scores(model, prompt_ids, target_ids, trace, head_reduction, **options)
 
     def prepaid_params(self, units):
         """A dropped unit still ran its gate row (non-gated: its whole fc1 row); heads all run."""

@@ -20,35 +20,22 @@ import torch
 
 from ..core.trace import GradientTrace, position_multipliers, to_ids, trace_gradients
 from ..core.units import UnitMasks, UnitScores
-from ..scores.base import Metric, get_metric, register_metric
-
-
-def _rank_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Keep the top ``k[...]`` entries of each row of ``scores [..., C]`` (k broadcast, >= 1)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return ranks < k.unsqueeze(-1)
+from ..scores import get_score
+from .base import Selector, register_selector
+from .budget import BudgetRule
 
 
 def budget_masks(scores: UnitScores, ratio: float, units, head_power: float) -> UnitMasks:
-    """Masks ``[T, L', *]`` for the layers in ``scores`` at parameter-weighted ``ratio``."""
-    heads_total = units.num_heads
-    head_keep = max(1, min(heads_total, round(heads_total * ratio ** head_power)))
-    heads = _rank_mask(scores.heads, torch.full(scores.heads.shape[:-1], head_keep, device=scores.heads.device))
-    groups = heads.reshape(*heads.shape[:-1], units.num_kv_heads, units.group_size).any(-1)
-    attn = heads.sum(-1) * units.head_params + groups.sum(-1) * units.kv_group_params + units.attn_fixed_params
-    layer_params = units.attn_params_per_layer + units.mlp_params_per_layer
-    room = ratio * layer_params - attn - units.mlp_fixed_params
-    k = torch.clamp(torch.round(room / units.mlp_unit_params), 1, units.mlp_size).long()
-    return UnitMasks(_rank_mask(scores.mlp, k), heads)
+    """Masks ``[T, L', *]`` for the layers in ``scores`` at parameter-weighted ``ratio``
+    (:class:`~attrsparse.selectors.budget.BudgetRule`)."""
+    return BudgetRule(units, ratio, head_power).masks(scores)
 
 
 def _row(trace: GradientTrace, r: int) -> GradientTrace:
     return trace.row(r) if trace.mlp_x.dim() == 4 else trace
 
 
-class ProgressiveSelector(Metric):
+class ProgressiveSelector(Selector):
     """Configurable base; the registered variants below fix the options."""
 
     kind = "selector"
@@ -57,13 +44,10 @@ class ProgressiveSelector(Metric):
     head_power = 0.5
     base_metric = "corrected_gxo"
 
-    def masks_for(self, scores, ratio, policy="per_layer", **context) -> UnitMasks:
-        return self.masks_for_many(scores, [ratio], policy, **context)[0]
-
-    def masks_for_many(self, scores, ratios, policy="per_layer", *, model=None, prompt_ids=None,
+    def masks_for_many(self, scores, ratios, scope="per_layer", *, model=None, prompt_ids=None,
                        target_ids=None, trace=None, units=None, head_reduction="sum", labels=None,
                        **_) -> list[UnitMasks]:
-        metric = get_metric(self.base_metric)
+        metric = get_score(self.base_metric)
         layers = units.num_layers
         blocks = [b.tolist() for b in torch.arange(layers, device="cpu").tensor_split(min(self.groups, layers))
                   if len(b)]
@@ -87,21 +71,21 @@ class ProgressiveSelector(Metric):
         return [UnitMasks(mlp[r], heads[r]) for r in range(len(ratios))]
 
 
-@register_metric
+@register_selector
 class ProgressiveGxO(ProgressiveSelector):
     name = "progressive_gxo"
     description = ("recommended: corrected GxO, parameter budget favouring heads, layers re-scored "
                    "block by block under the earlier blocks' masks")
 
 
-@register_metric
+@register_selector
 class BudgetGxO(ProgressiveSelector):
     name = "budget_gxo"
     description = "ablation: corrected GxO with the head-favouring parameter budget, no re-scoring"
     groups = 1
 
 
-@register_metric
+@register_selector
 class ProgressiveUniformGxO(ProgressiveSelector):
     name = "progressive_uniform_gxo"
     description = "ablation: corrected GxO re-scored block by block, equal head/MLP unit ratios"

@@ -30,15 +30,16 @@ In task evaluations (``make_policy``) the rule runs online on the live, already 
 
 from __future__ import annotations
 
-from ..scores.base import register_metric
+from ..core.units import UnitScores
+from .base import register_selector
 from .thresholds import ThresholdSelector
 
 
-@register_metric
+@register_selector
 class Teal(ThresholdSelector):
     name = "teal"
     description = ("baseline (TEAL): |x| of the down-projection input and ||o_h|| above per-layer "
                    "thresholds calibrated on dense WikiText-2 activations")
 
-    def from_model(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
-        return self.from_trace(trace, head_reduction)  # the trace holds x and o already
+    def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
+        return UnitScores(trace.mlp_x.abs(), trace.head_x.norm(dim=-1))  # the trace holds x and o already

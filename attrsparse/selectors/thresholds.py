@@ -9,9 +9,9 @@
   at ``tau``), from two streamed passes: a log2 histogram locates the bin of the (k+1)-th largest
   value, the second pass reads only that bin's values. Memory is a histogram per stream, never all
   activations (SmolLM2: 30 layers x 1536 units x 2048 tokens would be 377 MB).
-* :class:`ThresholdSelector` / :class:`ThresholdPolicy`: a metric that keeps a unit when a live
+* :class:`ThresholdSelector` / :class:`ThresholdRule`: a selector that keeps a unit when a live
   statistic (TEAL ``|x|``, CATS ``|act(gate x)|``) exceeds its layer's calibrated threshold, both in
-  the oracle sweep (:meth:`Metric.masks_for_many`) and online in task evaluations.
+  the oracle sweep (:meth:`Selector.masks_for_many`) and online in task evaluations.
 * :func:`decision_cost_fraction`: the parameters an online rule must run *before* it can decide
   (a rule on the down-projection input needs gate/up computed), which the unit accounting counts as
   skipped.
@@ -33,13 +33,14 @@ from torch import nn
 
 from ..core.architectures import linear_dims, unit_map
 from ..core.errors import UserError
+from ..core.fingerprint import model_key
 from ..core.hooks import UnitHooks
 from ..core.io import stable_hash
-from ..policies.base import OnlinePolicy
-from .topk import keep_count
 from ..core.trace import teacher_forced_ids, to_ids
 from ..core.units import UnitMasks, UnitScores
-from ..scores.base import Metric
+from ..data.calibration import calibration_sequences
+from .base import OnlineRule, Selector
+from .topk import keep_count
 
 CALIBRATION = {"source": "wikitext2", "n_sequences": 16, "seq_len": 128}
 _BINS = 8192
@@ -54,12 +55,6 @@ def note_once(key: str, message: str) -> None:
     if key not in _NOTED:
         _NOTED.add(key)
         print(f"attrsparse: {message}", file=sys.stderr, flush=True)
-
-
-def model_key(model: nn.Module) -> str:
-    from ..experiments.sweep import model_fingerprint  # lazy: sweep imports the metrics
-
-    return model_fingerprint(model)
 
 
 def _saved_tokenizer(model: nn.Module):
@@ -84,8 +79,6 @@ def resolve_calibration(model: nn.Module, context: dict) -> list[torch.Tensor] |
         tokenizer = context.get("tokenizer") or _saved_tokenizer(model)
         seqs = None
         if tokenizer is not None:
-            from ..data.calibration import calibration_sequences
-
             try:
                 seqs = calibration_sequences(tokenizer, **CALIBRATION)
             except UserError as err:
@@ -156,7 +149,7 @@ def exact_thresholds(batches: Callable[[], Iterable[list[torch.Tensor]]],
 
 
 # -- threshold selectors --------------------------------------------------------------------------
-class ThresholdSelector(Metric):
+class ThresholdSelector(Selector):
     """Keep unit i of layer l when its statistic exceeds the layer's calibrated threshold.
 
     Subclasses define the statistic: :meth:`mlp_values` from the down-projection input
@@ -166,6 +159,8 @@ class ThresholdSelector(Metric):
     """
 
     kind = "baseline"
+    mode = "online"
+    needs_calibration = True
     sparsify_heads = True
 
     @contextmanager
@@ -192,11 +187,8 @@ class ThresholdSelector(Metric):
             heads = torch.ones_like(heads)
         return UnitScores(mlp, heads)
 
-    def from_trace(self, trace, head_reduction="sum"):
-        return UnitScores(trace.mlp_x.abs(), trace.head_x.norm(dim=-1))
-
-    def from_model(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
-        """Statistics at the T target positions ``[T, L, *]``, from the trace or one dense pass."""
+    def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
+        """Statistics at the T target positions ``[T, L, *]``, from one dense pass."""
         ids, p, t = teacher_forced_ids(prompt_ids, target_ids)
         return self.values(model, ids.unsqueeze(0).to(model.device)).map(
             lambda v: v[0, p - 1:p - 1 + t].cpu())
@@ -234,10 +226,7 @@ class ThresholdSelector(Metric):
             return UnitMasks(mlp, torch.ones_like(scores.heads, dtype=torch.bool))
         return UnitMasks(mlp, scores.heads > tau[layers:].to(scores.heads.device).unsqueeze(-1))
 
-    def masks_for(self, scores, ratio, policy="per_layer", **context) -> UnitMasks:
-        return self.masks_for_many(scores, [ratio], policy, **context)[0]
-
-    def masks_for_many(self, scores, ratios, policy="per_layer", *, model=None, **context):
+    def masks_for_many(self, scores, ratios, scope="per_layer", *, model=None, **context):
         """Calibrated thresholds (WikiText-2 valid, dense) applied to ``scores [T, L, *]``; without a
         reachable tokenizer the thresholds are per-layer quantiles over ``scores``' own T tokens."""
         sequences = resolve_calibration(model, context) if model is not None else None
@@ -251,35 +240,26 @@ class ThresholdSelector(Metric):
                           torch.ones_like(scores.heads, dtype=torch.bool))
         return [dense if r >= 1.0 else self.apply(scores, taus[r]) for r in ratios]
 
-    def make_policy(self, ratio: float, **options) -> "ThresholdPolicy":
-        return ThresholdPolicy(self, ratio)
+    def online_rule(self, model, calibration, ratio) -> "ThresholdRule":
+        """Thresholds calibrated on dense passes over ``calibration`` so that the kept fraction per
+        layer equals ``ratio`` there; live statistics come from the (masked) pass itself."""
+        if not calibration:
+            raise UserError(f"{self.name}: thresholds need calibration sequences")
+        tau = self.thresholds(model, list(calibration), [ratio])[ratio]
+        return ThresholdRule(self, tau.tolist(), unit_map(model).num_layers)
 
     def prepaid_params(self, units) -> tuple[int, int, bool]:
         """What runs before the rule can decide: see :func:`prepaid_on_unit_inputs`."""
         return prepaid_on_unit_inputs(units)
 
 
-class ThresholdPolicy(OnlinePolicy):
-    """Online masks: unit kept when its live statistic exceeds the calibrated per-layer threshold.
+class ThresholdRule(OnlineRule):
+    """Unit kept when its live statistic exceeds the calibrated per-layer threshold
+    (``tau``: ``[L]`` MLP thresholds, then ``[L]`` heads when heads are sparsified)."""
 
-    :meth:`prepare` calibrates on dense passes over the calibration sequences so that the kept
-    fraction per layer equals the ratio there; live statistics come from the (masked) pass itself.
-    """
-
-    needs_calibration = True
-
-    def __init__(self, selector: ThresholdSelector, ratio: float):
-        super().__init__(selector.name, ratio)
-        self.selector = selector
-        self.tau: list[float] | None = None  # [L] MLP thresholds, then [L] heads (if sparsified)
+    def __init__(self, selector: ThresholdSelector, tau: list[float], layers: int):
+        self.selector, self.tau, self._layers = selector, tau, layers
         self._state = None
-        self._layers = 0
-
-    def prepare(self, model, calibration=None) -> None:
-        if not calibration:
-            raise UserError(f"{self.name}: thresholds need calibration sequences")
-        tau = self.selector.thresholds(model, list(calibration), [self.ratio])[self.ratio]
-        self.tau, self._layers = tau.tolist(), unit_map(model).num_layers
 
     def mlp_keep(self, layer, x):
         return self.selector.mlp_values(layer, x, self._state) > self.tau[layer]
@@ -290,20 +270,13 @@ class ThresholdPolicy(OnlinePolicy):
         return self.selector.head_values(layer, o, self._state) > self.tau[self._layers + layer]
 
     @contextmanager
-    def hooks(self, model: nn.Module) -> Iterator[UnitHooks]:
-        """Unit hooks with this policy's rules (and the selector's live state) installed."""
-        if self.tau is None:
-            raise RuntimeError(f"{self.name}: thresholds are not calibrated; call prepare() first")
-        with UnitHooks(model) as hooks, self.selector.live_state(model) as state:
+    def live_state(self, model):
+        with self.selector.live_state(model) as state:
             self._state = state
-            self.install(hooks)
             try:
-                yield hooks
+                yield state
             finally:
                 self._state = None
-
-    def prepaid_params(self, units):
-        return self.selector.prepaid_params(units)
 
 
 def prepaid_on_unit_inputs(units) -> tuple[int, int, bool]:

@@ -25,13 +25,13 @@ from torch import nn
 
 from ..core.architectures import unit_map
 from ..core.errors import UserError
+from ..core.fingerprint import model_key
 from ..core.hooks import UnitHooks
-from ..policies.base import StaticPolicy
-from .topk import select
 from ..core.trace import to_ids
-from ..core.units import UnitScores
-from ..scores.base import Metric, register_metric
-from .thresholds import calibration_hash, model_key, note_once, resolve_calibration
+from ..core.units import UnitMasks, UnitScores
+from .base import Selector, register_selector
+from .thresholds import calibration_hash, note_once, resolve_calibration
+from .topk import select
 
 _NORMS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -71,17 +71,16 @@ def wanda_scores(model: nn.Module, mlp_norm: torch.Tensor, head_norm: torch.Tens
     return UnitScores(mlp_norm * down, (head_norm * out).sum(-1))
 
 
-@register_metric
-class Wanda(Metric):
+@register_selector
+class Wanda(Selector):
     name = "wanda"
     description = ("baseline (Wanda, structured, static): sum over the unit's down/o-proj weights of "
                    "|W| times the calibration input norm; top-k per layer")
     kind = "baseline"
+    mode = "static"
+    needs_calibration = True
 
-    def from_trace(self, trace, head_reduction="sum"):
-        raise NotImplementedError("wanda needs the model's weights and calibration: use from_model")
-
-    def from_model(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
+    def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
         """The static scores repeated at each of the T target tokens: ``[T, L, N]``, ``[T, L, H]``."""
         sequences = resolve_calibration(model, options)
         if sequences is None:
@@ -94,23 +93,13 @@ class Wanda(Metric):
         t = trace.mlp_x.shape[0]
         return UnitScores(static.mlp.expand(t, *static.mlp.shape), static.heads.expand(t, *static.heads.shape))
 
-    def make_policy(self, ratio: float, policy: str = "per_layer", **_) -> "WandaPolicy":
-        return WandaPolicy(ratio, policy)
+    def masks_for(self, scores, ratio, scope="per_layer", **context):
+        return select(scores, ratio, scope)
 
-
-class WandaPolicy(StaticPolicy):
-    """One structured Wanda mask ``[L, *]`` chosen in :meth:`prepare` from calibration norms."""
-
-    needs_calibration = True
-
-    def __init__(self, ratio: float, policy: str = "per_layer"):
-        super().__init__("wanda", ratio)
-        self.policy = policy
-
-    def prepare(self, model, calibration=None) -> None:
+    def static_masks(self, model, calibration, ratio, scope: str = "per_layer", **_) -> UnitMasks:
+        """One structured Wanda mask ``[L, *]`` from calibration input norms."""
         if not calibration:
             raise UserError("wanda: the static mask needs calibration sequences")
-        scores = wanda_scores(model, *input_norms(model, list(calibration)))
-        masks = select(scores, self.ratio, self.policy)
+        masks = select(wanda_scores(model, *input_norms(model, list(calibration))), ratio, scope)
         device = next(model.parameters()).device
-        self.masks = type(masks)(masks.mlp.to(device), masks.heads.to(device))
+        return UnitMasks(masks.mlp.to(device), masks.heads.to(device))

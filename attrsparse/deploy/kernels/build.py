@@ -31,8 +31,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from ...core.paths import cache_root
 from ...core.errors import UserError
+from ...core.paths import cache_root
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 LIBS = ("-lm",)

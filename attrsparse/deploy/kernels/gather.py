@@ -38,8 +38,6 @@ import torch.nn.functional as F
 
 from .build import KernelBuildError, check_layout, load_library
 
-
-
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 

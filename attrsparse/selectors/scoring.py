@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.errors import UserError
-from . import get_metric
 from ..core.trace import GradientTrace, as_ids, trace_gradients
 from ..core.units import UnitScores
+from .base import get_selector
 
 
 def score(model: nn.Module, prompt_ids, target_ids, metrics=("corrected_gxo",), *,
@@ -28,15 +28,15 @@ def score(model: nn.Module, prompt_ids, target_ids, metrics=("corrected_gxo",), 
         All single-pass metrics share one forward and one backward pass.
     """
     prompt, target = as_ids(prompt_ids, "prompt"), as_ids(target_ids, "target")
-    chosen = [get_metric(m) for m in ([metrics] if isinstance(metrics, str) else metrics)]
+    chosen = [get_selector(m) for m in ([metrics] if isinstance(metrics, str) else metrics)]
     selectors = [m.name for m in chosen if m.kind == "selector"]
     if selectors:
         raise UserError(f"{', '.join(selectors)}: a selector gives masks, not scores; use "
-                        f"attrsparse.get_metric(name).masks_for(...) or `attrsparse sweep --metrics`")
+                        f"attrsparse.get_selector(name).masks_for(...) or `attrsparse sweep --metrics`")
     if trace is None:
         trace = trace_gradients(model, prompt, target).row(0)
     out = {}
-    for metric in chosen:  # from_model defaults to from_trace (no extra passes)
-        out[metric.name] = metric.from_model(model, prompt, target, trace,
-                                             head_reduction=head_reduction, ig_steps=ig_steps)
+    for metric in chosen:  # most need no extra passes (the trace holds x and g)
+        out[metric.name] = metric.scores(model, prompt, target, trace,
+                                         head_reduction=head_reduction, ig_steps=ig_steps)
     return out

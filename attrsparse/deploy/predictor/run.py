@@ -2,17 +2,17 @@
 
 Steps (:func:`run_train_predictor`):
 
-1. ``n_seq + holdout`` calibration sequences (:func:`attrsparse.calibration.calibration_sequences`);
+1. ``n_seq + holdout`` calibration sequences (:func:`attrsparse.data.calibration.calibration_sequences`);
    the last ``holdout`` are held out for the report.
 2. Dense block inputs and oracle corrected-GxO ranks for every token
-   (:func:`~attrsparse.deploy.predictor.collect_training_data`), cached in
+   (:func:`~attrsparse.deploy.predictor.train.collect_training_data`), cached in
    ``DIR/training_data.safetensors`` / ``DIR/heldout_data.safetensors`` with a JSON key, so a
    re-run with other training settings or ratios skips this step (about 2 s per 128-token sequence
    on SmolLM2-135M; the cache holds ``L * (8d + 2(N + H))`` bytes per token, 231 kB for SmolLM2).
 3. One predictor trained on the soft labels of all ``--ratios`` (``DIR/predictor.safetensors``).
-4. Recall/precision against the oracle on the held-out tokens at every ratio, the cost ratio,
-   and optionally task quality under :class:`~attrsparse.deploy.predictor.PredictorPolicy`
-   (``--eval-tasks``, dense beside it), written to ``DIR/predictor.json``.
+4. Recall/precision against the oracle on the held-out tokens at every ratio and the cost ratio,
+   written to ``DIR/predictor.json``, then the manifest (kind ``predictor``). Task quality under the
+   predictor (``--eval-tasks``) is added by the command (:mod:`attrsparse.cli.deploy`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ from pathlib import Path
 
 import torch
 
-from ..cli.experiments import comma_floats
-from ..core.errors import UserError, check_ratio
-from ..core.io import atomic_save_tensors, atomic_write_json, load_tensors, stable_hash
+from ...core.architectures import unit_map
+from ...core.artifacts import write_manifest
+from ...core.errors import UserError, check_ratio
+from ...core.fingerprint import model_fingerprint
+from ...core.io import atomic_save_tensors, atomic_write_json, load_tensors, stable_hash
+from ...core.units import UnitMasks, executed_ratio
+from ...data.calibration import calibration_sequences
+from ...policies.predictor import REPORT_NAME, save_predictor
+from ...selectors.budget import BudgetRule
+from .train import PredictorConfig, TrainingData, collect_training_data, train_predictor
 
 DATA_FORMAT = 1
 
@@ -36,9 +43,6 @@ def evaluate_predictor(predictor, data, units, ratio: float) -> dict:
     the oracle's on :class:`~attrsparse.deploy.predictor.TrainingData` at ``ratio``: per unit
     kind, parameter-weighted (kept MLP units and query heads weighted by their parameters) and per
     layer; plus the executed ratio of the predicted and the oracle masks."""
-    from ..core.units import UnitMasks, executed_ratio
-    from .predictor import BudgetRule
-
     rule = BudgetRule(units, check_ratio(ratio), predictor.meta.get("head_power", 0.5))
     hit = {"mlp": 0, "heads": 0}
     pred_n = {"mlp": 0, "heads": 0}
@@ -83,8 +87,6 @@ def evaluate_predictor(predictor, data, units, ratio: float) -> dict:
 
 def _cached_data(model, sequences, path: Path, key: dict, progress: bool):
     """:class:`TrainingData` of ``sequences``, read from ``path`` when its key matches."""
-    from .predictor import TrainingData, collect_training_data
-
     key_path = path.with_suffix(".json")
     digest = stable_hash(key)
     if path.exists() and key_path.exists():
@@ -104,14 +106,8 @@ def _cached_data(model, sequences, path: Path, key: dict, progress: bool):
 def run_train_predictor(model, tokenizer, out: str | Path, *, ratios, calib: str = "wikitext2",
                         data: str | None = None, n_seq: int = 64, seq_len: int = 128,
                         holdout: int | None = None, config=None, spec: str = "?",
-                        eval_tasks: list[str] | None = None, eval_limit: int = 100,
-                        eval_max_tokens: int = 4096, progress: bool = True) -> dict:
+                        progress: bool = True) -> dict:
     """Train, save and report a predictor (module docstring); returns the report dict."""
-    from ..core.architectures import unit_map
-    from ..data.calibration import calibration_sequences
-    from .calibrate import weights_fingerprint
-    from .predictor import PredictorConfig, REPORT_NAME, save_predictor, train_predictor
-
     ratios = sorted({check_ratio(r, "--ratios") for r in ratios})
     config = (config or PredictorConfig()).validate()
     holdout = max(1, n_seq // 8) if holdout is None else holdout
@@ -119,7 +115,7 @@ def run_train_predictor(model, tokenizer, out: str | Path, *, ratios, calib: str
         raise UserError("--n-seq and --holdout must be at least 1")
     out = Path(out)
     units = unit_map(model)
-    fingerprint = weights_fingerprint(model)
+    fingerprint = model_fingerprint(model)
     t0 = time.perf_counter()
     seqs = calibration_sequences(tokenizer, calib, n_seq + holdout, seq_len, data=data)
     if len(seqs) < 2:
@@ -146,29 +142,12 @@ def run_train_predictor(model, tokenizer, out: str | Path, *, ratios, calib: str
               "timing_s": {"labels": round(t_data, 1), "labels_cached": cached_train and cached_held,
                            "training": round(t_train, 1), "threads": torch.get_num_threads()},
               "heldout": [evaluate_predictor(predictor, held_data, units, r) for r in ratios]}
-    if eval_tasks:
-        report["quality"] = _quality(model, tokenizer, weights, ratios, eval_tasks, eval_limit,
-                                     eval_max_tokens, progress)
     atomic_write_json(out / REPORT_NAME, report)
+    write_manifest(out, "predictor", model, spec)
     return report
 
 
-def _quality(model, tokenizer, weights: Path, ratios, tasks, limit, max_tokens, progress) -> list[dict]:
-    """Task numbers under the dense model and the predictor at each ratio."""
-    from ..evaluation import evaluate_task
-    from ..policies import DensePolicy
-    from .predictor import load_predictor_policy
-
-    rows = []
-    for task in tasks:
-        policies = [DensePolicy()] + [load_predictor_policy(weights, r) for r in ratios]
-        for policy in policies:
-            rows.append(evaluate_task(model, tokenizer, task, policy, limit=limit, max_tokens=max_tokens,
-                                      progress=progress))
-    return rows
-
-
-def _print_report(report: dict, out: Path) -> None:
+def print_report(report: dict, out: Path) -> None:
     cost = report["cost"]
     print(f"predictor: {report['predictor']}  (rank {report['rank']}, head rank {report['head_rank']}, "
           f"trained on {report['training_tokens']} tokens at ratios "
@@ -188,53 +167,3 @@ def _print_report(report: dict, out: Path) -> None:
         print(f"  {row['task']:<16} {row['selector']:<24} ratio {row['executed_ratio']:.3f}  "
               + "  ".join(f"{k} {v:.4g}" for k, v in value.items()))
     print(f"report: {out / 'predictor.json'}")
-
-
-def cmd_train_predictor(args) -> int:
-    from ..core.models import load_model
-    from .predictor import PredictorConfig
-
-    config = PredictorConfig(rank=args.rank, head_rank=args.head_rank, epochs=args.epochs, lr=args.lr,
-                             batch_size=args.batch_size, seed=args.seed).validate()
-    ratios = comma_floats(args.ratios, "--ratios", nonempty=True)
-    tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()] if args.eval_tasks else None
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    report = run_train_predictor(model, tokenizer, args.out, ratios=ratios, calib=args.calib, data=args.data,
-                                 n_seq=args.n_seq, seq_len=args.seq_len, holdout=args.holdout,
-                                 config=config, spec=args.model, eval_tasks=tasks,
-                                 eval_limit=args.eval_limit, eval_max_tokens=args.eval_max_tokens)
-    _print_report(report, Path(args.out))
-    return 0
-
-
-def register_predictor_commands(sub) -> None:
-    """Add ``train-predictor`` to the CLI's sub-parsers."""
-    p = sub.add_parser("train-predictor",
-                       help="train per-layer unit predictors on the oracle's attribution labels")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
-    p.add_argument("--ratios", default="0.3,0.5,0.7",
-                   help="parameter-weighted ratios whose oracle labels train the predictor")
-    p.add_argument("--calib", default="wikitext2", help="wikitext2 (valid split), truthfulqa or a text file")
-    p.add_argument("--data", default=None, help="local data file of the calibration source")
-    p.add_argument("--n-seq", type=int, default=64,
-                   help="training sequences (default 64; more is better but holds every layer's block inputs "
-                        "and unit ranks in memory and on disk beside the predictor: on SmolLM2, 256 x 128 "
-                        "tokens take 7.6 GB and improved WikiText-2 perplexity at 0.7 from 25.9 to 23.7)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--holdout", type=int, default=None, help="held-out sequences (default n-seq/8)")
-    p.add_argument("--rank", type=int, default=64, help="bottleneck of the MLP-unit predictor")
-    p.add_argument("--head-rank", type=int, default=32, help="bottleneck of the head predictor")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-tasks", default=None,
-                   help="optional tasks to score dense and under the predictor, e.g. wikitext2,truthfulqa_mc1")
-    p.add_argument("--eval-limit", type=int, default=100, help="items per multiple-choice task")
-    p.add_argument("--eval-max-tokens", type=int, default=4096, help="tokens of perplexity tasks")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_train_predictor)
-
-
-__all__ = ["evaluate_predictor", "register_predictor_commands", "run_train_predictor"]
