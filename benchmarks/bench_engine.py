@@ -40,8 +40,14 @@ import torch
 from attrsparse.core.models import load_model
 from attrsparse.deploy.engine import ChannelRules, Engine, pack
 from attrsparse.deploy.engine.bandwidth import floor_tokens_per_s, measure_bandwidth
-from attrsparse.deploy.engine.bench import (first_difference, head_timing, kernel_speedup, print_progress,
-                                            run_rounds, summarize)
+from attrsparse.deploy.engine.bench import (
+    first_difference,
+    head_timing,
+    kernel_speedup,
+    print_progress,
+    run_rounds,
+    summarize,
+)
 from attrsparse.deploy.engine.gguf_convert import dequantise_gguf, packaged_smollm2_gguf
 from attrsparse.deploy.engine.sites import rules_to_json
 
@@ -190,7 +196,12 @@ def main() -> int:
                         "bytes_read_per_token", "torch_imported"):
                 if key in last:
                     entry[key] = last[key]
+            if "bytes_read_per_token" not in last and "gguf" in contenders[name]:
+                # llama.cpp reads every tensor per token (the tied embedding is the head): the file size
+                last["bytes_read_per_token"] = Path(contenders[name]["gguf"]).stat().st_size
+                entry["bytes_read_per_token_note"] = "GGUF file size"
             if "bytes_read_per_token" in last:
+                entry["bytes_read_per_token"] = last["bytes_read_per_token"]
                 entry["floor_tokens_per_s"] = floor_tokens_per_s(last["bytes_read_per_token"], read_gbs)
             if "weight_bytes" in last:
                 entry["peak_rss_over_weight_bytes"] = entry["summary"]["peak_rss_mb"] * 1e6 / last["weight_bytes"]

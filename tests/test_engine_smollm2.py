@@ -20,7 +20,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             res = model(step, cache=cache, use_cache=True)
-            cache = res.past_key_values
+            cache = res.cache
             nxt = int(res.logits[0, -1].argmax())
             out.append(nxt)
             step = torch.tensor([[nxt]])

@@ -76,7 +76,7 @@ def run_hf(spec: dict) -> dict:
         with torch.no_grad():
             for _ in range(n):
                 out = model(step, cache=cache, use_cache=True)
-                cache = out.past_key_values
+                cache = out.cache
                 tokens.append(int(out.logits[0, -1].argmax()))
                 times.append(time.perf_counter())
                 step = torch.tensor([[tokens[-1]]])
