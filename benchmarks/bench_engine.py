@@ -240,9 +240,13 @@ def main() -> int:
                                                             "of_ideal": got / ideal if got else None}
 
     note("head: timing and TruthfulQA check")
-    with Engine(paths[precisions[0]], threads=args.threads, max_ctx=len(prompt) + args.new_tokens) as eng:
-        gen_tokens = eng.generate(prompt, args.new_tokens).tokens
-        report["head"] = {"precision": precisions[0], "timing": head_timing(eng, prompt, gen_tokens)}
+    report["head"] = {"timing": {}}
+    for p in precisions:
+        with Engine(paths[p], threads=args.threads, max_ctx=len(prompt) + args.new_tokens) as eng:
+            gen = eng.generate(prompt, args.new_tokens)
+            report["head"]["timing"][p] = {**head_timing(eng, prompt, gen.tokens), "bytes_ratio": gen.head_cost,
+                                           "candidates_mean": statistics.mean(gen.candidates)}
+    report["head"]["precision_checked"] = precisions[0]
     if args.head_questions:
         report["head"]["truthfulqa"] = truthfulqa_head_check(paths[precisions[0]], tok, args.head_questions,
                                                              args.head_max_new, args.threads)
