@@ -115,6 +115,37 @@ def truthfulqa_head_check(path: Path, tok, n_questions: int, max_new: int, threa
             "candidates_mean": statistics.mean(cands), "candidates_max": max(cands)}
 
 
+def records(report: dict, quantile: float) -> list[dict]:
+    """One record per (engine, precision, selector) in the shape issue 15 asks of ``attrsparse bench``
+    (quality columns are not measured here: null)."""
+    contenders = report["contenders"]
+    out = []
+    for name, entry in contenders.items():
+        s = entry.get("summary", {})
+        if "decode_tokens_per_s" not in s or name.endswith("fullhead"):
+            continue
+        engine, precision = name.split("-")[:2]
+        sparse = name.endswith("-sparse")
+        dense_name = name.removesuffix("-sparse")
+        llama = {"fp32": "llamacpp-F32", "bf16": "llamacpp-F16", "int8": "llamacpp-Q4_1"}.get(precision)
+        dense_speed = contenders.get(dense_name, {}).get("summary", {}).get("decode_tokens_per_s")
+        llama_speed = contenders.get(llama, {}).get("summary", {}).get("decode_tokens_per_s") if engine == "native" else None
+        dense_bytes = contenders.get(dense_name, {}).get("bytes_read_per_token")
+        out.append({"engine": engine, "precision": precision, "selector": "crude_threshold" if sparse else "dense",
+                    "requested_ratio": 1 - quantile if sparse else 1.0,
+                    "read_ratio": entry.get("read_ratio", {}).get("mean"),
+                    "total_read_ratio": entry.get("total_read_ratio", {}).get("mean"),
+                    "decode_tokens_per_s": s["decode_tokens_per_s"], "decode_tokens_per_s_min": s["decode_tokens_per_s_min"],
+                    "decode_tokens_per_s_max": s["decode_tokens_per_s_max"],
+                    "speedup_vs_dense": s["decode_tokens_per_s"] / dense_speed if dense_speed else None,
+                    "speedup_vs_llamacpp": s["decode_tokens_per_s"] / llama_speed if llama_speed else None,
+                    "llamacpp_reference": llama if llama_speed else None,
+                    "ideal_speedup": dense_bytes / entry["bytes_read_per_token"]
+                    if dense_bytes and entry.get("bytes_read_per_token") else None,
+                    "peak_rss_mb": s["peak_rss_mb"], "wikitext2_perplexity": None, "task_accuracy": None})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -239,6 +270,7 @@ def main() -> int:
             report["ratios"][f"native-{p}-sparse ideal"] = {"ideal_speedup": ideal,
                                                             "of_ideal": got / ideal if got else None}
 
+    report["records"] = records(report, args.sparse_quantile)
     note("head: timing and TruthfulQA check")
     report["head"] = {"timing": {}}
     for p in precisions:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attrsparse.core.errors import UnsupportedArchitectureError, UserError
-from attrsparse.deploy.engine import ChannelRules, Engine, SiteRule, pack
+from attrsparse.deploy.engine import ChannelRules, Engine, SiteRule, pack, unsupported_reason
 from attrsparse.deploy.engine.fmt import read_header
 from attrsparse.deploy.engine.pack import input_major, quantize
 
@@ -243,6 +243,7 @@ def test_pack_reuses_checks_and_refuses(make_tiny, tmp_path):
     read_header(path)
     with pytest.raises(UnsupportedArchitectureError, match="transformers"):
         pack(make_tiny("gpt2"), "fp32", directory=tmp_path)
+    assert "transformers" in unsupported_reason(make_tiny("phi3")) and unsupported_reason(model) is None
     with pytest.raises(UserError, match="precision"):
         pack(model, "fp8", directory=tmp_path)
 

@@ -9,9 +9,9 @@
 See docs/engine.md.
 """
 
-from .pack import ENGINE_TYPES, engine_arch, pack
+from .pack import ENGINE_TYPES, engine_arch, pack, unsupported_reason
 from .runner import Engine, Generation
 from .sites import SITE_PROJECTIONS, SITES, ChannelRules, SiteRule
 
 __all__ = ["ENGINE_TYPES", "SITES", "SITE_PROJECTIONS", "ChannelRules", "Engine", "Generation", "SiteRule",
-           "engine_arch", "pack"]
+           "engine_arch", "pack", "unsupported_reason"]

@@ -117,6 +117,16 @@ def engine_arch(model: nn.Module) -> str:
     return kind
 
 
+def unsupported_reason(model: nn.Module) -> str | None:
+    """None when the native engine runs ``model``, else the one-line reason (for the caller's note
+    when it falls back to transformers)."""
+    try:
+        engine_arch(model)
+    except UnsupportedArchitectureError as exc:
+        return str(exc)
+    return None
+
+
 def fingerprint(model: nn.Module, precision: str, screen: bool) -> str:
     """sha256 of the format version, precision, options, config and every parameter's bytes."""
     digest = hashlib.sha256(f"{FORMAT_VERSION}|{precision}|{screen}|".encode())
