@@ -161,6 +161,9 @@ def main() -> int:
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--load", default="mmap", choices=["mmap", "copy"])
     ap.add_argument("--nice", type=int, default=0, help="niceness of the contender processes")
+    ap.add_argument("--idle-busy", type=float, default=None,
+                    help="before each run wait until other work keeps at most this fraction of the CPUs busy")
+    ap.add_argument("--idle-timeout", type=float, default=300.0)
     ap.add_argument("--out", default="runs/bench_engine/bench_engine.json")
     args = ap.parse_args()
     out_path = Path(args.out)
@@ -169,7 +172,8 @@ def main() -> int:
                     "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                 "loadavg_before": os.getloadavg()},
                     "protocol": {"rounds": args.rounds, "new_tokens": args.new_tokens, "warmup": args.warmup,
-                                 "threads": args.threads, "prompt": PROMPT, "load": args.load}, "notes": []}
+                                 "threads": args.threads, "prompt": PROMPT, "load": args.load,
+                                 "idle_busy": args.idle_busy, "nice": args.nice}, "notes": []}
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     prompt = chat_ids(tok, PROMPT)
@@ -210,7 +214,8 @@ def main() -> int:
     report["bandwidth"] = measure_bandwidth((1, args.threads))
     report["kernels"] = [kernel_speedup(p, threads=args.threads) for p in precisions]
     note(f"{len(contenders)} contenders x {args.rounds} rounds")
-    runs = run_rounds(contenders, args.rounds, nice=args.nice, progress=print_progress)
+    runs = run_rounds(contenders, args.rounds, nice=args.nice, idle_busy=args.idle_busy,
+                      idle_timeout=args.idle_timeout, progress=print_progress)
 
     reference = next((r["tokens"] for r in runs.get("hf-fp32", []) if "tokens" in r), None)
     read_gbs = report["bandwidth"]["read"][args.threads]

@@ -42,17 +42,46 @@ def run_worker(spec: dict, *, timeout: float = 900, nice: int = 0) -> dict:
     return json.loads(lines[-1])
 
 
-def run_rounds(contenders: dict[str, dict], rounds: int, *, nice: int = 0,
+def cpu_busy(window: float = 2.0) -> float:
+    """Fraction of all CPUs busy over ``window`` seconds (from /proc/stat); NaN where unavailable."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_idle(max_busy: float, timeout: float) -> tuple[float, float]:
+    """Wait until at most ``max_busy`` of the CPUs are busy (other work) or ``timeout`` seconds
+    passed; returns (busy fraction last seen, seconds waited)."""
+    start = time.monotonic()
+    busy = cpu_busy()
+    while not busy <= max_busy and time.monotonic() - start < timeout:
+        busy = cpu_busy()
+    return busy, time.monotonic() - start
+
+
+def run_rounds(contenders: dict[str, dict], rounds: int, *, nice: int = 0, idle_busy: float | None = None,
+               idle_timeout: float = 300.0,
                progress: Callable[[int, int, str, dict, float], None] | None = None) -> dict[str, list[dict]]:
-    """Every contender once per round, the order rotated by one each round."""
+    """Every contender once per round, the order rotated by one each round. With ``idle_busy``,
+    each run first waits (up to ``idle_timeout`` s) until other work keeps at most that fraction
+    of the CPUs busy; each run records ``background_busy`` (the fraction seen just before it)."""
     names = list(contenders)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     total, done, start = rounds * len(names), 0, time.monotonic()
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            busy, waited = wait_for_idle(idle_busy, idle_timeout) if idle_busy is not None else (cpu_busy(0.5), 0.0)
             result = run_worker(contenders[name], nice=nice)
-            result["round"] = r
+            result.update(round=r, background_busy=round(busy, 3), waited_s=round(waited, 1))
             runs[name].append(result)
             done += 1
             if progress:
