@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/attrsparse demo --out $(OUT)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -18,13 +18,13 @@ The layers, bottom up: :mod:`.core`, :mod:`.data`, :mod:`.scores`, :mod:`.select
 from __future__ import annotations
 
 from .core import __version__
-from .core.architectures import ARCHITECTURES, UnitMap, supported_model_types, unit_map
+from .core.architectures import ARCHITECTURES, supported_model_types
 from .core.errors import UnsupportedArchitectureError, UserError
 from .core.hooks import capture_units
 from .core.masking import apply_masks
 from .core.models import load_model
 from .core.trace import GradientTrace, trace_gradients
-from .core.units import ExecutedRatio, UnitMasks, UnitScores, executed_ratio
+from .core.units import ExecutedRatio, UnitMap, UnitMasks, UnitScores, executed_ratio, unit_map
 from .deploy import generate, sparsify
 from .selectors import get_metric, get_selector, list_metrics, list_selectors, register_metric, select
 from .selectors.scoring import score

@@ -70,9 +70,9 @@ def main(argv=None) -> int:
     from attrsparse import score
     from attrsparse.core.io import atomic_write_json
     from attrsparse.core.models import load_model
+    from attrsparse.core.trace import trace_gradients
     from attrsparse.data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
     from attrsparse.data.tasks import load_truthfulqa
-    from attrsparse.core.trace import trace_gradients
 
     args = parse_args(argv)
     items = load_truthfulqa(args.data, limit=args.questions, offset=args.offset)

@@ -41,7 +41,6 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_scoring.py
 
 import torch  # noqa: E402
-
 from bench_scoring import cpu_name  # noqa: E402  (same folder: run as a script)
 
 
@@ -78,15 +77,15 @@ def main(argv=None) -> int:
 
     import attrsparse
     from attrsparse import unit_map
-    from attrsparse.policies.static import load_static_policy
+    from attrsparse.data.prompts import encode_prompt, resolve_template
     from attrsparse.deploy.calibrate import run_calibration
     from attrsparse.deploy.export import export_model, maskable_params
     from attrsparse.deploy.kernels import gather_backend
-    from attrsparse.selectors.predictor import Predictor
-    from attrsparse.policies.predictor import load_predictor
     from attrsparse.deploy.runtime import SparseRuntime
+    from attrsparse.policies.predictor import load_predictor
+    from attrsparse.policies.static import load_static_policy
     from attrsparse.selectors.chooser import StaticChooser
-    from attrsparse.data.prompts import encode_prompt, resolve_template
+    from attrsparse.selectors.predictor import Predictor
 
     ratios = [float(r) for r in args.ratios.split(",")]
     threads = [int(t) for t in args.threads.split(",")]

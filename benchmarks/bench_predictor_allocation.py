@@ -7,7 +7,7 @@ side by side with
 * ``uniform``: one ratio in every layer (what ``attrsparse bench`` and ``generate`` run);
 * ``greedy``: each layer's budget taken from a static calibration with the greedy allocation
   (``attrsparse calibrate --allocation greedy``: layer sensitivities on calibration KL, see
-  :mod:`attrsparse.deploy.allocation`), via
+  :mod:`attrsparse.selectors.allocation`), via
   :func:`attrsparse.deploy.predictor.layer_ratios_from_masks`: the per-layer parameter fraction
   of the static masks, whose mean is the requested ratio;
 * ``head power p`` (``--head-powers``): one ratio in every layer, but heads keep
@@ -38,17 +38,17 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from attrsparse.core.architectures import unit_map  # noqa: E402
-from attrsparse.policies.static import load_static_policy
-from attrsparse.deploy.calibrate import run_calibration  # noqa: E402
-from attrsparse.selectors.budget import BudgetRule
-from attrsparse.selectors.predictor import layer_ratios_from_masks
-from attrsparse.policies.predictor import load_predictor_policy  # noqa: E402
 from attrsparse.core.errors import UserError  # noqa: E402
-from attrsparse.evaluation.evaluate import evaluate_task  # noqa: E402
 from attrsparse.core.io import atomic_write_json  # noqa: E402
 from attrsparse.core.models import load_model  # noqa: E402
+from attrsparse.core.units import unit_map  # noqa: E402
+from attrsparse.deploy.calibrate import run_calibration  # noqa: E402
+from attrsparse.evaluation.evaluate import evaluate_task  # noqa: E402
 from attrsparse.policies import make_policy  # noqa: E402
+from attrsparse.policies.predictor import load_predictor_policy  # noqa: E402
+from attrsparse.policies.static import load_static_policy
+from attrsparse.selectors.budget import BudgetRule
+from attrsparse.selectors.predictor import layer_ratios_from_masks
 
 
 def greedy_allocation(model, tok, ratios, static_dir: Path, n_sequences: int, spec: str) -> None:

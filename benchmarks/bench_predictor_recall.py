@@ -1,7 +1,7 @@
 """Recall-vs-cost of MLP unit predictors against the oracle (issue 4): how close can a cheap
 predictor get to the units ``budget_gxo`` keeps?
 
-Data: WikiText-2 *valid* windows of ``--seq-len`` tokens (:func:`attrsparse.calibration.calibration_sequences`);
+Data: WikiText-2 *valid* windows of ``--seq-len`` tokens (:func:`attrsparse.data.calibration.calibration_sequences`);
 the first ``--heldout-seq`` windows are held out (all recall numbers are on them), the next
 ``--train-seq`` windows train / calibrate the predictors (disjoint sequences). Dense block inputs
 and the oracle's per-token corrected-GxO ranks come from
@@ -67,14 +67,14 @@ import torch.nn.functional as F  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from attrsparse.core.architectures import unit_map  # noqa: E402
-from attrsparse.data.calibration import calibration_sequences  # noqa: E402
 from attrsparse.core.fingerprint import model_fingerprint  # noqa: E402
-from attrsparse.selectors.budget import BudgetRule
-from attrsparse.deploy.predictor import PredictorConfig, TrainingData, collect_training_data, train_predictor
-from attrsparse.selectors.topk import unit_ranks
 from attrsparse.core.io import atomic_save_tensors, atomic_write_json, atomic_write_text, stable_hash  # noqa: E402
 from attrsparse.core.models import load_model  # noqa: E402
+from attrsparse.core.units import unit_map  # noqa: E402
+from attrsparse.data.calibration import calibration_sequences  # noqa: E402
+from attrsparse.deploy.predictor import PredictorConfig, TrainingData, collect_training_data, train_predictor
+from attrsparse.selectors.budget import BudgetRule
+from attrsparse.selectors.topk import unit_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predictor_recall_report import markdown, row_order, summarise, table  # noqa: E402

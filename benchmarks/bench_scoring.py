@@ -114,8 +114,8 @@ def main(argv=None) -> int:
 
     import attrsparse
     from attrsparse import score, trace_gradients, unit_map
-    from attrsparse.data.prompts import encode_prompt, resolve_template
     from attrsparse.core.reference import reference_trace
+    from attrsparse.data.prompts import encode_prompt, resolve_template
     from attrsparse.data.tasks import load_truthfulqa
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -1,6 +1,6 @@
 """Time the sweep's stages on a real model.
 
-Runs :class:`attrsparse.sweep.Sweep` into a temporary directory (fresh: no records, no trace
+Runs :class:`attrsparse.experiments.sweep.Sweep` into a temporary directory (fresh: no records, no trace
 cache) and reports, per question and in total, the seconds of each stage recorded in the
 question's ``timings`` (labels = dense greedy label, scoring = trace + scores + masks, masked
 decoding = all variants in one batch, mc1 = masked log-likelihoods of the MC1 candidates), plus

@@ -68,8 +68,8 @@ def _evaluate(model, tok, items: int) -> dict:
 
 
 def _calibrate(model, tok, out: Path) -> torch.Tensor:
-    from attrsparse.deploy.calibrate import run_calibration
     from attrsparse.core.io import load_tensors
+    from attrsparse.deploy.calibrate import run_calibration
 
     run_calibration(model, tok, out, ratios=[0.5], n_sequences=4, seq_len=128, progress=False)
     return load_tensors(out / "static.safetensors")

@@ -11,8 +11,16 @@ import math
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig,
-                          OPTConfig, Phi3Config, PhiConfig, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    OPTConfig,
+    Phi3Config,
+    PhiConfig,
+    Qwen2Config,
+)
 
 VOCAB = 64
 IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -87,7 +95,8 @@ WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
 def word_tokenizer(vocab: list[str], *, unk: str, pad: str, eos: str, bos: str | None = None):
     """A ``PreTrainedTokenizerFast`` over a ``tokenizers`` WordLevel model of ``vocab`` (id = list
     position; whitespace and punctuation split, no chat template)."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=unk))

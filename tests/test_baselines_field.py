@@ -10,17 +10,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ARCHS
 
 from attrsparse import capture_units, get_metric, list_metrics, trace_gradients, unit_map
-from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
 from attrsparse.cli.main import main
 from attrsparse.core.hooks import UnitHooks
+from attrsparse.core.units import UnitMasks, executed_ratio, zero_head_, zero_mlp_unit_
+from attrsparse.policies import DensePolicy, make_policy
 from attrsparse.selectors import thresholds as calibrated
 from attrsparse.selectors.thresholds import decision_cost_fraction, exact_thresholds, resolve_calibration
-from attrsparse.policies import DensePolicy, make_policy
 from attrsparse.selectors.topk import keep_count
-from attrsparse.core.units import UnitMasks, executed_ratio
-from conftest import ARCHS
 
 PROMPT = torch.tensor([1, 5, 9, 17])
 TARGET = torch.tensor([3, 8, 21, 4])

@@ -11,8 +11,8 @@ from attrsparse.cli.main import main
 from attrsparse.core.errors import UserError
 from attrsparse.evaluation import compare as compare_mod
 from attrsparse.evaluation.compare import Compare, CompareConfig
-from attrsparse.evaluation.tolerance import within_tolerance
 from attrsparse.evaluation.compare_report import frontier
+from attrsparse.evaluation.tolerance import within_tolerance
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS
 from torch import nn
 
 from attrsparse import UnitMasks, executed_ratio, unit_map
 from attrsparse.core.architectures import find_arch
-from conftest import ARCHS
 
 
 def _get(root, path):

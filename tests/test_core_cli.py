@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_tokenizer
 from transformers import BloomConfig, BloomForCausalLM
 
 from attrsparse import UnsupportedArchitectureError, UserError, supported_model_types, unit_map
 from attrsparse.cli.main import main
-from conftest import VOCAB, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
+from conftest import ARCHS
 from transformers import DynamicCache
 
 from attrsparse import UnitMasks, apply_masks, executed_ratio, unit_map
-from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
-from conftest import ARCHS
+from attrsparse.core.units import zero_head_, zero_mlp_unit_
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 2, 40, 41]])
 PROMPTS = torch.tensor([[1, 5, 9, 17, 33], [1, 60, 22, 3, 14]])

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from attrsparse import UserError, get_metric, list_metrics, score, trace_gradients, unit_map
-from attrsparse.scores import get_score
 from attrsparse.core.attention import KVRecorder
-from attrsparse.scores.ig import integrated_gradients
 from attrsparse.core.trace import forward_units
+from attrsparse.scores import get_score
+from attrsparse.scores.ig import integrated_gradients
 
 PROMPT = [1, 5, 9, 17, 33]
 TARGET = [7, 8, 40, 3, 11, 12]

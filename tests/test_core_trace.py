@@ -1,4 +1,4 @@
-"""One-pass gradients (attrsparse.trace) against the step-by-step reference and finite differences.
+"""One-pass gradients (attrsparse.core.trace) against the step-by-step reference and finite differences.
 
 Semantics under test (paper §5.4): for target token t, ``loss_t = CE(logits at the step that
 predicts target[t], target[t])`` in incremental decoding, the keys/values of earlier positions
@@ -10,13 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ARCHS
 from transformers import DynamicCache
 
 from attrsparse import trace_gradients, unit_map
 from attrsparse.core.hooks import capture_units
 from attrsparse.core.reference import reference_trace
-from conftest import ARCHS
-
 
 PROMPTS = {1: [1], 5: [1, 5, 9, 17, 33]}
 TARGET = [7, 8, 40, 3, 11, 12]

@@ -1,4 +1,4 @@
-"""Tests for attrsparse.decoding: batched masked greedy decoding and masked log-likelihoods.
+"""Tests for attrsparse.core.decoding: batched masked greedy decoding and masked log-likelihoods.
 
 The model is the tiny seeded Llama of the ``tiny_truthfulqa_lm`` fixture (stock attention, as
 ``load_model`` gives). Every comparison of generated ids is exact.
@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attrsparse.core.architectures import unit_map
 from attrsparse.core.decoding import left_pad, masked_greedy_decode, masked_loglik
 from attrsparse.core.hooks import UnitHooks
-from attrsparse.data.prompts import encode_prompt, greedy_continuation
 from attrsparse.core.trace import position_multipliers
-from attrsparse.core.units import UnitMasks
+from attrsparse.core.units import UnitMasks, unit_map
+from attrsparse.data.prompts import encode_prompt, greedy_continuation
 
 PAD = 0
 T = 7  # new tokens per row

@@ -1,4 +1,4 @@
-"""The dependency analysis (attrsparse.dependency) on a tiny in-code Llama.
+"""The dependency analysis (attrsparse.experiments.dependency) on a tiny in-code Llama.
 
 Semantics under test: a unit removed at target token t only, with the dense keys/values of every
 other position, is incremental decoding with a dense cache; the loss change is compared with an
@@ -14,16 +14,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+from conftest import VOCAB, build_tiny
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tok_models
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from attrsparse import unit_map
-from attrsparse.scores import get_score
-from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
-from attrsparse.experiments.dependency import (DependencyConfig, ablation_deltas, ablation_errors, error_stats, run_dependency, sample_ablations, score_change)
 from attrsparse.core.reference import reference_trace
 from attrsparse.core.trace import token_losses, trace_gradients
-from conftest import VOCAB, build_tiny
+from attrsparse.core.units import zero_head_, zero_mlp_unit_
+from attrsparse.experiments.dependency import (
+    DependencyConfig,
+    ablation_deltas,
+    ablation_errors,
+    error_stats,
+    run_dependency,
+    sample_ablations,
+    score_change,
+)
+from attrsparse.scores import get_score
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROMPT = torch.tensor([1, 5, 9, 17, 33])
@@ -125,7 +134,6 @@ def test_first_order_quantities(model):
     abl = sample_ablations(units, t_len, 3 * t_len, 0.5, torch.Generator().manual_seed(0))
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
     errs = ablation_errors(model, PROMPT, TARGET, trace, abl)
-    from attrsparse.selectors import get_metric
 
     gxo = get_score("gxo").from_trace(trace)
     cor = get_score("corrected_gxo").from_trace(trace)

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS, build_tiny
 
 from attrsparse import UnitMasks, unit_map
 from attrsparse.core.decoding import left_pad
+from attrsparse.core.hooks import UnitHooks
 from attrsparse.deploy.gathered import GatheredIn, GatheredMLP
 from attrsparse.deploy.kernels import CBackend, gather_backend
+from attrsparse.deploy.runtime import SparseRuntime
 from attrsparse.selectors.budget import BudgetRule
+from attrsparse.selectors.chooser import StaticChooser
 from attrsparse.selectors.predictor import Predictor
 from attrsparse.selectors.topk import unit_ranks
-from attrsparse.deploy.runtime import SparseRuntime
-from attrsparse.selectors.chooser import StaticChooser
-from attrsparse.core.hooks import UnitHooks
-from conftest import ARCHS, build_tiny
 
 C = gather_backend("auto")
 needs_c = pytest.mark.skipif(not isinstance(C, CBackend), reason="C kernels unavailable")

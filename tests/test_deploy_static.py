@@ -14,22 +14,23 @@ import types
 
 import pytest
 import torch
+from conftest import ARCHS, VOCAB, build_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from attrsparse import UnitMasks, UnitScores, UserError, executed_ratio, score, unit_map
 from attrsparse.cli.main import main
 from attrsparse.core.decoding import left_pad
-from attrsparse.selectors import allocation as A
-from attrsparse.policies.static import JSON_NAME, TENSORS_NAME, load_static_policy
-from attrsparse.selectors.static import calibrate, static_masks
+from attrsparse.core.hooks import UnitHooks
 from attrsparse.deploy.calibrate import run_calibration
 from attrsparse.deploy.export import EXPORT_INFO, export_model, slice_model
 from attrsparse.deploy.kernels import CBackend, TorchBackend, gather_backend
 from attrsparse.deploy.runtime import SparseRuntime, generate
-from attrsparse.selectors.chooser import StaticChooser, UnitChooser
-from attrsparse.core.hooks import UnitHooks
 from attrsparse.policies import StaticPolicy, make_policy
-from conftest import ARCHS, VOCAB, build_tiny, tiny_tokenizer
+from attrsparse.policies.static import JSON_NAME, TENSORS_NAME, load_static_policy
+from attrsparse.selectors import allocation as A
+from attrsparse.selectors.chooser import StaticChooser, UnitChooser
+from attrsparse.selectors.static import calibrate, static_masks
+
 
 @pytest.fixture(scope="module")
 def calib_text(tmp_path_factory):

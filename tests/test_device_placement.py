@@ -6,7 +6,7 @@ its device then holds no data, and the run fails as soon as it is used (mixed de
 read back), which is what a CPU-created tensor does next to a CUDA model. Tokenizer outputs are
 host tensors, as in real life. A command that passes must give exactly the results of a plain
 CPU run. (What the simulation cannot see: a host tensor fed to the model without ``.to(device)``;
-those paths go through :func:`attrsparse.architectures.model_device` and are read in review.)
+those paths go through :func:`attrsparse.core.architectures.model_device` and are read in review.)
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def _strip_timings(obj):
 
 def test_sweep_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, tmp_path, monkeypatch, meta_default):
     from attrsparse.experiments import plots
-    from attrsparse.selectors.base import list_metrics
     from attrsparse.experiments.sweep import Sweep, SweepConfig
+    from attrsparse.selectors.base import list_metrics
 
     monkeypatch.setattr(plots, "plot_curves", lambda *a, **k: None)
     metrics = [m for m in list_metrics() if m != "static_gxo"]  # static_gxo: its own test below
@@ -107,8 +107,8 @@ def test_evaluation_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, t
 
 
 def test_calibration_makes_every_tensor_on_the_model_device(tiny_truthfulqa_lm, tmp_path, meta_default):
-    from attrsparse.deploy.calibrate import run_calibration
     from attrsparse.core.io import load_tensors
+    from attrsparse.deploy.calibrate import run_calibration
 
     model, tok = tiny_truthfulqa_lm()
     tok = host_tokenizer(tok)
@@ -155,10 +155,10 @@ def test_dependency_analysis_makes_every_tensor_on_the_model_device(tiny_truthfu
 
 
 def test_predictor_training_and_policy_make_every_tensor_on_the_model_device(tiny_truthfulqa_lm, meta_default):
-    from attrsparse.core.architectures import unit_map
+    from attrsparse.core.units import unit_map
     from attrsparse.deploy.predictor import PredictorConfig, collect_training_data, train_predictor
-    from attrsparse.policies.predictor import PredictorPolicy
     from attrsparse.evaluation.evaluate import evaluate_task
+    from attrsparse.policies.predictor import PredictorPolicy
 
     model, tok = tiny_truthfulqa_lm()
     tok = host_tokenizer(tok)

@@ -1,4 +1,4 @@
-"""Tests for attrsparse.distributed and attrsparse.streaming.
+"""Tests for attrsparse.core.distributed and attrsparse.experiments.streaming.
 
 In-process: round-robin sharding, resumable ``run_sharded`` records and manifests, the score
 shards' memory budget and bitwise round trip, streamed sweep scores equal to ``score()``.
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from attrsparse.core import distributed
 from attrsparse import score
 from attrsparse.cli.main import main
+from attrsparse.core import distributed
 from attrsparse.core.distributed import DistContext, init_distributed, run_sharded
 from attrsparse.core.errors import UserError
 from attrsparse.experiments.streaming import ScoreReader, ScoreWriter

@@ -9,21 +9,20 @@ import copy
 import json
 from pathlib import Path
 
+import lm_eval
 import pytest
 import torch
-
-import lm_eval
+from conftest import tiny_word_lm
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
 
-from attrsparse.core.architectures import zero_head_, zero_mlp_unit_
 from attrsparse.core.errors import UserError
+from attrsparse.core.units import zero_head_, zero_mlp_unit_
 from attrsparse.deploy import sparsify
 from attrsparse.evaluation.lm_eval_model import AttrsparseLM, right_padding_mask
 from attrsparse.policies import make_policy
 from attrsparse.selectors.topk import keep_count
-from conftest import tiny_word_lm
 
 FIXTURE = Path(__file__).parent / "fixtures" / "arc_3.jsonl"
 REPO = Path(__file__).resolve().parents[1]

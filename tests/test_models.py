@@ -1,4 +1,4 @@
-"""Tests for attrsparse.models: spec resolution, dtype parsing, the safetensors cache."""
+"""Tests for attrsparse.core.models: spec resolution, dtype parsing, the safetensors cache."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tok_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from attrsparse.core import models

@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from attrsparse import get_metric, select, trace_gradients, unit_map
-from attrsparse.core.architectures import zero_mlp_unit_
 from attrsparse.core.errors import UserError
+from attrsparse.core.trace import model_logits
+from attrsparse.core.units import UnitMasks, zero_mlp_unit_
 from attrsparse.evaluation import Evaluator, right_pad
 from attrsparse.policies import DensePolicy, OraclePolicy, StaticPolicy, account, make_policy
-from attrsparse.core.trace import model_logits
-from attrsparse.core.units import UnitMasks
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -196,8 +195,8 @@ def test_generation_dense_oracle_and_cached_static(tiny_truthfulqa_lm):
 
 def test_decision_cost_from_mean_ratios_equals_per_row_sum(make_tiny):
     """The analytic read ratio (from mean unit ratios) equals the per-row decision cost summed."""
-    from attrsparse.selectors.thresholds import decision_cost_fraction
     from attrsparse.policies.base import with_decision_cost
+    from attrsparse.selectors.thresholds import decision_cost_fraction
 
     model = make_tiny("llama")
     units = unit_map(model)

@@ -7,22 +7,31 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny
 
 from attrsparse import unit_map
 from attrsparse.cli.main import main
-from attrsparse.selectors.budget import BudgetRule
-from attrsparse.selectors.predictor import Predictor, layer_ratios_from_masks
-from attrsparse.deploy.predictor import PredictorConfig, collect_training_data, train_predictor
-from attrsparse.policies.predictor import (PredictorPolicy, load_predictor, load_predictor_policy, save_predictor)
-from attrsparse.deploy.predictor import evaluate_predictor
 from attrsparse.core.errors import UserError
 from attrsparse.core.hooks import UnitHooks
-from attrsparse.selectors import get_metric
-from attrsparse.selectors.progressive import budget_masks
-from attrsparse.policies import OraclePolicy, account, make_policy
 from attrsparse.core.trace import model_logits
 from attrsparse.core.units import UnitMasks, UnitScores, executed_ratio, layer_param_fractions
-from conftest import build_tiny
+from attrsparse.deploy.predictor import (
+    PredictorConfig,
+    collect_training_data,
+    evaluate_predictor,
+    train_predictor,
+)
+from attrsparse.policies import OraclePolicy, account, make_policy
+from attrsparse.policies.predictor import (
+    PredictorPolicy,
+    load_predictor,
+    load_predictor_policy,
+    save_predictor,
+)
+from attrsparse.selectors import get_metric
+from attrsparse.selectors.budget import BudgetRule
+from attrsparse.selectors.predictor import Predictor, layer_ratios_from_masks
+from attrsparse.selectors.progressive import budget_masks
 
 RATIOS = [0.3, 0.5, 0.7]
 FAST = PredictorConfig(rank=16, head_rank=8, epochs=30, lr=1e-2, batch_size=32, seed=0)

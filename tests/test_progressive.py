@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from attrsparse import unit_map
+from attrsparse.core.trace import position_multipliers, trace_gradients
+from attrsparse.core.units import UnitScores, executed_ratio, layer_param_fractions
 from attrsparse.scores import get_score
 from attrsparse.selectors import get_metric, resolve_metric_names
 from attrsparse.selectors.progressive import budget_masks
-from attrsparse.core.trace import position_multipliers, trace_gradients
-from attrsparse.core.units import UnitScores, executed_ratio, layer_param_fractions
 
 PROMPT = torch.tensor([1, 5, 9, 17])
 TARGET = torch.tensor([3, 8, 21, 4, 30])

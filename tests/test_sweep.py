@@ -1,4 +1,4 @@
-"""Tests for attrsparse.sweep: the whole protocol on a tiny model and the 3-question fixture.
+"""Tests for attrsparse.experiments.sweep: the whole protocol on a tiny model and the 3-question fixture.
 
 One full sweep (``baseline``, module-scoped) takes a few seconds; the resume tests copy its output
 directory or start fresh ones, so the baseline is never modified.

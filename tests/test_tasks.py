@@ -7,8 +7,22 @@ from pathlib import Path
 import pytest
 
 from attrsparse.core.errors import UserError
-from attrsparse.data.tasks import (MCItem, Task, TruthfulQAItem, get_task, list_tasks, load_task, mc2_score, mc_correct, paper_prompt, qa_prompt, register_task)
-from attrsparse.data.tasks import common, multiple_choice, registry
+from attrsparse.data.tasks import (
+    MCItem,
+    Task,
+    TruthfulQAItem,
+    common,
+    get_task,
+    list_tasks,
+    load_task,
+    mc2_score,
+    mc_correct,
+    multiple_choice,
+    paper_prompt,
+    qa_prompt,
+    register_task,
+    registry,
+)
 
 FIX = Path(__file__).parent / "fixtures"
 TQA = FIX / "truthfulqa_3.csv"

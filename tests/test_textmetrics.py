@@ -2,7 +2,14 @@ import math
 
 import pytest
 
-from attrsparse.data.textmetrics import (NO_COMMENT, mean_and_stderr, official_corpus_bleu, rouge_l, sentence_bleu, truth_scores)
+from attrsparse.data.textmetrics import (
+    NO_COMMENT,
+    mean_and_stderr,
+    official_corpus_bleu,
+    rouge_l,
+    sentence_bleu,
+    truth_scores,
+)
 
 
 @pytest.mark.parametrize("text", ["Paris", "New York", "a b c", "the cat sat on the mat", "¿Qué?"])

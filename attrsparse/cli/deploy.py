@@ -24,11 +24,11 @@ from ..evaluation.evaluate import evaluate_task
 from ..policies import DensePolicy, load_predictor_policy
 from ..policies.predictor import REPORT_NAME
 from ..policies.static import JSON_NAME, TENSORS_NAME, load_static_policy
-from .experiments import add_device_arg, comma_floats
+from .args import add_device_arg, add_model_args, comma_floats
 
 
 def _ratios(text: str) -> list[float]:
-    return [check_ratio(v, "ratio") for v in comma_floats(text, "--ratios", nonempty=True)]
+    return comma_floats(text, "--ratios", nonempty=True, ratios=True)
 
 
 def _positive(value: int, name: str) -> int:
@@ -196,7 +196,7 @@ def _quality(model, tokenizer, weights: Path, ratios, tasks, limit, max_tokens, 
 def cmd_train_predictor(args) -> int:
     config = PredictorConfig(rank=args.rank, head_rank=args.head_rank, epochs=args.epochs, lr=args.lr,
                              batch_size=args.batch_size, seed=args.seed).validate()
-    ratios = comma_floats(args.ratios, "--ratios", nonempty=True)
+    ratios = comma_floats(args.ratios, "--ratios", nonempty=True, ratios=True)
     tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()] if args.eval_tasks else None
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     report = run_train_predictor(model, tokenizer, args.out, ratios=ratios, calib=args.calib, data=args.data,
@@ -243,8 +243,7 @@ def register_predictor_commands(sub) -> None:
 def register_deploy_commands(sub) -> None:
     """Add ``calibrate``, ``export``, ``generate`` and ``train-predictor`` to the CLI's sub-parsers."""
     p = sub.add_parser("calibrate", help="calibrated static masks at parameter-weighted ratios")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--ratios", default="0.3,0.5,0.7", help="parameter-weighted target ratios")
     _add_calibration_args(p)
     add_device_arg(p)
@@ -252,8 +251,7 @@ def register_deploy_commands(sub) -> None:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="save a physically smaller stock model (static masks sliced)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--ratio", required=True, help="parameter-weighted activation ratio")
     p.add_argument("--sparsity-from", default=None, help="sparsity directory from `attrsparse calibrate` "
                                                          "(default: calibrate now with the options below)")
@@ -265,8 +263,7 @@ def register_deploy_commands(sub) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="greedy decoding, dense or sparse (static masks or predictors)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--sparsity-from", default=None, help="sparsity directory, static:DIR or predictor:PATH")
     p.add_argument("--predictor", default=None, help="predictor file/directory (predictor runtime)")
     p.add_argument("--ratio", type=float, default=None, help="which calibrated ratio")

@@ -15,13 +15,13 @@ from ..evaluation.bench import Bench, BenchConfig
 from ..evaluation.compare import Compare, CompareConfig, save_command
 from ..evaluation.evaluate import evaluate_task
 from ..policies import make_policy
-from .experiments import add_device_arg, comma_floats, comma_list
+from .args import add_device_arg, comma_floats, comma_list
 
 
 def _task_paths(text: str | None) -> dict:
     """``"truthfulqa_mc1=path.csv,wikitext2=dir"`` -> ``{task: path}``."""
     out = {}
-    for part in comma_list(text):
+    for part in comma_list(text, "--data"):
         task, sep, path = part.partition("=")
         if not sep or not path:
             raise UserError(f"--data entries must be TASK=PATH, got '{part}'")
@@ -59,8 +59,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    config = CompareConfig(models=comma_list(args.models), tasks=comma_list(args.tasks),
-                           selectors=comma_list(args.selectors), ratios=comma_floats(args.ratios, "--ratios"),
+    config = CompareConfig(models=comma_list(args.models, "--models"), tasks=comma_list(args.tasks, "--tasks"),
+                           selectors=comma_list(args.selectors, "--selectors"),
+                           ratios=comma_floats(args.ratios, "--ratios", ratios=True),
                            limit=args.limit, offset=args.offset, max_tokens=args.max_tokens,
                            max_new_tokens=args.max_new_tokens, calib=args.calib,
                            calib_sequences=args.calib_sequences, calib_len=args.calib_len,
@@ -80,8 +81,8 @@ def cmd_bench(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    config = BenchConfig(model=args.model, ratios=comma_floats(args.ratios, "--ratios"),
-                         modes=comma_list(args.modes),
+    config = BenchConfig(model=args.model, ratios=comma_floats(args.ratios, "--ratios", ratios=True),
+                         modes=comma_list(args.modes, "--modes"),
                          static_from=args.static_from, predictor_from=args.predictor_from,
                          allocation=args.allocation, oracle_selector=args.oracle_selector, dtype=args.dtype,
                          speed_prompts=args.speed_prompts, new_tokens=args.new_tokens, repeats=args.repeats,

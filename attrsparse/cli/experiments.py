@@ -10,45 +10,14 @@ from ..core.models import load_model
 from ..experiments.dependency import DependencyConfig, run_dependency
 from ..experiments.sweep import Sweep, SweepConfig
 from ..selectors import resolve_metric_names
+from .args import add_device_arg, comma_floats, comma_ints, comma_list
 
 DEMO_METRICS = "magnitude,gradient,gxo,snip,ig,corrected_gxo,recommended"
 ALL_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
 
 
-def comma_list(text: str | None) -> list[str]:
-    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (the CLI's list options)."""
-    return [x.strip() for x in str(text or "").split(",") if x.strip()]
-
-
-def add_device_arg(p: argparse.ArgumentParser) -> None:
-    """``--device`` of the commands that run the model where torchrun puts each rank."""
-    p.add_argument("--device", default="auto", help="auto (default: cuda:<local rank> when CUDA is "
-                                                    "available, else cpu), cpu, cuda or cuda:N")
-
-
-def comma_floats(text: str, what: str, nonempty: bool = False) -> list[float]:
-    """Comma-separated numbers of option ``what``; a bad number (or, with ``nonempty``, no number)
-    is a :class:`UserError`."""
-    try:
-        values = [float(x) for x in comma_list(text)]
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated numbers, got '{text}'") from None
-    if nonempty and not values:
-        raise UserError(f"{what} is empty")
-    return values
-
-
-def _ints(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated integers, got '{text}'") from None
-
-
 def _metric_names(text: str) -> list[str]:
-    return resolve_metric_names(comma_list(text))
+    return resolve_metric_names(comma_list(text, "--metrics", nonempty=True))
 
 
 def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
@@ -88,13 +57,13 @@ def _sweep_config(args):
         raise UserError("--max-memory bounds the streamed scores; add --stream-scores")
     return SweepConfig(
         model=args.model, dataset=args.dataset, data=args.data, metrics=_metric_names(args.metrics),
-        ratios=comma_floats(args.ratios, "--ratios"), scope=args.scope, template=args.template,
-        limit=args.limit, offset=args.offset, questions=_ints(args.questions, "--questions"),
+        ratios=comma_floats(args.ratios, "--ratios", ratios=True), scope=args.scope, template=args.template,
+        limit=args.limit, offset=args.offset, questions=comma_ints(args.questions, "--questions"),
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, head_reduction=args.head_reduction,
         ig_steps=args.ig_steps, ig_questions=args.ig_questions, mask_prefill=args.mask_prefill,
         mc1=not args.no_mc1, seed=args.seed, stream_scores=args.stream_scores, device=args.device,
         max_memory_mb=256.0 if args.max_memory is None else args.max_memory,
-        mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios") if args.mc1_ratios else None)
+        mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios", ratios=True) if args.mc1_ratios else None)
 
 
 def cmd_sweep(args) -> int:
@@ -106,7 +75,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_dependency(args) -> int:
     config = DependencyConfig(model=args.model, data=args.data, limit=args.limit, offset=args.offset,
-                              ratios=comma_floats(args.ratios, "--ratios"), template=args.template,
+                              ratios=comma_floats(args.ratios, "--ratios", ratios=True), template=args.template,
                               max_new_tokens=args.max_new_tokens, ablations=args.ablations,
                               device=args.device)
     run_dependency(config, Path(args.out))
@@ -123,7 +92,7 @@ def cmd_demo(args) -> int:
                                     offset=args.offset), out, model=model, tokenizer=tok)
     config = SweepConfig(model=args.model, metrics=_metric_names(DEMO_METRICS), limit=args.limit,
                          offset=args.offset, ig_steps=args.ig_steps, ig_questions=args.ig_questions,
-                         mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios"))
+                         mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios", ratios=True))
     Sweep(config, out, model=model, tokenizer=tok).run()
     print(f"\nreport: {out / 'report.md'}\nplots:  {out / 'curves.png'} (and .svg)\n"
           f"data:   {out / 'results.json'}, {out / 'results.csv'}, {out / 'dependency.json'}")

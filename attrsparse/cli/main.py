@@ -1,6 +1,6 @@
 """Command-line entry point: ``attrsparse <command> ...``.
 
-Every command lives in its own function; user mistakes (:class:`~attrsparse.errors.UserError`)
+Every command lives in its own function; user mistakes (:class:`~attrsparse.core.errors.UserError`)
 print one line on stderr and exit with code 2, without a traceback.
 """
 
@@ -11,24 +11,17 @@ import json
 import os
 import sys
 
-from ..core.architectures import unit_map
 from ..core.errors import UserError, check_ratio
 from ..core.models import load_model
-from ..core.units import executed_ratio
+from ..core.units import executed_ratio, unit_map
 from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from ..data.tasks import get_task, list_tasks
 from ..selectors import get_metric, list_metrics, select
 from ..selectors.scoring import score
+from .args import add_model_args
 from .deploy import register_deploy_commands
 from .evaluation import register_evaluation_commands
 from .experiments import register_commands
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="packaged alias (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), HF id, "
-                        "local directory or .gguf file (default: smollm2-135m)")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
 
 
 def cmd_info(args) -> int:
@@ -98,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="layers, units and parameter shares of a model")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -111,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("score", help="score one prompt's continuation and report the masks' ratio")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", required=True, help="question / prompt text")
     p.add_argument("--target", default=None, help="continuation to attribute (default: dense greedy)")
     p.add_argument("--max-new-tokens", type=int, default=32)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .architectures import unit_map
 from .errors import UserError
 from .fingerprint import model_fingerprint
 from .io import atomic_write_json
+from .units import unit_map
 
 MANIFEST = "attrsparse.json"
 FORMAT = 1

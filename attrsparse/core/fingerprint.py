@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import unit_map
 from .io import stable_hash
+from .units import unit_map
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -1,7 +1,7 @@
 """Forward pre-hooks on the unit projections: capture unit outputs and multiply them by masks.
 
 One :class:`UnitHooks` object installs a pre-hook on every layer's MLP down-projection and
-attention output projection (see :mod:`attrsparse.architectures`). Each hook can
+attention output projection (see :mod:`attrsparse.core.architectures`). Each hook can
 
 * multiply its input by a per-layer multiplier (a 0/1 mask or an IG scale), broadcast to
   ``[B, q, N]`` for MLP units and ``[B, q, H]`` for heads (expanded over ``head_dim``), and
@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .architectures import UnitMap, unit_map
+from .units import UnitMap, unit_map
 
 
 def _per_layer(mult, layer: int) -> torch.Tensor | None:

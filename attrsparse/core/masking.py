@@ -1,6 +1,6 @@
 """Apply unit masks to a stock model for the duration of a ``with`` block.
 
-Three mask layouts (see :class:`attrsparse.units.UnitMasks`):
+Three mask layouts (see :class:`attrsparse.core.units.UnitMasks`):
 
 * static ``[L, *]``: every position of every forward call is masked alike;
 * schedule ``[T, L, *]``: the protocol of the paper's decoding. Forward call 0 (the prefill of the

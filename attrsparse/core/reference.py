@@ -4,7 +4,7 @@ For each target token t: run the model on one new token with a KV cache of the e
 (constants), take ``loss_t`` at that position and ``d loss_t / d x`` for the units of that position.
 With ``per_layer=True`` each step is re-run once per layer, as the official code does (one
 attribution run per layer); the numbers are the same, only slower. Used by the tests and by
-``benchmarks/bench_scoring.py`` as the baseline of the one-pass scorer (:mod:`attrsparse.trace`).
+``benchmarks/bench_scoring.py`` as the baseline of the one-pass scorer (:mod:`attrsparse.core.trace`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .architectures import unit_map
 from .hooks import UnitHooks
 from .trace import GradientTrace, as_ids, token_losses
+from .units import unit_map
 
 
 def _detach_cache(cache: DynamicCache) -> None:
@@ -36,7 +36,7 @@ def _step(model, embed, token, cache, layers):
 
 
 def reference_trace(model: nn.Module, prompt_ids, target_ids, per_layer: bool = False) -> GradientTrace:
-    """Same result as :func:`attrsparse.trace.trace_gradients` (one row), computed step by step."""
+    """Same result as :func:`attrsparse.core.trace.trace_gradients` (one row), computed step by step."""
     prompt, target = as_ids(prompt_ids, "prompt"), as_ids(target_ids, "target")
     units = unit_map(model)
     embed = model.get_input_embeddings()

@@ -3,8 +3,8 @@
 For a prompt of P tokens and a target of T tokens, the model runs teacher-forced over
 ``prompt + target[:-1]`` (S = P + T - 1 positions). Target token t is predicted at position
 ``P - 1 + t``; its loss is ``loss_t = CE(logits[P-1+t], target[t])``. With the attention of
-:mod:`attrsparse.attention`, one backward of ``sum_t loss_t`` gives ``g_t = d loss_t / d x_t`` at every
-target position, exactly as incremental decoding would (see :mod:`attrsparse.reference`).
+:mod:`attrsparse.core.attention`, one backward of ``sum_t loss_t`` gives ``g_t = d loss_t / d x_t`` at every
+target position, exactly as incremental decoding would (see :mod:`attrsparse.core.reference`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import model_device, unit_map
+from .architectures import model_device
 from .attention import KVRecorder, diagonal_gradient_attention
 from .errors import UserError
 from .hooks import UnitHooks
+from .units import unit_map
 
 
 @dataclass
@@ -79,7 +80,7 @@ def forward_units(model: nn.Module, prompt_ids, target_ids, *, rows: int = 1,
     predictions as ``labels`` (``labels="argmax"`` takes them from this very pass: unmasked, its
     forward values are the dense model's).
 
-    ``mlp_mult`` / ``head_mult`` follow :class:`attrsparse.hooks.UnitHooks` (``q`` = S positions).
+    ``mlp_mult`` / ``head_mult`` follow :class:`attrsparse.core.hooks.UnitHooks` (``q`` = S positions).
     Token ids may live anywhere; the pass runs on the model's device, where the results stay.
     ``grads`` is ``(mlp_grads, head_grads)``: per layer in ``grad_layers`` (default all), the
     gradient ``[B, S, N]`` / ``[B, S, H, D]`` of ``sum(losses)`` w.r.t. the unit outputs.

@@ -15,12 +15,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..core.architectures import unit_map
 from ..core.artifacts import write_manifest
 from ..core.errors import UserError
 from ..core.fingerprint import model_fingerprint
 from ..core.io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
-from ..core.units import UnitMasks, UnitScores
+from ..core.units import UnitMasks, UnitScores, unit_map
 from ..data.calibration import calibration_sequences
 from ..policies.static import FORMAT, JSON_NAME, TENSORS_NAME, ratio_key, read_static, read_static_json
 from ..selectors.base import get_selector

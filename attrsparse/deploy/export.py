@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.architectures import UnitMap, find_arch, linear_dims, unit_map
+from ..core.architectures import find_arch, linear_dims
+from ..core.artifacts import write_manifest
 from ..core.errors import UserError
-from ..core.units import UnitMasks, executed_ratio
+from ..core.units import UnitMap, UnitMasks, executed_ratio, unit_map
 
 EXPORT_INFO = "attrsparse_export.json"
 
@@ -312,6 +313,7 @@ def export_model(model: nn.Module, tokenizer, masks: UnitMasks, out: str | Path,
             tokenizer.save_pretrained(tmp)
         report["size_on_disk_bytes"] = _dir_size(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(report, indent=1) + "\n")
+        write_manifest(tmp, "export", model, (info or {}).get("source_model"))  # the source model
         if out.exists():
             old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)

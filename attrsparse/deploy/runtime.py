@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.architectures import UnitMap, find_arch, linear_dims, unit_map
+from ..core.architectures import find_arch, linear_dims
 from ..core.decoding import greedy_loop
 from ..core.errors import UserError
 from ..core.models import load_model, parse_dtype
-from ..core.units import ExecutedRatio, UnitMasks, executed_ratio
+from ..core.units import ExecutedRatio, UnitMap, UnitMasks, executed_ratio, unit_map
 from ..data.prompts import encode_prompt, resolve_template, stop_token_ids
 from ..policies import DensePolicy, PredictorPolicy, SparsityPolicy, StaticPolicy, make_policy
 from ..selectors.chooser import NativeChoice, UnitChooser

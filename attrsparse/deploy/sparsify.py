@@ -29,10 +29,9 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from ..core.architectures import unit_map
 from ..core.errors import UserError
 from ..core.masking import apply_masks
-from ..core.units import ExecutedRatio, UnitMasks
+from ..core.units import ExecutedRatio, UnitMasks, unit_map
 from ..data.calibration import calibration_sequences
 from ..policies import PolicyOutput, SparsityPolicy, account, make_policy
 from .runtime import GenerationResult, generate

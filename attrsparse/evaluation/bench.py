@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from ..core import __version__
-from ..core.architectures import unit_map
 from ..core.errors import UserError, check_ratio
 from ..core.io import atomic_write_json, read_json, stable_hash
 from ..core.models import load_model
+from ..core.units import unit_map
 from ..data.calibration import calibration_sequences
 from ..data.tasks import load_truthfulqa
 from ..deploy.calibrate import run_calibration

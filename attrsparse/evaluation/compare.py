@@ -15,7 +15,7 @@ interrupted run resumes where it stopped. The merged outputs are:
 Primary metrics and tolerances: multiple choice ``acc`` (MC2: ``mc2``) within 5% relative of
 dense, perplexity ``ppl`` within 10% relative, generation ``bleu_vs_dense`` >= 95 (of 100).
 Deployable policies (online, static, predictor) are calibrated once per (model, selector, ratio)
-on calibration sequences disjoint from the evaluated data (:mod:`attrsparse.calibration`).
+on calibration sequences disjoint from the evaluated data (:mod:`attrsparse.data.calibration`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..core import __version__
-from ..core.architectures import unit_map
 from ..core.distributed import init_distributed, run_sharded
 from ..core.errors import UserError, check_ratio
 from ..core.fingerprint import model_key
 from ..core.io import atomic_write_json, atomic_write_text, stable_hash
 from ..core.models import load_model
+from ..core.units import unit_map
 from ..data.calibration import calibration_sequences
 from ..data.tasks import get_task
 from ..policies import make_policy
@@ -147,7 +147,7 @@ class Compare:
         """Run (this rank's share of) the jobs; on rank 0 merge and write the outputs.
 
         Under ``torchrun`` the jobs are sharded round-robin over the ranks
-        (:func:`attrsparse.distributed.run_sharded`); every rank writes its own records and rank 0
+        (:func:`attrsparse.core.distributed.run_sharded`); every rank writes its own records and rank 0
         merges them in job order, so the outputs equal a single-process run. Returns the results
         on rank 0, None on the other ranks.
         """

@@ -23,10 +23,10 @@ import math
 import torch
 from torch import nn
 
-from ..core.architectures import model_device, unit_map
+from ..core.architectures import model_device
 from ..core.decoding import masked_greedy_decode, right_pad
 from ..core.errors import UserError
-from ..core.units import ExecutedRatio, UnitMasks, executed_ratio
+from ..core.units import ExecutedRatio, UnitMasks, executed_ratio, unit_map
 from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from ..data.tasks import get_task, load_task, mc2_score, mc_correct
 from ..data.textmetrics import rouge_l, sentence_bleu, truth_scores

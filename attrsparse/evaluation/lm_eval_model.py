@@ -4,13 +4,13 @@ Importing this module registers ``attrsparse`` in lm-eval's model registry. lm-e
 plugin model type only once it is imported, so the command line is lm-eval's own CLI started
 through this module (same arguments as ``lm_eval``)::
 
-    python -m attrsparse.lm_eval --model attrsparse \\
+    python -m attrsparse.evaluation.lm_eval_model --model attrsparse \\
         --model_args pretrained=smollm2-135m,selector=teal,ratio=0.5 \\
         --tasks arc_easy_local --include_path docs/lm_eval/tasks --limit 50 --device cpu
 
 and in Python::
 
-    import attrsparse.lm_eval, lm_eval
+    import attrsparse.evaluation.lm_eval_model, lm_eval
     lm_eval.simple_evaluate(model="attrsparse", model_args="pretrained=...,selector=wina,ratio=0.5",
                             tasks=[...])
 
@@ -45,10 +45,9 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..core.architectures import unit_map
 from ..core.errors import UserError
 from ..core.models import load_model
-from ..core.units import ExecutedRatio, UnitMasks
+from ..core.units import ExecutedRatio, UnitMasks, unit_map
 from ..data.calibration import calibration_sequences
 from ..deploy.sparsify import sparsify
 from ..policies import account, make_policy, with_decision_cost

@@ -5,7 +5,7 @@ trace (unit outputs ``x`` and exact per-token gradients ``g``) is taken along it
 
 1. **Score change vs activation ratio** (the paper's Fig. 5, right). For every ratio r the earlier
    half of the layers (``l < L // 2``) is masked with the per-layer top-k of dense GxO at r (per
-   token, the oracle protocol of :mod:`attrsparse.sweep`, as per-position multipliers of the
+   token, the oracle protocol of :mod:`attrsparse.experiments.sweep`, as per-position multipliers of the
    teacher-forced pass); the later half stays dense. The GxO scores ``s = -x g`` (heads:
    ``-o_h . g_h``) of the later layers are recomputed under those masks and compared with the
    dense ones: ``100 * mean_{q,t,l} ||s_after - s_before||_1 / ||s_before||_1``, the L1 norm over
@@ -15,7 +15,7 @@ trace (unit outputs ``x`` and exact per-token gradients ``g``) is taken along it
 
 2. **First-order error vs the theorem's bound**. Seeded random single-unit removals (token t,
    MLP neuron or head, any layer): with the dense keys and values recorded
-   (:class:`~attrsparse.attention.KVRecorder`), zeroing a unit at position t reaches only position
+   (:class:`~attrsparse.core.attention.KVRecorder`), zeroing a unit at position t reaches only position
    t's own loss, which is exactly incremental decoding with a dense cache. One batch row therefore
    holds T removals, a different random unit at each target token (per-position multipliers).
    For each removal: ``dL`` = real loss change,
@@ -23,8 +23,8 @@ trace (unit outputs ``x`` and exact per-token gradients ``g``) is taken along it
    ``||o_h|| ||g of the layer's o_proj input||``), ``error_gxo = dL - GxO`` (the theorem claims
    ``0 <= error_gxo <= bound``) and ``error_corrected = dL - corrected GxO = error_gxo - bound/2``.
 
-:func:`run_dependency` writes ``dependency.json`` (keys read by :mod:`attrsparse.report` and
-:func:`attrsparse.plots.plot_dependency`) and ``dependency.png``/``.svg``.
+:func:`run_dependency` writes ``dependency.json`` (keys read by :mod:`attrsparse.experiments.report` and
+:func:`attrsparse.experiments.plots.plot_dependency`) and ``dependency.png``/``.svg``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..core import __version__
-from ..core.architectures import model_device, unit_map
+from ..core.architectures import model_device
 from ..core.attention import KVRecorder
 from ..core.errors import UserError, check_ratio
 from ..core.io import atomic_write_json
@@ -52,6 +52,7 @@ from ..core.trace import (
     to_ids,
     trace_gradients,
 )
+from ..core.units import unit_map
 from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from ..data.tasks import load_truthfulqa
 from ..scores import get_score

@@ -24,7 +24,7 @@
     }
 
 Ratios are activation ratios (fraction kept); the ratio-1.0 rows are the dense reference. The
-optional dependency analysis (:func:`attrsparse.plots.plot_dependency`) is a dict with
+optional dependency analysis (:func:`attrsparse.experiments.plots.plot_dependency`) is a dict with
 ``ratios``, ``mlp_change_pct``, ``heads_change_pct`` and ``error_samples`` =
 ``{"gxo_error", "corrected_error", "bound"}``; any key may be missing.
 

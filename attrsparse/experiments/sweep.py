@@ -10,8 +10,8 @@ log-likelihood, each candidate answer scored with its own oracle masks.
 Each finished question is written atomically to ``out/records/q<index>.json``; a re-run with the
 same settings skips them. Traces are cached under ``out/cache``, keyed by model, data and settings.
 Under ``torchrun`` the questions are sharded across ranks and merged on rank 0
-(:func:`attrsparse.distributed.run_sharded`, ``docs/distributed.md``); with ``stream_scores`` the
-per-token scores are kept in safetensors shards under ``out/scores`` (:mod:`attrsparse.streaming`).
+(:func:`attrsparse.core.distributed.run_sharded`, ``docs/distributed.md``); with ``stream_scores`` the
+per-token scores are kept in safetensors shards under ``out/scores`` (:mod:`attrsparse.experiments.streaming`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..core import __version__
-from ..core.architectures import model_device, unit_map
+from ..core.architectures import model_device
 from ..core.decoding import masked_greedy_decode, masked_loglik
 from ..core.distributed import init_distributed, run_sharded
 from ..core.errors import UserError, check_ratio
@@ -39,7 +39,7 @@ from ..core.io import (
 )
 from ..core.models import describe_source, load_model
 from ..core.trace import GradientTrace, trace_gradients
-from ..core.units import UnitMasks, executed_ratio
+from ..core.units import UnitMasks, executed_ratio, unit_map
 from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
 from ..data.tasks import load_truthfulqa
 from ..data.tasks.truthfulqa import resolve_truthfulqa_path

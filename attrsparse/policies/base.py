@@ -31,10 +31,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..core.architectures import model_device, unit_map
+from ..core.architectures import model_device
 from ..core.errors import check_ratio
 from ..core.trace import model_logits
-from ..core.units import ExecutedRatio, UnitMasks, executed_ratio
+from ..core.units import ExecutedRatio, UnitMasks, executed_ratio, unit_map
 
 MODES = ("dense", "oracle", "online", "static", "predictor")
 

@@ -14,11 +14,10 @@ from contextlib import contextmanager
 
 import torch
 
-from ..core.architectures import unit_map
 from ..core.errors import UserError
 from ..core.hooks import UnitHooks
 from ..core.trace import model_logits, trace_gradients
-from ..core.units import UnitMasks
+from ..core.units import UnitMasks, unit_map
 from ..selectors.base import Selector
 from ..selectors.topk import check_scope
 from .base import PolicyOutput, SparsityPolicy

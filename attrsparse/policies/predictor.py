@@ -18,12 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from ..core.architectures import model_device, unit_map
+from ..core.architectures import model_device
 from ..core.artifacts import check_same_model
 from ..core.errors import UserError, check_ratio
 from ..core.hooks import UnitHooks
 from ..core.io import atomic_write_bytes
-from ..core.units import UnitMasks
+from ..core.units import UnitMasks, unit_map
 from ..selectors.predictor import Predictor, PredictorChooser
 from .base import Applied, SparsityPolicy
 

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.architectures import UnitMap, model_device
+from ..core.architectures import model_device
 from ..core.artifacts import check_same_model
 from ..core.errors import UserError, check_ratio
 from ..core.hooks import UnitHooks
 from ..core.io import load_tensors, sha256_file
-from ..core.units import UnitMasks, UnitScores
+from ..core.units import UnitMap, UnitMasks, UnitScores
 from ..selectors import allocation as alloc
 from ..selectors.base import Selector
 from ..selectors.budget import HEAD_POWER

@@ -13,11 +13,10 @@ registered score is also a selector (top-k of the score, the paper's oracle).
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 
 from ..core.errors import UserError
+from ..core.registry import lookup
 from ..core.trace import GradientTrace
 from ..core.units import UnitScores
 
@@ -54,11 +53,7 @@ def register_score(cls: type[Score]) -> type[Score]:
 
 
 def get_score(name: str) -> Score:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise UserError(f"unknown score '{name}'{hint} (available: {', '.join(list_scores())})")
+    return lookup(_REGISTRY, name, "score")
 
 
 def list_scores() -> list[str]:

@@ -12,7 +12,7 @@ For unit i with output x_i: ``IG_i = (1/m) * sum_{k=1..m} x_i(alpha_k) dL/dz_i (
   units of all layers jointly: ``sum -IG -> L(all units off) - L(x)``.
 
 Every pass covers all T target tokens at once: the off-diagonal keys/values come from the dense
-pass (:class:`~attrsparse.attention.KVRecorder`), so scaling position t changes nothing that other
+pass (:class:`~attrsparse.core.attention.KVRecorder`), so scaling position t changes nothing that other
 positions see, exactly as in incremental decoding with a dense cache. The m alphas run as batch
 rows, ``chunk`` rows at a time.
 """
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ..core.architectures import model_device, unit_map
+from ..core.architectures import model_device
 from ..core.trace import forward_units, record_dense_kv, to_ids
-from ..core.units import UnitScores
+from ..core.units import UnitScores, unit_map
 from .base import Score, head_sum, register_score
 
 DEFAULT_STEPS = 20
@@ -93,21 +93,16 @@ class IntegratedGradients(Score):
     description = "integrated gradients, zero baseline, one layer scaled at a time (the paper)"
     single_pass = False
     is_ig = True
+    all_layers = False
 
     def from_model(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
         return integrated_gradients(model, prompt_ids, target_ids, trace,
                                     n_steps=options.get("ig_steps", DEFAULT_STEPS),
-                                    head_reduction=head_reduction)
+                                    all_layers=self.all_layers, head_reduction=head_reduction)
 
 
 @register_score
-class IntegratedGradientsAllLayers(Score):
+class IntegratedGradientsAllLayers(IntegratedGradients):
     name = "ig_all_layers"
     description = "integrated gradients with all layers scaled together (faster variant)"
-    single_pass = False
-    is_ig = True
-
-    def from_model(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
-        return integrated_gradients(model, prompt_ids, target_ids, trace,
-                                    n_steps=options.get("ig_steps", DEFAULT_STEPS),
-                                    all_layers=True, head_reduction=head_reduction)
+    all_layers = True

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.architectures import UnitMap, model_device
+from ..core.architectures import model_device
 from ..core.hooks import UnitHooks
 from ..core.trace import to_ids
-from ..core.units import UnitMasks, UnitScores, executed_ratio
+from ..core.units import UnitMap, UnitMasks, UnitScores, executed_ratio
 from .budget import HEAD_POWER, layer_budget, mlp_fill
 from .topk import top_k
 

@@ -19,14 +19,13 @@ names of the same registry.
 
 from __future__ import annotations
 
-import difflib
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from ..core.errors import UserError
+from ..core.registry import lookup
 from ..core.units import UnitMasks, UnitScores
 from ..scores import PAPER_SCORES, Score, get_score, list_scores, register_score
 from .topk import select
@@ -94,7 +93,14 @@ class OnlineRule:
         yield None
 
 
-class ScoreSelector(Selector):
+class TopKSelector(Selector):
+    """A selector whose sweep masks are the top-k of its scores (:func:`~.topk.select`)."""
+
+    def masks_for(self, scores, ratio, scope="per_layer", **context):
+        return select(scores, ratio, scope)
+
+
+class ScoreSelector(TopKSelector):
     """A score of :mod:`attrsparse.scores` under top-k (the paper's oracle)."""
 
     kind = "attribution"
@@ -108,9 +114,6 @@ class ScoreSelector(Selector):
     def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
         return self.score.from_model(model, prompt_ids, target_ids, trace, head_reduction=head_reduction,
                                      **options)
-
-    def masks_for(self, scores, ratio, scope="per_layer", **context):
-        return select(scores, ratio, scope)
 
 
 _REGISTRY: dict[str, Selector] = {}
@@ -139,11 +142,7 @@ def register_metric(cls):
 
 
 def get_selector(name: str) -> Selector:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise UserError(f"unknown metric '{name}'{hint} (available: {', '.join(list_selectors())})")
+    return lookup(_REGISTRY, name, "metric")
 
 
 def list_selectors(kind: str | None = None) -> list[str]:

@@ -20,18 +20,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.architectures import unit_map
-from ..core.units import UnitMasks, UnitScores
-from .base import OnlineRule, Selector, register_selector
+from ..core.units import UnitMasks, UnitScores, unit_map
+from .base import OnlineRule, TopKSelector, register_selector
 from .thresholds import prepaid_on_unit_inputs
 from .topk import keep_count, select, top_k
 
 
+class Baseline(TopKSelector):
+    """A gradient-free rule of the field (its sweep masks: top-k of its scores)."""
+
+    kind = "baseline"
+
+
 @register_selector
-class RandomScores(Selector):
+class RandomScores(Baseline):
     name = "random"
     description = "baseline: uniform random scores (fixed seed)"
-    kind = "baseline"
     mode = "static"
 
     def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
@@ -39,9 +43,6 @@ class RandomScores(Selector):
         device = trace.mlp_x.device
         return UnitScores(torch.rand(trace.mlp_x.shape, generator=gen, device="cpu").to(device),
                           torch.rand(trace.head_x.shape[:-1], generator=gen, device="cpu").to(device))
-
-    def masks_for(self, scores, ratio, scope="per_layer", **context):
-        return select(scores, ratio, scope)
 
     def static_masks(self, model, calibration, ratio, seed: int = 0, **_) -> UnitMasks:
         """One seeded random static mask, ``keep_count(ratio, C)`` units per layer."""
@@ -61,21 +62,10 @@ def _input_column_norms(module: nn.Module) -> torch.Tensor:
 
 
 @register_selector
-class Wina(Selector):
+class Wina(Baseline):
     name = "wina"
     description = "baseline (WINA): |x| times the norm of the weight column that consumes it"
-    kind = "baseline"
     mode = "online"
-
-    def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
-        units = unit_map(model)
-        down = torch.stack([_input_column_norms(m) for m in units.down_modules])  # [L, N]
-        out = torch.stack([_input_column_norms(m) for m in units.out_modules])  # [L, H*D]
-        head_norm = out.view(units.num_layers, units.num_heads, units.head_dim).norm(dim=-1)  # [L, H]
-        return UnitScores(trace.mlp_x.abs() * down, trace.head_x.norm(dim=-1) * head_norm)
-
-    def masks_for(self, scores, ratio, scope="per_layer", **context):
-        return select(scores, ratio, scope)
 
     def online_rule(self, model, calibration, ratio) -> "WinaRule":
         return WinaRule(model, ratio)
@@ -83,6 +73,13 @@ class Wina(Selector):
     def prepaid_params(self, units):
         """The rule reads the down / output-projection input: see :func:`prepaid_on_unit_inputs`."""
         return prepaid_on_unit_inputs(units)
+
+    def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):
+        units = unit_map(model)
+        down = torch.stack([_input_column_norms(m) for m in units.down_modules])  # [L, N]
+        out = torch.stack([_input_column_norms(m) for m in units.out_modules])  # [L, H*D]
+        head_norm = out.view(units.num_layers, units.num_heads, units.head_dim).norm(dim=-1)  # [L, H]
+        return UnitScores(trace.mlp_x.abs() * down, trace.head_x.norm(dim=-1) * head_norm)
 
 
 class WinaRule(OnlineRule):

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.architectures import UnitMap
-from ..core.units import UnitMasks, UnitScores
+from ..core.units import UnitMap, UnitMasks, UnitScores
 from .topk import top_k
 
 HEAD_POWER = 0.5  # heads keep ratio ** 0.5 of their units (heads are the bottleneck; see pitfalls)

@@ -29,8 +29,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..core.architectures import find_arch, linear_dims, unit_map
-from ..core.units import UnitScores
+from ..core.architectures import find_arch, linear_dims
+from ..core.units import UnitScores, unit_map
 from .base import register_selector
 from .thresholds import ThresholdSelector
 

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.architectures import UnitMap
 from ..core.errors import UserError, check_ratio
-from ..core.units import UnitMasks, layer_param_fractions
+from ..core.units import UnitMap, UnitMasks, layer_param_fractions
 from .budget import BudgetRule
 from .chooser import NativeChoice, UnitChooser
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.architectures import model_device, unit_map
+from ..core.architectures import model_device
 from ..core.distributed import init_distributed
 from ..core.errors import UserError, check_ratio
 from ..core.fingerprint import model_key
 from ..core.io import atomic_save_tensors, load_tensors, stable_hash
 from ..core.trace import model_logits, to_ids, trace_gradients
-from ..core.units import UnitMasks, UnitScores
+from ..core.units import UnitMasks, UnitScores, unit_map
 from . import allocation as alloc
 from .base import Selector, get_selector, register_selector
 from .thresholds import resolve_calibration
@@ -69,7 +69,7 @@ def calibrate(model: nn.Module, sequences: list[torch.Tensor], metric: str = "co
 
     With ``parts_dir`` every sequence's score sums are written there (one safetensors file per
     sequence, keyed by its ids and the settings) and reused by a re-run, and under ``torchrun``
-    the sequences are sharded round-robin over the ranks (:mod:`attrsparse.distributed`): rank 0
+    the sequences are sharded round-robin over the ranks (:mod:`attrsparse.core.distributed`): rank 0
     adds the parts in sequence order, so the result is bitwise the single-process one; the other
     ranks return None.
     """

@@ -11,7 +11,7 @@ Here, on the paper's units:
   rule for ``down_proj``); head h when ``||o_h||_2 > tau_head[l]``, o = the head's slice of the
   output-projection input (TEAL thresholds each of those channels separately; a head is our unit).
 * One threshold per layer and unit kind, calibrated on dense activations of WikiText-2 valid
-  windows (:data:`~attrsparse.metrics.calibrated.CALIBRATION`) so that exactly the requested
+  windows (:data:`~attrsparse.selectors.thresholds.CALIBRATION`) so that exactly the requested
   fraction of that layer's calibration values exceeds it (exact quantile, not a histogram bin).
   Every layer gets the same ratio: no greedy allocation.
 * The inputs of q/k/v and gate/up (the normed hidden state) are *not* sparsified: those savings of

@@ -1,7 +1,7 @@
 """Calibration shared by the field's calibrated baselines (``teal``, ``cats``, ``wanda``).
 
 * :func:`resolve_calibration`: the calibration token sequences of a model: ``calibration`` given in
-  the context, else WikiText-2 *valid* windows (:func:`attrsparse.calibration.calibration_sequences`)
+  the context, else WikiText-2 *valid* windows (:func:`attrsparse.data.calibration.calibration_sequences`)
   through ``tokenizer`` in the context or the tokenizer saved beside the model's weights; None
   when no tokenizer is reachable (the callers then say what they fall back to).
 * :func:`exact_thresholds`: per-stream thresholds ``tau`` such that exactly
@@ -31,13 +31,13 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..core.architectures import linear_dims, unit_map
+from ..core.architectures import linear_dims
 from ..core.errors import UserError
 from ..core.fingerprint import model_key
 from ..core.hooks import UnitHooks
 from ..core.io import stable_hash
 from ..core.trace import teacher_forced_ids, to_ids
-from ..core.units import UnitMasks, UnitScores
+from ..core.units import UnitMasks, UnitScores, unit_map
 from ..data.calibration import calibration_sequences
 from .base import OnlineRule, Selector
 from .topk import keep_count

@@ -23,13 +23,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.architectures import unit_map
 from ..core.errors import UserError
 from ..core.fingerprint import model_key
 from ..core.hooks import UnitHooks
 from ..core.trace import to_ids
-from ..core.units import UnitMasks, UnitScores
-from .base import Selector, register_selector
+from ..core.units import UnitMasks, UnitScores, unit_map
+from .base import TopKSelector, register_selector
 from .thresholds import calibration_hash, note_once, resolve_calibration
 from .topk import select
 
@@ -72,7 +71,7 @@ def wanda_scores(model: nn.Module, mlp_norm: torch.Tensor, head_norm: torch.Tens
 
 
 @register_selector
-class Wanda(Selector):
+class Wanda(TopKSelector):
     name = "wanda"
     description = ("baseline (Wanda, structured, static): sum over the unit's down/o-proj weights of "
                    "|W| times the calibration input norm; top-k per layer")
@@ -92,9 +91,6 @@ class Wanda(Selector):
         static = wanda_scores(model, *norms)
         t = trace.mlp_x.shape[0]
         return UnitScores(static.mlp.expand(t, *static.mlp.shape), static.heads.expand(t, *static.heads.shape))
-
-    def masks_for(self, scores, ratio, scope="per_layer", **context):
-        return select(scores, ratio, scope)
 
     def static_masks(self, model, calibration, ratio, scope: str = "per_layer", **_) -> UnitMasks:
         """One structured Wanda mask ``[L, *]`` from calibration input norms."""

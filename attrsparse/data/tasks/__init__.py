@@ -1,6 +1,6 @@
 """Evaluation tasks as data: a registry, loaders and prompt helpers.
 
->>> from attrsparse.tasks import load_task, get_task
+>>> from attrsparse.data.tasks import load_task, get_task
 >>> items = load_task("truthfulqa_gen", limit=3)        # list[TruthfulQAItem]
 >>> prompt = get_task("truthfulqa_gen").prompt(items[0])
 >>> mc = load_task("arc_easy", limit=3)                 # list[MCItem]

@@ -80,15 +80,8 @@ def get_task(name: str) -> Task:
     raise UserError(f"unknown task {name!r}{hint} (known: {', '.join(list_tasks())})")
 
 
-def load_task(
-    name: str,
-    data_path: str | Path | None = None,
-    limit: int | None = None,
-    offset: int = 0,
-    *,
-    indices: Sequence[int] | None = None,
-    split: str | None = None,
-) -> Any:
+def load_task(name: str, data_path: str | Path | None = None, limit: int | None = None, offset: int = 0, *,
+              indices: Sequence[int] | None = None, split: str | None = None) -> Any:
     """Load task ``name``: a list of items, or the raw text for a perplexity task."""
     return get_task(name).loader(data_path=data_path, limit=limit, offset=offset,
                                  indices=indices, split=split)

@@ -150,14 +150,8 @@ def resolve_truthfulqa_path(data_path: str | Path | None = None) -> Path | str:
     raise UserError(f"TruthfulQA file not found: {path}; pass --data PATH to a TruthfulQA.csv")
 
 
-def load_truthfulqa(
-    data_path: str | Path | None = None,
-    limit: int | None = None,
-    offset: int = 0,
-    indices: Sequence[int] | None = None,
-    *,
-    add_period: bool = False,
-) -> list[TruthfulQAItem]:
+def load_truthfulqa(data_path: str | Path | None = None, limit: int | None = None, offset: int = 0,
+                    indices: Sequence[int] | None = None, *, add_period: bool = False) -> list[TruthfulQAItem]:
     """TruthfulQA questions, selected by explicit ``indices`` and/or ``offset``/``limit``.
 
     ``add_period=True`` ends every answer with a period, like the TruthfulQA authors' scripts.

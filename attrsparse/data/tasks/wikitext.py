@@ -75,13 +75,8 @@ def resolve_wikitext(data_path: str | Path | None, split: str | None = None) -> 
     raise UserError(f"WikiText-2 file not found: {path}")
 
 
-def load_wikitext(
-    data_path: str | Path | None = None,
-    limit: int | None = None,
-    offset: int = 0,
-    indices: Sequence[int] | None = None,
-    split: str | None = None,
-) -> str:
+def load_wikitext(data_path: str | Path | None = None, limit: int | None = None, offset: int = 0,
+                  indices: Sequence[int] | None = None, split: str | None = None) -> str:
     """The raw text of a WikiText-2 split (or of any local text file).
 
     ``limit``/``offset``/``indices`` select lines. Empty text raises :class:`UserError`.

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ...core.architectures import unit_map
 from ...core.artifacts import write_manifest
 from ...core.errors import UserError, check_ratio
 from ...core.fingerprint import model_fingerprint
 from ...core.io import atomic_save_tensors, atomic_write_json, load_tensors, stable_hash
-from ...core.units import UnitMasks, executed_ratio
+from ...core.units import UnitMasks, executed_ratio, unit_map
 from ...data.calibration import calibration_sequences
 from ...policies.predictor import REPORT_NAME, save_predictor
 from ...selectors.budget import BudgetRule

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ...core.architectures import UnitMap, unit_map
 from ...core.errors import UserError, check_ratio
 from ...core.trace import to_ids, trace_gradients
-from ...core.units import UnitMasks, UnitScores
+from ...core.units import UnitMap, UnitMasks, UnitScores, unit_map
 from ...policies.predictor import FORMAT
 from ...scores import get_score
 from ...selectors.base import get_selector
