@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from attrsparse.deploy.engine import Engine, pack
-from attrsparse.deploy.engine.cdefs import MODE_GREEDY_FULL, MODE_GREEDY_SCREENED, EngModel, EngStep, engine_library
+from attrsparse.deploy.engine.cdefs import (
+    MODE_GREEDY_FULL,
+    MODE_GREEDY_SCREENED,
+    EngModel,
+    EngStep,
+    engine_library,
+)
 from attrsparse.deploy.engine.fmt import DTYPE_CODE
 from attrsparse.deploy.engine.pack import quantize, screen_tensors
 

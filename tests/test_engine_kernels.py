@@ -62,11 +62,11 @@ def test_kernel_matches_torch(shape, precision):
     a, m = torch.rand(n_in, generator=gen) * 2, torch.randn(n_in, generator=gen) * 0.1
     bias, model_bias = torch.randn(P, generator=gen), torch.randn(P, generator=gen)
     keep = torch.rand(n_in, generator=gen) > 0.3
-    cases = [dict(),  # dense: no rule at all
-             dict(threshold=-1.0, a=a, m=m, bias=bias),  # rule keeps every channel
-             dict(threshold=1e9, a=a, m=m, bias=bias, model_bias=model_bias),  # skips every channel
-             dict(threshold=0.6, a=a, m=m, bias=bias, model_bias=model_bias),  # about half
-             dict(threshold=0.3, keep=keep), dict(keep=keep, m=m)]
+    cases = [{},  # dense: no rule at all
+             {"threshold": -1.0, "a": a, "m": m, "bias": bias},  # rule keeps every channel
+             {"threshold": 1e9, "a": a, "m": m, "bias": bias, "model_bias": model_bias},  # skips every channel
+             {"threshold": 0.6, "a": a, "m": m, "bias": bias, "model_bias": model_bias},  # about half
+             {"threshold": 0.3, "keep": keep}, {"keep": keep, "m": m}]
     for case in cases:
         y, kept = run_linear(stored, precision, scale, x, **case)
         want, mask, size = reference(deq, x, **case)
@@ -91,7 +91,7 @@ def test_skipped_rows_are_never_read(precision):
     x = torch.randn(n_in, generator=gen)
     m = torch.randn(n_in, generator=gen) * 0.1
     keep = torch.rand(n_in, generator=gen) > 0.25
-    for case in (dict(threshold=0.7, m=m), dict(keep=keep), dict(threshold=0.2, keep=keep)):
+    for case in ({"threshold": 0.7, "m": m}, {"keep": keep}, {"threshold": 0.2, "keep": keep}):
         clean, kept = run_linear(stored, precision, scale, x, **case)
         _, mask, _ = reference(w, x, **case)
         assert 0 < kept < n_in
@@ -117,8 +117,8 @@ def test_rule_by_hand():
                        [100.0, 100.0, 100.0],
                        [-1.0, 0.5, 4.0]])
     x = torch.tensor([0.5, -2.0, 1.0, 3.0])
-    kw = dict(threshold=1.0, a=torch.tensor([1.0, 2.0, 0.1, 1.0]), m=torch.tensor([0.0, -1.0, 0.0, 1.0]),
-              bias=torch.tensor([0.25, -0.5, 1.0]))
+    kw = {"threshold": 1.0, "a": torch.tensor([1.0, 2.0, 0.1, 1.0]), "m": torch.tensor([0.0, -1.0, 0.0, 1.0]),
+              "bias": torch.tensor([0.25, -0.5, 1.0])}
     y, kept = run_linear(wt, "fp32", None, x, **kw)
     assert kept == 2
     assert y.tolist() == [-3.0 + 0.25, -1.0 - 0.5, 5.0 + 1.0]

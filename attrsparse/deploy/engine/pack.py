@@ -25,8 +25,16 @@ from ...core.architectures import find_arch
 from ...core.errors import UnsupportedArchitectureError, UserError
 from ...core.paths import cache_root
 from .cdefs import ACTIVATIONS
-from .fmt import (DTYPE_BYTES, FORMAT_VERSION, PRECISION_DTYPE, PRECISIONS, align, encode_header,
-                  gate_up_order, read_header)
+from .fmt import (
+    DTYPE_BYTES,
+    FORMAT_VERSION,
+    PRECISION_DTYPE,
+    PRECISIONS,
+    align,
+    encode_header,
+    gate_up_order,
+    read_header,
+)
 
 ENGINE_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
 _UNIT = 2.0 ** -24  # fp32 unit roundoff

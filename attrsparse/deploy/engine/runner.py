@@ -10,16 +10,27 @@ Imports neither torch nor numpy, so a process running it holds little beyond the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from ...core.errors import UserError
-from .cdefs import (MODE_GREEDY_CHECK, MODE_GREEDY_FULL, MODE_GREEDY_SCREENED, MODE_NONE, MODE_SAMPLE, EngLayer,
-                    EngModel, EngStep, engine_library)
+from .cdefs import (
+    MODE_GREEDY_CHECK,
+    MODE_GREEDY_FULL,
+    MODE_GREEDY_SCREENED,
+    MODE_NONE,
+    MODE_SAMPLE,
+    EngLayer,
+    EngModel,
+    EngStep,
+    engine_library,
+)
 from .fmt import DTYPE_BYTES, DTYPE_CODE, PRECISION_DTYPE, dense_counts, gate_up_order, read_header
 from .sites import SITES, ChannelRules, as_list, physical_bias
 
@@ -289,14 +300,12 @@ class Engine:
             self._lib.eng_unmap(self._base, self._size, self._load)
             self._base = None
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown the library may be gone
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass

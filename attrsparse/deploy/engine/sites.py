@@ -70,13 +70,13 @@ class ChannelRules:
         return self.sites.get((layer, site))
 
     @classmethod
-    def from_thresholds(cls, thresholds: Mapping[tuple[int, str], float]) -> "ChannelRules":
+    def from_thresholds(cls, thresholds: Mapping[tuple[int, str], float]) -> ChannelRules:
         """TEAL-style rules: keep channel j iff |x_j| > t, one t per (layer, site)."""
         return cls({key: SiteRule(threshold=float(t)) for key, t in thresholds.items()})
 
     @classmethod
     def from_unit_masks(cls, mlp: Sequence[Sequence[bool]] | None = None,
-                        heads: Sequence[Sequence[bool]] | None = None, *, head_dim: int) -> "ChannelRules":
+                        heads: Sequence[Sequence[bool]] | None = None, *, head_dim: int) -> ChannelRules:
         """Static unit masks as fixed keep-masks: ``mlp[l][i]`` keeps MLP neuron i (channel i of
         mlp_out), ``heads[l][h]`` keeps query head h (its head_dim channels of attn_out)."""
         sites: dict[tuple[int, str], SiteRule] = {}
