@@ -26,7 +26,6 @@ Environment:
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import resource
 import signal
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .io import atomic_write_json
+from .io import atomic_write_json, read_json
 
 DEFAULT_TIMEOUT_S = 86400
 _CONTEXT: "DistContext | None" = None
@@ -164,12 +163,10 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def _read_record(path: Path) -> dict | None:
-    try:
-        record = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):  # missing or truncated: recompute
-        return None
-    return record if isinstance(record, dict) else None
+def _read_record(path: Path, required: Sequence[str] = ()) -> dict | None:
+    """A stored record, or None to recompute it: missing, truncated, not an object, or lacking a
+    ``required`` field (the last two are named on stderr, :func:`~attrsparse.core.io.read_json`)."""
+    return read_json(path, required=required)
 
 
 def _crash_for_test(ctx: DistContext, computed: int) -> None:
@@ -190,12 +187,13 @@ def peak_rss_mb() -> float:
 def run_sharded(items: Sequence, key_fn: Callable[[int, Any], str], work_fn: Callable[[int, Any], dict],
                 out_dir: Path, *, valid_fn: Callable[[int, Any, dict], bool] | None = None,
                 manifest_dir: Path | None = None, after_shard: Callable[[], None] | None = None,
-                ctx: DistContext | None = None, progress: bool = True, desc: str = "items") -> list[dict] | None:
+                ctx: DistContext | None = None, progress: bool = True, desc: str = "items",
+                required: Sequence[str] = ()) -> list[dict] | None:
     """Run ``work_fn`` over this rank's share of ``items``, resumably, and merge on rank 0.
 
     For each position ``i`` this rank owns (:meth:`DistContext.shard_positions`), the record
-    ``out_dir/<key_fn(i, item)>.json`` is reused if it exists, parses and passes
-    ``valid_fn(i, item, record)``; otherwise ``work_fn(i, item)`` computes it (a JSON-serialisable
+    ``out_dir/<key_fn(i, item)>.json`` is reused if it exists, parses, holds every ``required``
+    field and passes ``valid_fn(i, item, record)``; otherwise ``work_fn(i, item)`` computes it (a JSON-serialisable
     dict) and it is written atomically. Keys must be unique per item and must encode every setting
     that changes a record. ``after_shard()`` runs once this rank's items are done (flush streams
     there). With ``manifest_dir``, each rank writes ``rank<r>-of-<w>.json``: the keys it was
@@ -224,7 +222,7 @@ def run_sharded(items: Sequence, key_fn: Callable[[int, Any], str], work_fn: Cal
         item = items[pos]
         key = key_fn(pos, item)
         path = out_dir / f"{key}.json"
-        record = _read_record(path)
+        record = _read_record(path, required)
         if record is not None and valid_fn is not None and not valid_fn(pos, item, record):
             record = None  # written by another version or setting: recompute rather than reuse
         if record is None:

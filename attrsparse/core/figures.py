@@ -4,8 +4,9 @@ for the paper's metrics, atomic PNG + SVG saving, and tolerant number reading.""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
+
+from .io import atomic_write
 
 #: Display names; the paper's six metrics first, in the row order of its Table 2.
 METRIC_LABELS = {
@@ -62,15 +63,13 @@ def num(value) -> float:
 
 
 def save_figure(fig, out_dir: Path, stem: str) -> list[Path]:
-    """Save PNG and SVG atomically (temporary file, then ``os.replace``); close the figure."""
+    """Save PNG and SVG atomically (:func:`~attrsparse.core.io.atomic_write`); close the figure."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in ("png", "svg"):
         path = out_dir / f"{stem}.{ext}"
-        tmp = out_dir / f".{stem}.{ext}.tmp"
-        fig.savefig(tmp, format=ext, dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=130, bbox_inches="tight"))
         paths.append(path)
     pyplot().close(fig)
     return paths

@@ -244,7 +244,7 @@ class Bench:
         fingerprint = stable_hash([settings, __version__])
         for mode, ratio in bar:
             path = self.out / "records" / f"{mode}@{ratio:g}-{fingerprint}.json"
-            record = read_json(path)
+            record = read_json(path, required=("mode", "requested_ratio"))  # else named and redone
             wanted = {"speed": cfg.speed and mode != "oracle", "quality": cfg.quality}
             if record is None or any(want and not record.get(f"has_{k}") for k, want in wanted.items()):
                 bar.set_postfix_str(f"{mode}@{ratio:g}")

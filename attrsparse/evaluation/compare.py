@@ -41,6 +41,7 @@ from .compare_report import frontier, plot_task, write_csv, write_markdown
 from .evaluate import evaluate_task
 
 PRIMARY = {"multiple_choice": "acc", "perplexity": "ppl", "generation": "bleu_vs_dense"}
+RECORD_FIELDS = ("model", "task", "selector", "requested_ratio", "executed_ratio")  # a record lacking one is redone
 
 
 @dataclass
@@ -161,7 +162,8 @@ class Compare:
             return self.record_key(model_spec, task, selector, ratio, weights[model_spec])
 
         records = run_sharded(self.jobs(), key, lambda _, job: self.run_job(*job, calib_cache),
-                              self.out / "records", ctx=self.context(), progress=progress, desc="compare")
+                              self.out / "records", ctx=self.context(), progress=progress, desc="compare",
+                              required=RECORD_FIELDS)
         return None if records is None else self.write([self.with_read_ratio(r) for r in records])
 
     def with_read_ratio(self, record: dict) -> dict:

@@ -25,7 +25,6 @@ token), so ranks and resumed runs never overwrite each other's shards. An entry 
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..core.errors import UserError
+from ..core.io import atomic_write
 
 SUFFIX = ".safetensors"
 
@@ -86,13 +86,8 @@ class ScoreWriter:
             return None
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{self.prefix}-{len(self.shards):05d}{SUFFIX}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            save_file(self._buffer, str(tmp), metadata={"keys": json.dumps(self._keys)})
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        buffer, metadata = self._buffer, {"keys": json.dumps(self._keys)}
+        atomic_write(path, lambda tmp: save_file(buffer, tmp, metadata=metadata))
         self.shards.append(path)
         self._buffer, self._keys = {}, []
         return path
