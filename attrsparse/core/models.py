@@ -44,6 +44,8 @@ from attrsparse.core.io import sha256_file
 from attrsparse.core.paths import cache_root
 
 from .distributed import resolve_device
+from .finite import SPEC_ATTRIBUTE
+from .hub import hub_unreachable, looks_like_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -161,6 +163,8 @@ def _classify(spec: str | os.PathLike) -> tuple[str, Any]:
         return "dir", path.resolve()
     if text.lower().endswith(".gguf"):
         raise UserError(f"GGUF file not found: {text}")
+    if looks_like_path(text):  # decided locally: a path that is not there is not a hub id
+        raise UserError(f"no such file or directory: {text}; {_ALIASES_HINT}")
     if _HUB_ID.match(text):
         return "hub", text
     raise UserError(f"unknown model {text!r}; {_ALIASES_HINT}")
@@ -328,6 +332,23 @@ def _load_gguf_cached(final: Path, get_gguf: Callable[[], Path], source: dict, d
         raise CacheError(f"cannot load the cache entry {final} just written: {_one_line(exc)}") from exc
 
 
+def _load_from_hub(hub_id: str, dtype: torch.dtype):
+    """A hub id from the local Hugging Face cache, else from the hub, failing at once (one line)
+    when the hub is out of reach (:func:`attrsparse.core.hub.hub_unreachable`)."""
+    with contextlib.suppress(OSError, ValueError):
+        return _load_checkpoint(hub_id, dtype, local=True)  # cached earlier: no network
+    reason = hub_unreachable()
+    if reason is not None:
+        raise UserError(f"{hub_id!r} is not a local file or directory, and the Hugging Face hub cannot be "
+                        f"reached ({reason}); pass a local copy: a checkpoint directory (save_pretrained, "
+                        f"or `hf download {hub_id} --local-dir DIR` where there is network) or a .gguf file")
+    try:
+        return _load_checkpoint(hub_id, dtype, local=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load {hub_id!r} from the Hugging Face hub "
+                        f"({_one_line(exc)}); {_ALIASES_HINT}") from None
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,
                device: str = "cpu", attn_implementation: str | None = None,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -345,14 +366,13 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.fl
         source = {"spec": target.alias, "gguf_sha256": target.sha256} if alias else {"spec": str(target)}
         model, tokenizer = _load_gguf_cached(_entry_dir(kind, target), (
             lambda: _materialise_gguf(target) if alias else target), source, torch_dtype)
+    elif kind == "hub":
+        model, tokenizer = _load_from_hub(target, torch_dtype)
     else:
         try:
-            model, tokenizer = _load_checkpoint(str(target), torch_dtype, local=kind == "dir")
+            model, tokenizer = _load_checkpoint(str(target), torch_dtype, local=True)
         except (OSError, ValueError) as exc:
-            if kind == "dir":
-                raise UserError(f"cannot load checkpoint {target}: {_one_line(exc)}") from None
-            raise UserError(f"cannot load {target!r} from the Hugging Face hub "
-                            f"({_one_line(exc)}); {_ALIASES_HINT}") from None
+            raise UserError(f"cannot load checkpoint {target}: {_one_line(exc)}") from None
     if attn_implementation is not None:
         try:
             model.set_attn_implementation(attn_implementation)
@@ -360,6 +380,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.fl
             raise UserError(f"attention implementation {attn_implementation!r} is unavailable: "
                             f"{_one_line(exc)}") from None
     model.to(dev).eval().requires_grad_(False)
+    setattr(model, SPEC_ATTRIBUTE, os.fspath(spec))  # how messages name it (core/finite.py)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if (gen := getattr(model, "generation_config", None)) is not None and gen.pad_token_id is None:

