@@ -15,6 +15,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .architectures import model_device
+from .finite import check_finite
 from .hooks import UnitHooks
 from .masking import apply_masks
 from .trace import as_ids, position_multipliers, token_losses
@@ -75,6 +76,7 @@ def greedy_loop(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: i
         tokens = logits.argmax(-1)
         host = tokens.tolist()  # one device-to-host copy per step
         elapsed = time.perf_counter() - t0
+        check_finite(logits, model, f"greedy decoding (step {step})")
         if after_call is not None:
             after_call()
         if step == 0:
@@ -133,4 +135,4 @@ def masked_loglik(model: nn.Module, prompt_ids, target_ids, masks: UnitMasks | N
             hooks.head_mult = position_multipliers(masks.heads, prompt.numel())
         logits = model(input_ids=ids.expand(rows, -1), use_cache=False,
                        logits_to_keep=target.numel()).logits
-    return -token_losses(logits, target).sum(-1)
+    return check_finite(-token_losses(logits, target).sum(-1), model, "the log-likelihood of a target")

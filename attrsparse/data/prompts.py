@@ -8,10 +8,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..core.architectures import model_device
 from ..core.errors import UserError
+from ..core.finite import check_finite, model_name
 
 TEMPLATES = ("chat", "paper", "qa")
 
@@ -46,6 +49,39 @@ def encode_prompt(tokenizer, question: str, template: str) -> torch.Tensor:
     return ids
 
 
+TRUNCATE = ("none", "left")
+
+
+def context_length(model) -> int | None:
+    """Positions the model was trained for (``max_position_embeddings``), None when unknown."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def fit_prompt(prompt_ids: torch.Tensor, model, max_new_tokens: int, truncate: str | None = "none",
+               what: str = "the prompt") -> torch.Tensor:
+    """``prompt_ids`` when it and ``max_new_tokens`` new tokens fit the model's context
+    (:func:`context_length`); else a :class:`UserError` (``truncate="none"``), or its last tokens
+    that fit, with a warning on stderr (``truncate="left"``). Past its context a model runs on
+    positions it never saw and produces garbage without any error."""
+    truncate = truncate or "none"
+    if truncate not in TRUNCATE:
+        raise UserError(f"--truncate must be one of {', '.join(TRUNCATE)}, got {truncate!r}")
+    limit = context_length(model)
+    n = int(prompt_ids.numel())
+    if limit is None or n + max_new_tokens <= limit:
+        return prompt_ids
+    room = limit - max_new_tokens
+    if truncate == "none" or room < 1:
+        fix = "pass --truncate left to keep its end, " if room >= 1 else ""
+        raise UserError(f"{what} has {n} tokens; with up to {max_new_tokens} new tokens it exceeds the "
+                        f"context of model {model_name(model)} ({limit} tokens): {fix}shorten it or "
+                        "lower --max-new-tokens")
+    print(f"attrsparse: warning: {what} has {n} tokens; keeping its last {room} (context {limit}, "
+          f"{max_new_tokens} new tokens)", file=sys.stderr, flush=True)
+    return prompt_ids[n - room:]
+
+
 def stop_token_ids(tokenizer, model=None) -> set[int]:
     """Token ids that end an answer: EOS of tokenizer and generation config (e.g. <|im_end|>)."""
     ids = set()
@@ -69,7 +105,7 @@ def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int, st
     out_tokens = []
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-        token = int(logits.argmax(-1))
+        token = int(check_finite(logits, model, "dense greedy decoding").argmax(-1))
         out_tokens.append(token)
         if token in stop_ids:
             break

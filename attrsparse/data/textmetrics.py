@@ -15,8 +15,11 @@ paper's dense-vs-dense row reads 98.0 rather than 100 (and why dense-vs-itself c
 our own measurements). :func:`official_corpus_bleu` reproduces that variant, only to explain the
 paper's numbers; do not use it for new claims.
 
-Empty texts: both empty (after stripping whitespace) -> 100, exactly one empty -> 0, for BLEU
-and ROUGE-L alike. Texts identical after stripping whitespace always score 100.
+Empty texts: both empty (after stripping whitespace) -> NaN, *undefined* rather than a perfect
+match (a model whose every answer is empty -- a broken one -- would otherwise score 100 against
+another such model); exactly one empty -> 0, for BLEU and ROUGE-L alike. Texts identical after
+stripping whitespace always score 100. :func:`mean_and_stderr` leaves NaN values out, and the
+callers count them (``empty_vs_empty``) beside every mean.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def _empty_case(hyp: str, ref: str) -> float | None:
     """Score fixed by the empty/identical rules, or ``None`` when the metric must decide."""
     h, r = hyp.strip(), ref.strip()
     if not h and not r:
-        return 100.0
+        return math.nan  # undefined: nothing to compare (see the module docstring)
     if not h or not r:
         return 0.0
     if h == r:
@@ -72,7 +75,8 @@ def _empty_case(hyp: str, ref: str) -> float | None:
 def sentence_bleu(hyp: str, ref: str) -> float:
     """Sentence BLEU (sacrebleu, effective order, default 13a tokenisation and exp smoothing).
 
-    Identical non-empty texts score 100 whatever their length; both empty -> 100; one empty -> 0.
+    Identical non-empty texts score 100 whatever their length; both empty -> NaN (undefined);
+    one empty -> 0.
     """
     fixed = _empty_case(hyp, ref)
     if fixed is not None:
@@ -92,7 +96,7 @@ def official_corpus_bleu(hyp: str, ref: str) -> float:
 
 
 def rouge_l(hyp: str, ref: str) -> float:
-    """ROUGE-L F-measure × 100 (rouge-score, Porter stemmer). Identical/both empty -> 100."""
+    """ROUGE-L F-measure × 100 (rouge-score, Porter stemmer). Identical -> 100, both empty -> NaN."""
     fixed = _empty_case(hyp, ref)
     if fixed is not None:
         return fixed
@@ -139,12 +143,16 @@ def truth_scores(
 def mean_and_stderr(values: Iterable[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample standard deviation, ddof=1, over sqrt(n)).
 
+    NaN values (undefined scores, e.g. two empty texts) are left out; none left -> ``(nan, nan)``.
     One value -> stderr ``nan`` (undefined). No values -> ``ValueError``.
     """
     xs = [float(v) for v in values]
+    if not xs:
+        raise ValueError("mean_and_stderr needs at least one value")
+    xs = [x for x in xs if not math.isnan(x)]
     n = len(xs)
     if n == 0:
-        raise ValueError("mean_and_stderr needs at least one value")
+        return math.nan, math.nan
     mean = math.fsum(xs) / n
     if n == 1:
         return mean, float("nan")

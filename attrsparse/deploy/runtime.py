@@ -41,7 +41,7 @@ from ..core.decoding import greedy_loop
 from ..core.errors import UserError
 from ..core.models import load_model, parse_dtype
 from ..core.units import ExecutedRatio, UnitMap, UnitMasks, executed_ratio, unit_map
-from ..data.prompts import encode_prompt, resolve_template, stop_token_ids
+from ..data.prompts import encode_prompt, fit_prompt, resolve_template, stop_token_ids
 from ..policies import DensePolicy, PredictorPolicy, SparsityPolicy, StaticPolicy, make_policy
 from ..selectors.chooser import NativeChoice, UnitChooser
 from .export import maskable_params, slice_model
@@ -408,7 +408,8 @@ def _encode(tokenizer, prompts, template: str) -> list[torch.Tensor]:
 def generate(model_or_spec, prompts, sparsity=None, *, ratio: float | None = None,
              max_new_tokens: int = 64, dtype: str | None = None, batch_size: int | None = None,
              template: str = "auto", tokenizer=None, stop_at_eos: bool = True,
-             break_even: float | str = "auto", backend: str | None = None) -> GenerationResult:
+             break_even: float | str = "auto", backend: str | None = None,
+             truncate: str = "none") -> GenerationResult:
     """Greedy decoding under ``sparsity`` (see the module docstring).
 
     Args:
@@ -420,6 +421,8 @@ def generate(model_or_spec, prompts, sparsity=None, *, ratio: float | None = Non
         template: ``auto`` (chat template when the tokenizer has one), ``chat``, ``paper``, ``qa``
             or ``raw`` (the text as is).
         stop_at_eos: stop each row at its EOS (False: exactly ``max_new_tokens``, for benchmarks).
+        truncate: a prompt that does not fit the model's context with ``max_new_tokens`` new
+            tokens is refused (``"none"``) or cut on the left with a warning (``"left"``).
     """
     if isinstance(model_or_spec, (str, bytes)) or hasattr(model_or_spec, "__fspath__"):
         model, tokenizer = load_model(str(model_or_spec), dtype=dtype or "float32")
@@ -443,6 +446,8 @@ def generate(model_or_spec, prompts, sparsity=None, *, ratio: float | None = Non
         if tokenizer is None:
             raise UserError("text prompts need a tokenizer")
         ids = _encode(tokenizer, prompts, template)
+    ids = [fit_prompt(p, model, max_new_tokens, truncate, f"prompt {i + 1}" if len(ids) > 1 else "the prompt")
+           for i, p in enumerate(ids)]
     stop = stop_token_ids(tokenizer, model) if (stop_at_eos and tokenizer is not None) else set()
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     mode, what, info = resolve_sparsity(sparsity, ratio, model)

@@ -26,8 +26,9 @@ from torch import nn
 from ..core.architectures import model_device
 from ..core.decoding import masked_greedy_decode, right_pad
 from ..core.errors import UserError
+from ..core.finite import check_finite
 from ..core.units import ExecutedRatio, UnitMasks, executed_ratio, unit_map
-from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
+from ..data.prompts import encode_prompt, fit_prompt, greedy_continuation, resolve_template, stop_token_ids
 from ..data.tasks import get_task, load_task, mc2_score, mc_correct
 from ..data.textmetrics import rouge_l, sentence_bleu, truth_scores
 from ..policies import SparsityPolicy, account
@@ -54,7 +55,7 @@ class Evaluator:
         ids, mask = right_pad(seqs, self.pad_id)
         out = self.policy.forward(self.model, ids, mask)
         self.executed = self.executed.add(account(out.masks, mask, self.units))
-        return out.logits, mask
+        return check_finite(out.logits, self.model, f"the logits under {self.policy.name}"), mask
 
     def _encode(self, text: str, special: bool) -> torch.Tensor:
         return self.tok(text, add_special_tokens=special, return_tensors="pt").input_ids[0].to(self.device)
@@ -104,7 +105,7 @@ class Evaluator:
             if cont.numel() > 1:
                 total += float(logp[row, : cont.numel() - 1].gather(-1, cont[1:].view(-1, 1)).sum())
             result.append(total)
-        return result
+        return check_finite(result, self.model, f"choice log-likelihoods under {self.policy.name}")
 
     # -- task kinds ----------------------------------------------------------------------------
     def multiple_choice(self, items, scoring: str, progress=None) -> dict:
@@ -147,13 +148,17 @@ class Evaluator:
                 break
         return {"ppl": math.exp(nll / count), "nll": nll / count, "n_tokens": count}
 
-    def generation(self, items, max_new_tokens: int = 32, template: str = "auto", progress=None) -> dict:
-        """Greedy answers under the policy vs the dense answers (same prompt and length cap)."""
+    def generation(self, items, max_new_tokens: int = 32, template: str = "auto", progress=None,
+                   truncate: str = "none") -> dict:
+        """Greedy answers under the policy vs the dense answers (same prompt and length cap). Every
+        prompt is checked against the model's context first (``truncate``: see ``fit_prompt``)."""
         template = resolve_template(self.tok, template)
         stop = stop_token_ids(self.tok, self.model)
+        prompts = [fit_prompt(encode_prompt(self.tok, item.question, template), self.model, max_new_tokens,
+                              truncate, f"question {item.index}") for item in items]
         rows = []
-        for item in items:
-            prompt = encode_prompt(self.tok, item.question, template).to(self.device)
+        for item, prompt in zip(items, prompts):
+            prompt = prompt.to(self.device)
             dense = self._decode_dense(prompt, max_new_tokens, stop)
             tokens = self.oracle_decode(prompt, dense, stop) if self.policy.mode == "oracle" \
                 else self.greedy(prompt, max_new_tokens, stop)
@@ -165,7 +170,10 @@ class Evaluator:
                          "truth_bleu_acc": truth["bleu_acc"], "exact_vs_dense": float(text == dense_text)})
             if progress is not None:
                 progress.update(1)
-        return {k: _mean([r[k] for r in rows]) for k in rows[0]} | {"n": len(rows), "template": template}
+        # both answers empty: BLEU and ROUGE-L are undefined (NaN), left out of the means and counted
+        empty = sum(1 for r in rows if math.isnan(r["bleu_vs_dense"]))
+        return {k: _mean([r[k] for r in rows]) for k in rows[0]} | {"n": len(rows), "template": template,
+                                                                   "empty_vs_empty": empty}
 
     def _decode_dense(self, prompt: torch.Tensor, max_new_tokens: int, stop: set[int]) -> list[int]:
         return greedy_continuation(self.model, prompt, max_new_tokens, stop).tolist()
@@ -185,7 +193,7 @@ class Evaluator:
                 result = self.policy.forward(self.model, step_ids.unsqueeze(0), None, cache=cache,
                                              use_cache=True, position_ids=positions)
                 self.executed = self.executed.add(account(result.masks, None, self.units))
-                logits = result.logits
+                logits = check_finite(result.logits, self.model, f"greedy decoding under {self.policy.name}")
             else:
                 logits, _ = self.logits([seq[-self.max_seq_len:]])
             token = int(logits[0, -1].argmax())
@@ -208,6 +216,7 @@ class Evaluator:
 
 
 def _mean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]  # undefined scores are left out
     return float(sum(values) / len(values)) if values else float("nan")
 
 
@@ -222,7 +231,7 @@ def _stderr(values) -> float:
 def evaluate_task(model: nn.Module, tokenizer, task: str, policy: SparsityPolicy, *,
                   limit: int | None = 100, offset: int = 0, data: str | None = None,
                   max_tokens: int = 4096, max_new_tokens: int = 32, template: str = "auto",
-                  progress: bool = False) -> dict:
+                  progress: bool = False, truncate: str = "none") -> dict:
     """Score ``task`` under ``policy``: the task's numbers plus the executed ratio.
 
     Returns e.g. ``{"task": "arc_easy", "acc": .., "acc_norm": .., "n": .., "executed_ratio": ..,
@@ -235,18 +244,17 @@ def evaluate_task(model: nn.Module, tokenizer, task: str, policy: SparsityPolicy
     ev = Evaluator(model, tokenizer, policy)
     if spec.kind == "perplexity":
         text = load_task(task, data, split="test")
-        bar = tqdm(desc=f"{task} {policy.name}", unit="win", disable=not progress)
-        result = ev.perplexity(text, max_tokens=max_tokens, progress=bar)
+        with tqdm(desc=f"{task} {policy.name}", unit="win", disable=not progress) as bar:  # closed on errors too
+            result = ev.perplexity(text, max_tokens=max_tokens, progress=bar)
     else:
         items = load_task(task, data, limit=limit, offset=offset)
         if not items:
             raise UserError(f"{task}: the selection is empty")
-        bar = tqdm(total=len(items), desc=f"{task} {policy.name}", unit="item", disable=not progress)
-        if spec.kind == "multiple_choice":
-            result = ev.multiple_choice(items, spec.scoring, progress=bar)
-        else:
-            result = ev.generation(items, max_new_tokens, template, progress=bar)
-    bar.close()
+        with tqdm(total=len(items), desc=f"{task} {policy.name}", unit="item", disable=not progress) as bar:
+            if spec.kind == "multiple_choice":
+                result = ev.multiple_choice(items, spec.scoring, progress=bar)
+            else:
+                result = ev.generation(items, max_new_tokens, template, progress=bar, truncate=truncate)
     executed = ev.executed.as_dict()
     read = with_decision_cost(executed, ev.units, policy.prepaid_params(ev.units))
     return {"task": task, **result, **policy.describe(), **executed,

@@ -296,6 +296,11 @@ def write_report(results: dict, out_dir: Path, dependency: dict | None = None) -
     if dense_col and any(c.split(" ")[0] != "100.0" for c in dense_col):
         L += [f"**Warning**: the ratio-1.0 column is not 100 for every metric: "
               f"{', '.join(dense_col)}.", ""]
+    empty = sum(a.get("empty_vs_empty") or 0 for a in results.get("aggregates", []))
+    if empty:
+        L += [f"**Note**: {empty} answer pair(s) were empty on both sides (dense and masked); BLEU and "
+              "ROUGE-L are undefined for them and left out of the means (`empty_vs_empty` in "
+              "results.json).", ""]
     h, rows = table2(results, "rougeL_vs_dense", "rougeL_vs_dense_stderr")
     L += ["## ROUGE-L vs dense output (± stderr)", "", _md_table(h, rows), ""]
     L += ["## Truthfulness", "",

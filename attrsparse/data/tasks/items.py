@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from attrsparse.core.finite import check_finite
+
 
 @dataclass(frozen=True)
 class MCItem:
@@ -26,8 +28,10 @@ class MCItem:
 
 
 def mc_correct(logprobs: Sequence[float], gold: int) -> float:
-    """1.0 if the highest log-likelihood is the gold choice (ties go to the first), else 0.0."""
+    """1.0 if the highest log-likelihood is the gold choice (ties go to the first), else 0.0.
+    A NaN or +inf log-likelihood is a :class:`~attrsparse.core.finite.NonFiniteError`."""
     if not logprobs:
         raise ValueError("mc_correct needs at least one log-probability")
+    check_finite(logprobs, None, "multiple-choice log-likelihoods")
     best = max(range(len(logprobs)), key=lambda i: logprobs[i])
     return 1.0 if best == gold else 0.0
