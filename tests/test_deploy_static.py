@@ -212,7 +212,8 @@ def test_bad_sparsity_files_are_user_errors(tmp_path, calib_text):
 
 def test_cli_reports_a_bad_sparsity_file_in_one_line(capsys, llama_dir, tmp_path):
     (tmp_path / JSON_NAME).write_text("[]")
-    code = main(["generate", "--model", llama_dir, "--sparsity-from", str(tmp_path), "--prompt", "w1 w2"])
+    code = main(["generate", "--model", llama_dir, "--sparsity-from", str(tmp_path), "--prompt", "w1 w2",
+                 "--max-new-tokens", "8"])  # within the tiny model's context of 64
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not an attrsparse sparsity file" in err[0]
 

@@ -241,10 +241,16 @@ def test_records_are_reused_across_limits_not_across_settings(no_plots, baseline
     fewer = run(tiny_truthfulqa_lm, work, limit=1)  # limit is not part of a record's key
     assert calls == []
     assert without_timings(fewer["questions"]) == without_timings(results["questions"][:1])
-    other = run(tiny_truthfulqa_lm, work, limit=1, ratios=[0.3, 1.0])  # other settings: recomputed
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="another configuration .ratios 0.5,1.0 there, 0.3,1.0 now"):
+        run(tiny_truthfulqa_lm, work, limit=1, ratios=[0.3, 1.0])  # issue 16: never written over
+    assert calls == [] and {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+    bare = tmp_path / "records-only"  # records alone are keyed by their settings: not reused
+    shutil.copytree(out / "records", bare / "records")
+    other = run(tiny_truthfulqa_lm, bare, limit=1, ratios=[0.3, 1.0])
     assert calls == [0]
     assert {a["requested_ratio"] for a in other["aggregates"]} == {0.3, 1.0}
-    assert len(record_files(work)) == 4  # the old records stay, under their own key
+    assert len(record_files(bare)) == 4  # the old records stay, under their own key
 
 
 # -- integrated gradients ------------------------------------------------------------------------

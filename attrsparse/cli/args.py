@@ -1,4 +1,4 @@
-"""The options every command shares, and the one parser of list options.
+"""The options every command shares, the one parser of list options, and the output check.
 
 A list option is comma-separated; an empty item (``"0.5,,0.3"``), a repeated value, a number that
 is not finite or (for ratios) outside (0, 1] is refused with one line naming the option, never
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import tempfile
+from pathlib import Path
 
 from ..core.errors import UserError
 
@@ -75,3 +78,45 @@ def comma_ints(text: str | None, what: str) -> list[int] | None:
     if len(set(values)) != len(values):
         raise UserError(f"{what} repeats a value: '{text}'")
     return values
+
+
+def add_truncate_arg(p: argparse.ArgumentParser) -> None:
+    """``--truncate`` of the commands that generate from prompts (see ``data.prompts.fit_prompt``)."""
+    p.add_argument("--truncate", default="none",
+                   help="a prompt that does not fit the model's context with the new tokens: none "
+                        "(default: refuse, one line) or left (keep its end, with a warning)")
+
+
+def check_out(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Fail before any work, in one line, unless ``path`` is a directory that can be written, or one
+    that can be created: an existing file, a read-only location or ``/proc/...`` is a
+    :class:`UserError`. Creates nothing that stays: folders made for the probe are removed again."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise UserError(f"{what} is empty")
+    out = Path(text).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{what} {text} exists and is not a directory")
+    created: list[Path] = []
+    try:
+        missing, parent = [], out
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UserError(f"{what} {text}: {parent} is not a directory")
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".attrsparse-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{what} {text} cannot be written ({exc.strerror or exc})") from None
+    finally:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+    return out

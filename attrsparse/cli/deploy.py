@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ..evaluation.evaluate import evaluate_task
 from ..policies import DensePolicy, load_predictor_policy
 from ..policies.predictor import REPORT_NAME
 from ..policies.static import JSON_NAME, TENSORS_NAME, load_static_policy
-from .args import add_device_arg, add_model_args, comma_floats
+from .args import add_device_arg, add_model_args, add_truncate_arg, comma_floats, comma_list
 
 
 def _ratios(text: str) -> list[float]:
@@ -61,7 +60,8 @@ def _calibrate(model, tok, args, ratios, out: Path) -> dict:
     return run_calibration(model, tok, out, ratios=ratios, metric=args.metric, allocation=args.allocation,
                            calib=args.calib, n_sequences=args.n_seq, seq_len=args.seq_len,
                            search_sequences=args.search_seqs, labels=args.labels,
-                           head_power=args.head_power, spec=args.model, data=args.data)
+                           head_power=args.head_power, spec=args.model, data=args.data,
+                           overwrite=getattr(args, "overwrite", False))
 
 
 def cmd_calibrate(args) -> int:
@@ -124,11 +124,9 @@ def cmd_export(args) -> int:
         info = {"source_model": args.model, "sparsity": str(args.sparsity_from or "calibrated for this export"),
                 "ratio": ratio, "metric": policy.doc.get("metric"),
                 "allocation": policy.entry.get("allocation"), "calibration": policy.doc.get("calibration")}
-        report = export_model(model, tok, policy.masks, out, info=info)
-        if args.sparsity_from is None:  # keep the calibration beside the export
-            (out / "calibration").mkdir(exist_ok=True)
-            for name in (JSON_NAME, TENSORS_NAME):
-                shutil.copy(Path(source) / name, out / "calibration" / name)
+        kept = {} if args.sparsity_from else {  # keep the calibration beside the export
+            f"calibration/{name}": Path(source) / name for name in (JSON_NAME, TENSORS_NAME)}
+        report = export_model(model, tok, policy.masks, out, info=info, extra_files=kept)
     if args.eval_seqs > 0:
         seqs = test_windows(tok, args.eval_seqs, args.seq_len, args.data_eval)
         reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=model.dtype).eval()
@@ -170,7 +168,7 @@ def cmd_generate(args) -> int:
         sparsity = f"predictor:{args.predictor}"
     result = generate(args.model, args.prompt, sparsity, ratio=args.ratio, dtype=args.dtype,
                       max_new_tokens=_positive(args.max_new_tokens, "--max-new-tokens"),
-                      batch_size=args.batch_size, template=args.template)
+                      batch_size=args.batch_size, template=args.template, truncate=args.truncate)
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
         return 0
@@ -197,7 +195,7 @@ def cmd_train_predictor(args) -> int:
     config = PredictorConfig(rank=args.rank, head_rank=args.head_rank, epochs=args.epochs, lr=args.lr,
                              batch_size=args.batch_size, seed=args.seed).validate()
     ratios = comma_floats(args.ratios, "--ratios", nonempty=True, ratios=True)
-    tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()] if args.eval_tasks else None
+    tasks = comma_list(args.eval_tasks, "--eval-tasks") or None
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     report = run_train_predictor(model, tokenizer, args.out, ratios=ratios, calib=args.calib, data=args.data,
                                  n_seq=args.n_seq, seq_len=args.seq_len, holdout=args.holdout,
@@ -248,6 +246,8 @@ def register_deploy_commands(sub) -> None:
     _add_calibration_args(p)
     add_device_arg(p)
     p.add_argument("--out", required=True, help="sparsity directory (static.json + static.safetensors)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the masks of another model, metric or calibration in --out (default: refuse)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="save a physically smaller stock model (static masks sliced)")
@@ -273,5 +273,6 @@ def register_deploy_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    add_truncate_arg(p)
     p.set_defaults(func=cmd_generate)
     register_predictor_commands(sub)

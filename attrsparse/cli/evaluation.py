@@ -15,7 +15,7 @@ from ..evaluation.bench import Bench, BenchConfig
 from ..evaluation.compare import Compare, CompareConfig, save_command
 from ..evaluation.evaluate import evaluate_task
 from ..policies import make_policy
-from .args import add_device_arg, comma_floats, comma_list
+from .args import add_device_arg, add_truncate_arg, comma_floats, comma_list
 
 
 def _task_paths(text: str | None) -> dict:
@@ -53,7 +53,7 @@ def cmd_evaluate(args) -> int:
         policy.prepare(model, calibration_sequences(tok, args.calib, args.calib_sequences, args.calib_len))
     result = evaluate_task(model, tok, args.task, policy, limit=args.limit, offset=args.offset,
                            data=args.data, max_tokens=args.max_tokens,
-                           max_new_tokens=args.max_new_tokens, progress=True)
+                           max_new_tokens=args.max_new_tokens, progress=True, truncate=args.truncate)
     print(json.dumps({"model": args.model, **result}, indent=2))
     return 0
 
@@ -104,6 +104,7 @@ def register_evaluation_commands(sub) -> None:
     p.add_argument("--ratio", type=float, default=1.0, help="target activation ratio in (0, 1]")
     p.add_argument("--data", default=None, help="local data file/dir (default: bundled copies)")
     _add_common(p)
+    add_truncate_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="selectors x tasks x ratios x models in one table and figure per task")

@@ -10,17 +10,18 @@ from ..core.models import load_model
 from ..experiments.dependency import DependencyConfig, run_dependency
 from ..experiments.sweep import Sweep, SweepConfig
 from ..selectors import resolve_metric_names
-from .args import add_device_arg, comma_floats, comma_ints, comma_list
+from .args import add_device_arg, add_truncate_arg, comma_floats, comma_ints, comma_list
 
 DEMO_METRICS = "magnitude,gradient,gxo,snip,ig,corrected_gxo,recommended"
 ALL_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
+DEFAULT_LIMIT = 25  # questions of a sweep without --questions
 
 
 def _metric_names(text: str) -> list[str]:
     return resolve_metric_names(comma_list(text, "--metrics", nonempty=True))
 
 
-def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
+def _add_sweep_args(p: argparse.ArgumentParser, limit: int = DEFAULT_LIMIT) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model spec (default: smollm2-135m)")
     p.add_argument("--dataset", default="truthfulqa", help="truthfulqa (TruthfulQA generation)")
     p.add_argument("--data", default=None, help="local TruthfulQA.csv (default: $ATTRSPARSE_DATA_DIR, else the "
@@ -32,9 +33,11 @@ def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
     p.add_argument("--scope", "--policy", dest="scope", default="per_layer",
                    help="top-k scope: per_layer (paper), global or threshold")
     p.add_argument("--template", default="auto", help="auto (chat if the model has one), chat, paper, qa")
-    p.add_argument("--limit", type=int, default=limit, help="number of questions")
+    p.add_argument("--limit", type=int, default=None,
+                   help=f"number of questions (default {limit}; with --questions: all of those)")
     p.add_argument("--offset", type=int, default=0, help="first question index")
     p.add_argument("--questions", default=None, help="explicit question indices, e.g. 0,5,9")
+    add_truncate_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="cap on the label length")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     add_device_arg(p)
@@ -55,10 +58,14 @@ def _add_sweep_args(p: argparse.ArgumentParser, limit: int | None = 25) -> None:
 def _sweep_config(args):
     if args.max_memory is not None and not args.stream_scores:
         raise UserError("--max-memory bounds the streamed scores; add --stream-scores")
+    questions = comma_ints(args.questions, "--questions")
+    if questions is not None and args.offset:
+        raise UserError("--offset applies to the data set's order; with --questions give the indices themselves")
+    limit = DEFAULT_LIMIT if args.limit is None and questions is None else args.limit
     return SweepConfig(
         model=args.model, dataset=args.dataset, data=args.data, metrics=_metric_names(args.metrics),
         ratios=comma_floats(args.ratios, "--ratios", ratios=True), scope=args.scope, template=args.template,
-        limit=args.limit, offset=args.offset, questions=comma_ints(args.questions, "--questions"),
+        limit=limit, offset=args.offset, questions=questions, truncate=args.truncate,
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, head_reduction=args.head_reduction,
         ig_steps=args.ig_steps, ig_questions=args.ig_questions, mask_prefill=args.mask_prefill,
         mc1=not args.no_mc1, seed=args.seed, stream_scores=args.stream_scores, device=args.device,

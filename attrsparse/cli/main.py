@@ -18,7 +18,7 @@ from ..data.prompts import encode_prompt, greedy_continuation, resolve_template,
 from ..data.tasks import get_task, list_tasks
 from ..selectors import get_metric, list_metrics, select
 from ..selectors.scoring import score
-from .args import add_model_args
+from .args import add_model_args, check_out, comma_list
 from .deploy import register_deploy_commands
 from .evaluation import register_evaluation_commands
 from .experiments import register_commands
@@ -57,7 +57,7 @@ def cmd_score(args) -> int:
     import torch
 
     ratio = check_ratio(args.ratio)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metrics = comma_list(args.metrics, "--metrics", nonempty=True)
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
     model, tok = load_model(args.model, dtype=args.dtype)
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "out", None) is not None:
+            check_out(args.out)  # every command with --out: writable, before any work
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"attrsparse: error: {err}", file=sys.stderr)

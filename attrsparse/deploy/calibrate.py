@@ -62,15 +62,32 @@ def save_static(out: str | Path, model: nn.Module, cal: CalibratedScores,
     return doc
 
 
+def _refuse_other(out, doc: dict, model: nn.Module, metric: str, labels: str, calibration: dict,
+                  spec: str | None) -> None:
+    """The one-line refusal to write over the sparsity files of another configuration."""
+    theirs = doc.get("model", {})
+    differ = []
+    if theirs.get("fingerprint") != model_fingerprint(model):
+        differ.append(f"model {theirs.get('spec') or '?'} there, {spec or 'this model'} now")
+    differ += [f"{name} {a} there, {b} now" for name, a, b in (
+        ("metric", doc.get("metric"), metric), ("labels", doc.get("labels"), labels)) if a != b]
+    if doc.get("calibration") != calibration:
+        differ.append("calibration text or sizes differ")
+    raise UserError(f"{out} holds static masks of another configuration ({'; '.join(differ)}); choose "
+                    "another --out, or pass --overwrite to replace them")
+
+
 def run_calibration(model: nn.Module, tokenizer, out: str | Path, *, ratios, metric: str = "corrected_gxo",
                     allocation: str = "uniform", calib: str = "wikitext2", n_sequences: int = 32,
                     seq_len: int = 128, search_sequences: int = 2, labels: str = "text",
                     head_power: float = HEAD_POWER, spec: str | None = None,
-                    data: str | None = None, progress: bool = True) -> dict:
+                    data: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Calibrate, choose masks at ``ratios`` and write the sparsity directory ``out``.
 
     Scores already stored in ``out`` for the same model, metric, labels and calibration are
-    reused (a rerun with more ratios costs no tracing).
+    reused (a rerun with more ratios costs no tracing). Sparsity files of another model, metric,
+    labels or calibration in ``out`` are a :class:`UserError` before any work, unless
+    ``overwrite`` (then they are replaced).
     """
     seqs = calibration_sequences(tokenizer, calib, n_sequences, seq_len, data=data)
     calibration = {"source": calib, "n_sequences": len(seqs), "seq_len": seq_len,
@@ -80,13 +97,15 @@ def run_calibration(model: nn.Module, tokenizer, out: str | Path, *, ratios, met
     if json_path.exists():
         try:
             doc, tensors = read_static(out)
-            if (doc.get("model", {}).get("fingerprint") == model_fingerprint(model)
-                    and doc.get("metric") == get_selector(metric).name and doc.get("labels") == labels
-                    and doc.get("calibration") == calibration):
-                cal = CalibratedScores(UnitScores(tensors["scores.mlp"], tensors["scores.heads"]),
-                                       doc["calibration_tokens"], doc["metric"], labels)
         except UserError:
-            cal = None  # unreadable or foreign: recompute and overwrite
+            doc = None  # unreadable or foreign: recompute and overwrite
+        if doc is not None and (doc.get("model", {}).get("fingerprint") == model_fingerprint(model)
+                                and doc.get("metric") == get_selector(metric).name and doc.get("labels") == labels
+                                and doc.get("calibration") == calibration):
+            cal = CalibratedScores(UnitScores(tensors["scores.mlp"], tensors["scores.heads"]),
+                                   doc["calibration_tokens"], doc["metric"], labels)
+        elif doc is not None and not overwrite:  # another configuration's masks: never replaced silently
+            _refuse_other(out, doc, model, get_selector(metric).name, labels, calibration, spec)
     if cal is None:
         cal = calibrate(model, seqs, metric, labels=labels, progress=progress, parts_dir=Path(out) / "parts")
         if cal is None:  # a non-main rank under torchrun: rank 0 chooses the masks and writes

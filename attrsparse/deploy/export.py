@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..core.architectures import find_arch, linear_dims
-from ..core.artifacts import write_manifest
+from ..core.artifacts import MANIFEST, write_manifest
 from ..core.errors import UserError
 from ..core.units import UnitMap, UnitMasks, executed_ratio, unit_map
 
@@ -271,12 +271,48 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _written_before(out: Path) -> set[str]:
+    """The files an earlier export in ``out`` wrote (listed in its info), never a path outside it."""
+    try:
+        listed = json.loads((out / EXPORT_INFO).read_text()).get("files") or []
+    except (OSError, ValueError, AttributeError):
+        return set()
+    root = out.resolve()
+    return {f for f in listed if isinstance(f, str) and (out / f).resolve().is_relative_to(root)}
+
+
+def _place(tmp: Path, out: Path, last: tuple[str, ...]) -> None:
+    """Move the export in ``tmp`` into ``out``: a new folder is renamed into place; over an earlier
+    export, file by file (``last`` at the end), then the earlier export's files that this one does
+    not write are removed. Files the tool did not write are never touched."""
+    for name in _files(tmp):
+        with open(tmp / name, "rb+") as fh:
+            os.fsync(fh.fileno())  # on disk before any rename
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    before, now = _written_before(out), _files(tmp)
+    for name in sorted(now, key=lambda n: n in last):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / name, out / name)
+    for name in sorted(before - set(now)):
+        (out / name).unlink(missing_ok=True)
+
+
 def export_model(model: nn.Module, tokenizer, masks: UnitMasks, out: str | Path, *,
-                 info: dict | None = None, overwrite: bool = True) -> dict:
+                 info: dict | None = None, overwrite: bool = True,
+                 extra_files: dict[str, Path] | None = None) -> dict:
     """Save the sliced model (``save_pretrained``) + tokenizer + ``attrsparse_export.json``.
 
-    Writes into a temporary sibling directory and renames it into place. Returns the info dict
-    (parameter counts before/after, executed ratio of the masks, padding, size on disk, and
+    Writes into a temporary sibling directory, then renames it into place, or over an earlier
+    export replaces its files one by one and removes those of its files (listed under ``files`` in
+    its info) that the new export does not write: files a user put there stay. ``extra_files``
+    (``{relative name: source}``) are copied in too. Returns the info dict (parameter counts
+    before/after, executed ratio of the masks, padding, size on disk, the files written, and
     whatever ``info`` adds, e.g. the sparsity source and quality).
     """
     out = Path(out)
@@ -311,14 +347,14 @@ def export_model(model: nn.Module, tokenizer, masks: UnitMasks, out: str | Path,
         sliced.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, source in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, tmp / name)
         report["size_on_disk_bytes"] = _dir_size(tmp)
+        report["files"] = sorted({*_files(tmp), EXPORT_INFO, MANIFEST})  # what a later export may remove
         (tmp / EXPORT_INFO).write_text(json.dumps(report, indent=1) + "\n")
         write_manifest(tmp, "export", model, (info or {}).get("source_model"))  # the source model
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
+        _place(tmp, out, last=(MANIFEST, EXPORT_INFO))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -16,6 +16,7 @@ per-token scores are kept in safetensors shards under ``out/scores`` (:mod:`attr
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,11 +37,12 @@ from ..core.io import (
     read_json,
     sha256_file,
     stable_hash,
+    warn_recompute,
 )
 from ..core.models import describe_source, load_model
 from ..core.trace import GradientTrace, trace_gradients
 from ..core.units import UnitMasks, executed_ratio, unit_map
-from ..data.prompts import encode_prompt, greedy_continuation, resolve_template, stop_token_ids
+from ..data.prompts import TRUNCATE, encode_prompt, fit_prompt, greedy_continuation, resolve_template, stop_token_ids
 from ..data.tasks import load_truthfulqa
 from ..data.tasks.truthfulqa import resolve_truthfulqa_path
 from ..data.textmetrics import mean_and_stderr, rouge_l, sentence_bleu, truth_scores
@@ -51,6 +53,13 @@ from .report import write_csv, write_report
 from .streaming import ScoreReader, ScoreWriter
 
 DATASETS = ("truthfulqa", "truthfulqa_gen")
+RUN_FILE = "sweep.json"  # the configuration an output folder holds (identity), written first
+RECORD_FIELDS = ("index", "question", "prompt_tokens", "dense_text", "dense_tokens", "dense_truth",
+                 "mc1_dense", "dense_reproduced", "timings", "variants")
+VARIANT_FIELDS = frozenset({"metric", "requested_ratio", "text", "generated_tokens", "executed_ratio",
+                            "executed_ratio_mlp", "executed_ratio_heads", "executed_ratio_kv_heads",
+                            "executed_tokens", "bleu_vs_dense", "rougeL_vs_dense", "truth_bleu_diff",
+                            "truth_rougeL_diff", "truth_bleu_acc", "mc1"})
 
 
 @dataclass
@@ -77,6 +86,7 @@ class SweepConfig:
     stream_scores: bool = False  # keep per-token scores in out/scores (safetensors shards)
     max_memory_mb: float = 256.0  # budget of the streamed-scores buffer
     device: str = "auto"  # cuda:<local rank> when CUDA is available, else cpu
+    truncate: str = "none"  # a prompt longer than the context: refused, or "left" (its end kept)
 
     def validate(self) -> "SweepConfig":
         if self.dataset not in DATASETS:
@@ -91,14 +101,26 @@ class SweepConfig:
             raise UserError("--max-new-tokens must be at least 1")
         if not self.max_memory_mb > 0:
             raise UserError(f"--max-memory must be a positive number of MB, got {self.max_memory_mb:g}")
+        if self.truncate not in TRUNCATE:
+            raise UserError(f"--truncate must be one of {', '.join(TRUNCATE)}, got {self.truncate!r}")
+        if self.questions is not None and self.limit is not None and self.limit < len(self.questions):
+            raise UserError(f"--limit {self.limit} would drop {len(self.questions) - self.limit} of the "
+                            f"{len(self.questions)} questions given with --questions; leave --limit out")
         return self
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes a question's record."""
+    def identity(self) -> dict:
+        """Everything that changes a question's record: what :meth:`fingerprint` hashes, and what
+        an output folder records so that another configuration is never written over it."""
         keys = asdict(self)
         for k in ("limit", "offset", "questions", "stream_scores", "max_memory_mb", "device"):
             keys.pop(k)
-        return stable_hash(keys)
+        if keys["truncate"] == "none":
+            keys.pop("truncate")  # records written before the option keep their names
+        return keys
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes a question's record."""
+        return stable_hash(self.identity())
 
 
 def _trace_cached(model, prompt, target, cache_dir: Path, key_base: dict) -> GradientTrace:
@@ -120,6 +142,8 @@ class Sweep:
     def __init__(self, config: SweepConfig, out: Path, model=None, tokenizer=None):
         self.config = config.validate()
         self.out = Path(out)
+        self.identity = json.loads(json.dumps(config.identity()))  # as stored in RUN_FILE
+        check_same_run(self.out, self.identity)  # before any work: never write over another run
         self.items = load_truthfulqa(config.data, limit=config.limit, offset=config.offset,
                                      indices=config.questions)
         if not self.items:
@@ -138,6 +162,10 @@ class Sweep:
         self.score_writer = None  # a streaming.ScoreWriter while a run streams scores
         self.key_base = {"model": config.model, "weights": model_key(model), "dtype": config.dtype,
                          "template": self.template, "attrsparse": __version__}
+        # every prompt checked against the context before any work (refused, or cut on the left)
+        self.prompts = {item.index: fit_prompt(encode_prompt(tokenizer, item.question, self.template), model,
+                                               config.max_new_tokens, config.truncate, f"question {item.index}")
+                        for item in self.items}
 
     # -- one question --------------------------------------------------------------------------
     def _uses_ig(self, q_pos: int) -> bool:
@@ -178,7 +206,7 @@ class Sweep:
         need extra passes per candidate (IG, re-scoring selectors) and ratios outside
         ``mc1_ratios`` are left out (their ``mc1`` is null).
         """
-        prompt = encode_prompt(self.tok, item.question, self.template)
+        prompt = self.prompts[item.index]
         choices = [c for c in [item.best_answer] + list(item.incorrect_answers) if c.strip()]
         mc1_ratios = self.config.mc1_ratios
         variants = [v for v in variants if get_metric(v[0]).single_pass
@@ -203,7 +231,7 @@ class Sweep:
         torch.manual_seed(cfg.seed)
         timings = {}
         t0 = time.perf_counter()
-        prompt = encode_prompt(tok, item.question, self.template)
+        prompt = self.prompts[item.index]
         ref_len = len(tok(item.best_answer, add_special_tokens=False).input_ids)
         label = greedy_continuation(self.model, prompt, max(1, min(ref_len, cfg.max_new_tokens)), self.stop_ids)
         dense_text = tok.decode(label, skip_special_tokens=True).strip()
@@ -253,8 +281,15 @@ class Sweep:
         return f"q{item.index:04d}-{fingerprint}-{ig}"
 
     def _record_is_valid(self, q_pos: int, item, record: dict, streamed=None) -> bool:
+        variants, truth = record["variants"], record["dense_truth"]
+        if not isinstance(variants, list) or not all(isinstance(v, dict) and VARIANT_FIELDS <= v.keys()
+                                                     for v in variants) \
+                or not isinstance(truth, dict) or not {"bleu_diff", "rougeL_diff", "bleu_acc"} <= truth.keys():
+            warn_recompute(self.records_dir / f"{self._record_key(q_pos, item)}.json",
+                           "lacks a field of its variants or of dense_truth")
+            return False
         expected = set(self._variants(q_pos)) | {("dense", 1.0)}
-        if {(v["metric"], v["requested_ratio"]) for v in record.get("variants", [])} != expected:
+        if {(v["metric"], v["requested_ratio"]) for v in variants} != expected:
             return False  # written by another version
         return streamed is None or self._record_key(q_pos, item) in streamed  # scores were lost
 
@@ -265,6 +300,8 @@ class Sweep:
         ``results.json``, the CSV, the plots and the report, from all records in question order.
         """
         ctx = self.ctx
+        if ctx.is_main:  # the folder now holds this configuration (checked in __init__)
+            atomic_write_json(self.out / RUN_FILE, {"kind": "sweep", "config": self.identity})
         streamed = None
         if self.config.stream_scores:
             streamed = set(ScoreReader(self.out / "scores").keys())
@@ -274,7 +311,7 @@ class Sweep:
             records = run_sharded(
                 self.items, self._record_key, self.run_question, self.records_dir,
                 valid_fn=lambda q_pos, item, record: self._record_is_valid(q_pos, item, record, streamed),
-                manifest_dir=self.out / "shards", ctx=ctx, progress=progress, desc="sweep",
+                manifest_dir=self.out / "shards", ctx=ctx, progress=progress, desc="sweep", required=RECORD_FIELDS,
                 after_shard=self.score_writer.close if self.score_writer else None)
         finally:  # scores of questions whose records were written reach disk, even on an interrupt
             if self.score_writer is not None:
@@ -307,6 +344,30 @@ class Sweep:
             "dense": _dense_aggregate(records),
             "aggregates": aggregate(records, cfg.metrics, cfg.ratios),
         }
+
+
+def check_same_run(out: Path, identity: dict) -> None:
+    """UserError (one line) when ``out`` holds a sweep of another configuration: the one recorded in
+    ``RUN_FILE``, or for folders written before it, the configuration in ``results.json``. Settings
+    a stored file does not know (options added later) are not compared."""
+    stored = read_json(out / RUN_FILE)
+    theirs = stored.get("config") if isinstance(stored, dict) else None
+    if not isinstance(theirs, dict):
+        results = read_json(out / "results.json")
+        theirs = dict(results.get("config") or {}) if isinstance(results, dict) else None
+        if not theirs:
+            return
+        theirs["template"] = theirs.pop("requested_template", theirs.get("template"))
+    differ = [k for k in identity if k in theirs and theirs[k] != identity[k]]
+    if differ:
+        shown = "; ".join(f"{k} {_short(theirs[k])} there, {_short(identity[k])} now" for k in differ[:4])
+        raise UserError(f"{out} holds a sweep of another configuration ({shown}); choose another --out "
+                        "(a run resumes only with the same settings)")
+
+
+def _short(value) -> str:
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _model_source(spec: str) -> dict:
@@ -342,6 +403,8 @@ def aggregate(records: list[dict], metrics: list[str], ratios: list[float]) -> l
                 entry[key] = sum(v[key] * v["executed_tokens"] for v in rows) / tokens
             for key in ("bleu_vs_dense", "rougeL_vs_dense", "truth_bleu_diff", "truth_rougeL_diff", "truth_bleu_acc"):
                 entry[key], entry[key + "_stderr"] = mean_and_stderr([v[key] for v in rows])
+            # both answers empty: BLEU is undefined (NaN), left out of the mean and counted here
+            entry["empty_vs_empty"] = sum(1 for v in rows if v["bleu_vs_dense"] != v["bleu_vs_dense"])
             mc1 = [v["mc1"] for v in rows if v["mc1"] is not None]
             entry["mc1"] = sum(mc1) / len(mc1) if mc1 else None
             out.append(entry)
