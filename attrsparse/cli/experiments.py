@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from ..core.errors import UserError
@@ -15,6 +16,8 @@ from .args import add_device_arg, add_truncate_arg, comma_floats, comma_ints, co
 DEMO_METRICS = "magnitude,gradient,gxo,snip,ig,corrected_gxo,recommended"
 ALL_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
 DEFAULT_LIMIT = 25  # questions of a sweep without --questions
+#: ``attrsparse demo`` on 2 idle cores: fixed minutes, per sweep question, per dependency question
+DEMO_MINUTES = (1.0, 0.4, 0.3)
 
 
 def _metric_names(text: str) -> list[str]:
@@ -90,10 +93,22 @@ def cmd_dependency(args) -> int:
     return 0
 
 
+def demo_estimate_minutes(limit: int, dependency_questions: int) -> float:
+    """Minutes ``attrsparse demo`` takes on 2 idle cores (measured, :data:`DEMO_MINUTES`), scaled
+    by its question counts."""
+    base, per_question, per_dependency_question = DEMO_MINUTES
+    return base + per_question * limit + per_dependency_question * dependency_questions
+
+
 def cmd_demo(args) -> int:
     """The paper's sweep on the default model plus the dependency analysis (about 12 minutes on
     2 idle cores; IG and MC1 are limited to keep it there, and the report says so)."""
     out = Path(args.out)
+    start = time.monotonic()
+    minutes = demo_estimate_minutes(args.limit, args.dependency_questions)
+    print(f"demo: dependency analysis on {args.dependency_questions} questions, then the sweep of "
+          f"{args.limit} TruthfulQA questions x 7 metrics x 10 ratios on {args.model}; about "
+          f"{minutes:.0f} minutes on 2 idle cores (longer on busy ones), into {out}", flush=True)
     model, tok = load_model(args.model)
     run_dependency(DependencyConfig(model=args.model, limit=args.dependency_questions,
                                     offset=args.offset), out, model=model, tokenizer=tok)
@@ -101,7 +116,8 @@ def cmd_demo(args) -> int:
                          offset=args.offset, ig_steps=args.ig_steps, ig_questions=args.ig_questions,
                          mc1_ratios=comma_floats(args.mc1_ratios, "--mc1-ratios", ratios=True))
     Sweep(config, out, model=model, tokenizer=tok).run()
-    print(f"\nreport: {out / 'report.md'}\nplots:  {out / 'curves.png'} (and .svg)\n"
+    print(f"\ndemo finished in {(time.monotonic() - start) / 60:.1f} minutes (estimate {minutes:.0f})\n"
+          f"report: {out / 'report.md'}\nplots:  {out / 'curves.png'} (and .svg)\n"
           f"data:   {out / 'results.json'}, {out / 'results.csv'}, {out / 'dependency.json'}")
     return 0
 
