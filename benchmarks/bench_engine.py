@@ -47,6 +47,7 @@ from attrsparse.deploy.engine.bench import (
     print_progress,
     run_rounds,
     summarize,
+    wait_for_idle,
 )
 from attrsparse.deploy.engine.gguf_convert import dequantise_gguf, packaged_smollm2_gguf
 from attrsparse.deploy.engine.sites import rules_to_json
@@ -211,8 +212,14 @@ def main() -> int:
     report["contenders"] = {n: {"spec": {k: v for k, v in s.items() if k != "prompt_ids"}} for n, s in contenders.items()}
 
     note("memory bandwidth")
+    if args.idle_busy is not None:
+        report["bandwidth_background_busy"] = wait_for_idle(args.idle_busy, args.idle_timeout)[0]
     report["bandwidth"] = measure_bandwidth((1, args.threads))
-    report["kernels"] = [kernel_speedup(p, threads=args.threads) for p in precisions]
+    report["kernels"] = []
+    for p in precisions:
+        if args.idle_busy is not None:
+            wait_for_idle(args.idle_busy, args.idle_timeout)
+        report["kernels"].append(kernel_speedup(p, threads=args.threads))
     note(f"{len(contenders)} contenders x {args.rounds} rounds")
     runs = run_rounds(contenders, args.rounds, nice=args.nice, idle_busy=args.idle_busy,
                       idle_timeout=args.idle_timeout, progress=print_progress)
