@@ -23,6 +23,7 @@ from attrsparse.cli.experiments import _sweep_config
 from attrsparse.cli.main import build_parser, main
 from attrsparse.core import hub
 from attrsparse.core.decoding import masked_loglik
+from attrsparse.core.distributed import DistContext, run_sharded
 from attrsparse.core.errors import UserError
 from attrsparse.core.finite import NonFiniteError, check_finite
 from attrsparse.core.io import atomic_save_tensors, atomic_write_json, read_json
@@ -67,6 +68,20 @@ def nan_dir(tmp_path_factory):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return str(path)
+
+
+# -- 0. a fresh machine: the bundled data --------------------------------------------------------
+
+def test_a_damaged_bundled_copy_is_refused(tmp_path, monkeypatch):
+    from attrsparse.data.tasks import common, load_task
+
+    copy = tmp_path / "bundled" / "truthfulqa"
+    copy.mkdir(parents=True)
+    (copy / "TruthfulQA.csv").write_bytes((common.BUNDLED_DIR / "truthfulqa" / "TruthfulQA.csv").read_bytes()[:-9])
+    monkeypatch.delenv("ATTRSPARSE_DATA_DIR", raising=False)
+    monkeypatch.setattr(common, "BUNDLED_DIR", tmp_path / "bundled")
+    with pytest.raises(UserError, match="bundled truthfulqa/TruthfulQA.csv is damaged.*reinstall"):
+        load_task("truthfulqa_gen", limit=1)
 
 
 # -- 1. non-finite outputs stop the run ------------------------------------------------------------
@@ -322,6 +337,18 @@ def test_read_json_names_a_record_lacking_a_field(tmp_path, capsys):
     assert f"{path} lacks requested_ratio; recomputing it" in capsys.readouterr().err
     path.write_text("[1, 2]")
     assert read_json(path, required=("mode",)) is None
+
+
+def test_run_sharded_recomputes_a_record_lacking_a_required_field(tmp_path, capsys):
+    """The path of every resumable command's records (sweep, compare, and others on run_sharded)."""
+    def work(pos, item):
+        return {"pos": pos, "value": item}
+
+    run_sharded([7, 8], lambda pos, item: f"r{pos}", work, tmp_path, ctx=DistContext(), progress=False)
+    (tmp_path / "r1.json").write_text('{"pos": 1}')
+    assert run_sharded([7, 8], lambda pos, item: f"r{pos}", work, tmp_path, ctx=DistContext(), progress=False,
+                       required=("pos", "value")) == [{"pos": 0, "value": 7}, {"pos": 1, "value": 8}]
+    assert f"{tmp_path / 'r1.json'} lacks value; recomputing it" in capsys.readouterr().err
 
 
 def test_sweep_recomputes_a_record_lacking_a_field(capsys, llama_dir, tmp_path):
