@@ -158,6 +158,9 @@ def main() -> int:
     ap.add_argument("--sparse-quantile", type=float, default=0.5)
     ap.add_argument("--head-questions", type=int, default=100)
     ap.add_argument("--head-max-new", type=int, default=64)
+    ap.add_argument("--head-check-only", action="store_true",
+                    help="only the TruthfulQA check of the screened head (fp32 and bf16), with --head-threads")
+    ap.add_argument("--head-threads", type=int, default=None, help="threads of the TruthfulQA check")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--load", default="mmap", choices=["mmap", "copy"])
@@ -182,6 +185,18 @@ def main() -> int:
     precisions = args.precisions.split(",")
     paths = {p: pack(model, p) for p in precisions}
     note(f"packed {', '.join(str(p) for p in paths.values())}")
+    head_threads = args.head_threads or args.threads
+    if args.head_check_only:
+        report["head_check"] = {}
+        for p in (p for p in precisions if p != "int8"):
+            t0 = time.time()
+            report["head_check"][p] = truthfulqa_head_check(paths[p], tok, args.head_questions, args.head_max_new,
+                                                            head_threads)
+            report["head_check"][p]["seconds"] = time.time() - t0
+            note(f"{p}: {report['head_check'][p]}")
+        out_path.write_text(json.dumps(report, indent=1) + "\n")
+        note(f"wrote {out_path}")
+        return 0
     rules = crude_thresholds(model, tok, args.sparse_quantile)
     rules_path = out_path.with_name(out_path.stem + ".rules.json")
     rules_path.write_text(json.dumps(rules_to_json(rules)))
@@ -293,7 +308,7 @@ def main() -> int:
     report["head"]["precision_checked"] = precisions[0]
     if args.head_questions:
         report["head"]["truthfulqa"] = truthfulqa_head_check(paths[precisions[0]], tok, args.head_questions,
-                                                             args.head_max_new, args.threads)
+                                                             args.head_max_new, head_threads)
     report["machine"]["loadavg_after"] = os.getloadavg()
     out_path.write_text(json.dumps(report, indent=1) + "\n")
     note(f"wrote {out_path}")
