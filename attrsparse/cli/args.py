@@ -87,10 +87,11 @@ def add_truncate_arg(p: argparse.ArgumentParser) -> None:
                         "(default: refuse, one line) or left (keep its end, with a warning)")
 
 
-def check_out(path: str | os.PathLike, what: str = "--out") -> Path:
+def check_out(path: str | os.PathLike, what: str = "--out", keep: bool = False) -> Path:
     """Fail before any work, in one line, unless ``path`` is a directory that can be written, or one
     that can be created: an existing file, a read-only location or ``/proc/...`` is a
-    :class:`UserError`. Creates nothing that stays: folders made for the probe are removed again."""
+    :class:`UserError`. Creates nothing that stays: folders made for the probe are removed again
+    (with ``keep``, only when the check fails)."""
     text = os.fspath(path)
     if not text.strip():
         raise UserError(f"{what} is empty")
@@ -111,6 +112,8 @@ def check_out(path: str | os.PathLike, what: str = "--out") -> Path:
         fd, probe = tempfile.mkstemp(dir=out, prefix=".attrsparse-probe-")
         os.close(fd)
         os.unlink(probe)
+        if keep:
+            created = []
     except OSError as exc:
         raise UserError(f"{what} {text} cannot be written ({exc.strerror or exc})") from None
     finally:

@@ -130,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "out", None) is not None:
-            check_out(args.out)  # every command with --out: writable, before any work
+        if getattr(args, "out", None) is not None and os.environ.get("RANK", "0") in ("", "0"):
+            # every command with --out: writable, before any work (rank 0 of torchrun, keeping the
+            # folder, since other ranks may write into it at once)
+            check_out(args.out, keep=os.environ.get("WORLD_SIZE", "1") not in ("", "1"))
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"attrsparse: error: {err}", file=sys.stderr)
