@@ -96,7 +96,6 @@ EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uin
     EngState* s = calloc(1, sizeof(EngState));
     if (!s) return NULL;
     int64_t d = m->hidden, hd = m->head_dim, A = m->n_heads * hd, P = (m->n_heads + 2 * m->n_kv) * hd;
-    if (d > TILE * 64 || m->inter > TILE * 64) { free(s); return NULL; }
     int64_t cache = m->n_layers * m->n_kv * max_ctx * hd * (int64_t)sizeof(float);
     int64_t wide = max3(d, A, m->inter) + 16;
     s->max_ctx = max_ctx; s->n_threads = threads; s->rng = seed;
