@@ -58,7 +58,7 @@ def _evaluate(model, tok, items: int) -> dict:
     from attrsparse.policies import make_policy
 
     out = {}
-    for name, ratio in (("dense", 1.0), ("teal", 0.5)):
+    for name, ratio in (("dense", 1.0), ("teal_units", 0.5)):
         policy = make_policy(name, ratio)
         if policy.mode in ("online", "static"):
             policy.prepare(model, calibration_sequences(tok, "wikitext2", 4, 128))

@@ -23,7 +23,7 @@ from attrsparse.selectors.topk import keep_count
 
 PROMPT = torch.tensor([1, 5, 9, 17])
 TARGET = torch.tensor([3, 8, 21, 4])
-FIELD = ("teal", "cats", "wanda")
+FIELD = ("teal_units", "cats_units", "wanda")
 
 
 def calibration(n: int = 4, length: int = 12, seed: int = 0) -> list[torch.Tensor]:
@@ -39,7 +39,7 @@ def prepared(name: str, ratio: float, model, calib):
 
 # -- registry and CLI ---------------------------------------------------------------------------
 def test_registered_as_baselines_and_listed_by_the_cli(capsys):
-    assert set(FIELD) | {"random", "wina"} <= set(list_metrics("baseline"))
+    assert set(FIELD) | {"random", "wina_units"} <= set(list_metrics("baseline"))
     assert main(["selectors"]) == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
     assert set(FIELD) <= listed
@@ -80,7 +80,7 @@ def test_cats_statistic_is_the_gate_activation(make_tiny, name):
     handle = mlp_module.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0]))
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
     try:
-        scores = get_metric("cats").scores(model, PROMPT, TARGET, trace)
+        scores = get_metric("cats_units").scores(model, PROMPT, TARGET, trace)
     finally:
         handle.remove()
     h = seen["h"][0, PROMPT.numel() - 1:]  # [T, hidden], the MLP input at the target positions
@@ -98,8 +98,8 @@ def test_cats_statistic_is_the_gate_activation(make_tiny, name):
 def test_teal_statistic_is_magnitude(make_tiny):
     model = make_tiny("qwen2")
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
-    teal = get_metric("teal").scores(model, PROMPT, TARGET, trace)
-    dense_pass = get_metric("teal").values(model, torch.cat([PROMPT, TARGET[:-1]]).unsqueeze(0))
+    teal = get_metric("teal_units").scores(model, PROMPT, TARGET, trace)
+    dense_pass = get_metric("teal_units").values(model, torch.cat([PROMPT, TARGET[:-1]]).unsqueeze(0))
     torch.testing.assert_close(teal.mlp, trace.mlp_x.abs())
     torch.testing.assert_close(teal.heads, trace.head_x.norm(dim=-1))
     torch.testing.assert_close(dense_pass.mlp[0, PROMPT.numel() - 1:], teal.mlp, rtol=1e-5, atol=1e-6)
@@ -157,7 +157,7 @@ def test_shapes_and_determinism_on_every_architecture(make_tiny, arch):
         assert torch.equal(out.logits, repeat.logits) and torch.equal(out.masks.mlp, repeat.masks.mlp)
 
 
-@pytest.mark.parametrize("name", ["teal", "cats"])
+@pytest.mark.parametrize("name", ["teal_units", "cats_units"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])
 def test_thresholds_keep_the_ratio_on_the_calibration_data(make_tiny, arch, name):
     model = make_tiny(arch)
@@ -173,14 +173,14 @@ def test_thresholds_keep_the_ratio_on_the_calibration_data(make_tiny, arch, name
     for layer in range(units.num_layers):
         kept = int((mlp[:, layer] > policy.rule.tau[layer]).sum())
         assert kept == keep_count(ratio, tokens * units.mlp_size)
-        if name == "teal":
+        if name == "teal_units":
             kept = int((heads[:, layer] > policy.rule.tau[units.num_layers + layer]).sum())
             assert kept == keep_count(ratio, tokens * units.num_heads)
     # online, the first layer's inputs do not depend on any mask: same kept fraction there
     online = policy.forward(model, torch.stack(calib)).masks
-    first = online.heads[:, :, 0] if name == "teal" else online.mlp[:, :, 0]  # cats: heads dense
+    first = online.heads[:, :, 0] if name == "teal_units" else online.mlp[:, :, 0]  # cats: heads dense
     assert int(first.sum()) == keep_count(ratio, first.numel())
-    if name == "cats":
+    if name == "cats_units":
         assert torch.all(online.heads)
 
 
@@ -199,12 +199,12 @@ def test_wanda_random_wina_keep_exactly_k_per_layer(make_tiny):
     again = make_policy("random", 0.3)
     again.prepare(model)
     assert torch.equal(again.masks.mlp, rand.masks.mlp)
-    wina = make_policy("wina", 0.3).forward(model, ids).masks
+    wina = make_policy("wina_units", 0.3).forward(model, ids).masks
     assert torch.all(wina.mlp.sum(-1) == k_mlp) and torch.all(wina.heads.sum(-1) == k_heads)
 
 
 # -- ratio 1.0 and equivalence with zeroed weights ----------------------------------------------
-@pytest.mark.parametrize("name", ["teal", "cats", "wanda", "wina", "random"])
+@pytest.mark.parametrize("name", ["teal_units", "cats_units", "wanda", "wina_units", "random"])
 def test_ratio_one_is_dense(make_tiny, name):
     model = make_tiny("qwen2")
     ids = torch.stack(calibration(n=2))
@@ -238,7 +238,7 @@ def test_static_wanda_equals_zeroed_weights(make_tiny, arch):
                                DensePolicy().forward(pruned, ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["teal", "cats", "wina"])
+@pytest.mark.parametrize("name", ["teal_units", "cats_units", "wina_units"])
 def test_online_masks_are_what_ran(make_tiny, name):
     """Replaying the returned masks gives the same logits; for one position they equal zeroed weights."""
     model = make_tiny("llama")
@@ -266,7 +266,7 @@ def test_decision_cost_by_hand(make_tiny):
     heads = torch.zeros(1, units.num_layers, units.num_heads, dtype=torch.bool)
     heads[..., 0] = True
     masks = UnitMasks(mlp, heads)
-    teal = get_metric("teal")
+    teal = get_metric("teal_units")
     extra = decision_cost_fraction(masks, units, *teal.prepaid_params(units))
     hidden, n, hd = 32, 48, 8
     # what really runs: all gate+up rows, 12 down columns; all query rows, 1 head's output
@@ -274,7 +274,7 @@ def test_decision_cost_by_hand(make_tiny):
     read = n * 2 * hidden + 12 * hidden + 4 * hd * hidden + 1 * hd * hidden + 2 * 2 * hd * hidden
     layer = n * 3 * hidden + 4 * 2 * hd * hidden + 2 * 2 * hd * hidden
     assert executed_ratio(masks, units).param + float(extra[0]) == pytest.approx(read / layer)
-    cats = get_metric("cats")  # a dropped unit ran its gate row only
+    cats = get_metric("cats_units")  # a dropped unit ran its gate row only
     extra = decision_cost_fraction(masks, units, *cats.prepaid_params(units))
     unit_level = executed_ratio(masks, units).param
     assert unit_level + float(extra[0]) == pytest.approx(unit_level + 36 * hidden / layer)
@@ -285,8 +285,8 @@ def test_sweep_masks_fall_back_to_each_questions_own_tokens(make_tiny, capsys):
     model = make_tiny("llama")
     units = unit_map(model)
     trace = trace_gradients(model, PROMPT, TARGET).row(0)
-    scores = get_metric("teal").scores(model, PROMPT, TARGET, trace)
-    masks = get_metric("teal").masks_for_many(scores, [0.5, 1.0], model=model, trace=trace, units=units)
+    scores = get_metric("teal_units").scores(model, PROMPT, TARGET, trace)
+    masks = get_metric("teal_units").masks_for_many(scores, [0.5, 1.0], model=model, trace=trace, units=units)
     t = TARGET.numel()
     for layer in range(units.num_layers):
         assert int(masks[0].mlp[:, layer].sum()) == keep_count(0.5, t * units.mlp_size)
@@ -307,11 +307,11 @@ def test_sweep_calibrates_through_the_saved_tokenizer(tiny_truthfulqa_lm, tmp_pa
     seqs = resolve_calibration(loaded, {})
     assert seqs is not None and len(seqs) == 3
     assert torch.equal(seqs[0], tok(text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0][:8])
-    policy = prepared("teal", 0.5, loaded, seqs)
+    policy = prepared("teal_units", 0.5, loaded, seqs)
     units = unit_map(loaded)
     trace = trace_gradients(loaded, PROMPT, TARGET).row(0)
-    scores = get_metric("teal").scores(loaded, PROMPT, TARGET, trace)
-    masks = get_metric("teal").masks_for(scores, 0.5, model=loaded, trace=trace, units=units)
+    scores = get_metric("teal_units").scores(loaded, PROMPT, TARGET, trace)
+    masks = get_metric("teal_units").masks_for(scores, 0.5, model=loaded, trace=trace, units=units)
     expected = scores.mlp > torch.tensor(policy.rule.tau[:units.num_layers]).view(-1, 1)
     assert torch.equal(masks.mlp, expected)  # the same calibrated thresholds as the task policy
 
@@ -325,7 +325,7 @@ def test_sweep_runs_every_baseline_by_name(tiny_truthfulqa_lm, tmp_path, monkeyp
     monkeypatch.setattr(attrsparse.experiments.plots, "plot_curves", lambda results, out_dir: [])
     model, tok = tiny_truthfulqa_lm()
     data = Path(__file__).parent / "fixtures" / "truthfulqa_3.csv"
-    names = ["teal", "cats", "wanda", "wina", "random"]
+    names = ["teal_units", "cats_units", "wanda", "wina_units", "random"]
     cfg = SweepConfig(metrics=names, ratios=[0.5, 1.0], limit=1, template="paper", data=str(data),
                       max_new_tokens=5, mc1=False)
     results = Sweep(cfg, out=tmp_path / "sweep", model=model, tokenizer=tok).run(progress=False)
@@ -333,4 +333,4 @@ def test_sweep_runs_every_baseline_by_name(tiny_truthfulqa_lm, tmp_path, monkeyp
     for name in names:
         ratio = rows[(name, 0.5)]["executed_ratio"]
         assert 0.0 < ratio < 1.0 and not math.isnan(ratio)
-    assert rows[("cats", 0.5)]["executed_ratio_heads"] == 1.0
+    assert rows[("cats_units", 0.5)]["executed_ratio_heads"] == 1.0

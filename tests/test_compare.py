@@ -94,7 +94,7 @@ def test_compare_under_torchrun_equals_one_process(tiny_truthfulqa_lm, tmp_path)
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     args = ["compare", "--models", str(tmp_path / "model"), "--tasks", "truthfulqa_mc1,wikitext2",
-            "--selectors", "magnitude,teal,wanda", "--ratios", "0.5", "--limit", "3", "--max-tokens", "48",
+            "--selectors", "magnitude,teal_units,wanda", "--ratios", "0.5", "--limit", "3", "--max-tokens", "48",
             "--calib", str(FIXTURES / "wikitext_tiny.txt"), "--calib-sequences", "2", "--calib-len", "8",
             "--data", f"truthfulqa_mc1={FIXTURES / 'truthfulqa_3.csv'},wikitext2={FIXTURES / 'wikitext_tiny.txt'}"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0

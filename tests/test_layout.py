@@ -129,7 +129,7 @@ def test_sparsify_masks_equal_apply_masks(make_tiny):
     assert sp.executed.tokens == handle.executed.tokens and sp.executed.param == handle.executed.param
 
 
-@pytest.mark.parametrize("spec", ["wina", "random", "teal"])
+@pytest.mark.parametrize("spec", ["wina_units", "random", "teal_units"])
 def test_sparsify_applies_a_policy_to_plain_calls(make_tiny, spec):
     model = make_tiny("llama")
     calibration = [_ids(16, seed=s)[0] for s in range(4)]
@@ -154,7 +154,7 @@ def test_sparsify_oracle_and_calibration_need_what_they_need(make_tiny):
         with sp:
             pass
     with pytest.raises(UserError, match="calibrates on text"):
-        sparsify(model, "teal", 0.5)
+        sparsify(model, "teal_units", 0.5)
 
 
 # -- the CLI's list options -------------------------------------------------------------------

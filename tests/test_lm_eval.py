@@ -100,8 +100,8 @@ def test_right_padding_mask_by_hand():
 
 def test_ratio_one_equals_the_hf_model_type_and_padding_is_not_counted(setup):
     hf = evaluate(setup, "hf", "")
-    ours = evaluate(setup, "attrsparse", "selector=teal,ratio=1.0")
-    unbatched = evaluate(setup, "attrsparse", "selector=teal,ratio=1.0", batch_size=1)
+    ours = evaluate(setup, "attrsparse", "selector=teal_units,ratio=1.0")
+    unbatched = evaluate(setup, "attrsparse", "selector=teal_units,ratio=1.0", batch_size=1)
     assert logliks(ours) == logliks(hf)  # bit for bit
     assert ours["results"]["arc_tiny"]["acc,none"] == hf["results"]["arc_tiny"]["acc,none"]
     info = ours["config"]["attrsparse"]
@@ -115,7 +115,7 @@ def dense(setup) -> dict:
     return evaluate(setup, "attrsparse", "selector=dense")
 
 
-@pytest.mark.parametrize("selector", ["teal", "cats", "wanda", "wina", "random", "corrected_gxo"])
+@pytest.mark.parametrize("selector", ["teal_units", "cats_units", "wanda", "wina_units", "random", "corrected_gxo"])
 def test_every_kind_of_selector_evaluates_and_is_accounted(setup, dense, selector):
     sparse = evaluate(setup, "attrsparse", f"selector={selector},ratio=0.5")
     info = sparse["config"]["attrsparse"]
@@ -123,15 +123,15 @@ def test_every_kind_of_selector_evaluates_and_is_accounted(setup, dense, selecto
     assert info["executed_tokens"] == dense["config"]["attrsparse"]["executed_tokens"]
     assert logliks(sparse) != logliks(dense) and len(logliks(sparse)) == len(logliks(dense))
     assert 0.0 < info["executed_ratio"] < 1.0
-    expected_mode = {"teal": "online", "cats": "online", "wina": "online", "wanda": "static",
+    expected_mode = {"teal_units": "online", "cats_units": "online", "wina_units": "online", "wanda": "static",
                      "random": "static", "corrected_gxo": "oracle"}[selector]
     assert info["mode"] == expected_mode
-    if selector in ("wanda", "random", "wina", "corrected_gxo"):  # top-k: exactly k of 48 / of 4
+    if selector in ("wanda", "random", "wina_units", "corrected_gxo"):  # top-k: exactly k of 48 / of 4
         assert info["executed_ratio_mlp"] == keep_count(0.5, 48) / 48
         assert info["executed_ratio_heads"] == keep_count(0.5, 4) / 4
     if expected_mode == "online":  # gate/up (and q/k/v) rows ran before each decision
         assert info["executed_ratio_with_decision_cost"] > info["executed_ratio"]
-    if selector == "cats":
+    if selector == "cats_units":
         assert info["executed_ratio_heads"] == 1.0
 
 
@@ -181,7 +181,7 @@ def test_generation_runs_under_the_policy(setup):
 def test_online_generation_is_accounted_and_the_oracle_refuses(setup):
     model_dir, calib, _ = setup
     lm = get_model("attrsparse").create_from_arg_string(
-        f"pretrained={model_dir},selector=teal,ratio=0.5,calib={calib},{CALIB}", {"device": "cpu"})
+        f"pretrained={model_dir},selector=teal_units,ratio=0.5,calib={calib},{CALIB}", {"device": "cpu"})
     requests = [Instance(request_type="generate_until", doc={}, idx=0,
                          arguments=("Question: What is the main source of energy ?\nAnswer:",
                                     {"until": ["[EOS]"], "max_gen_toks": 4, "do_sample": False}))]

@@ -200,7 +200,7 @@ def test_decision_cost_from_mean_ratios_equals_per_row_sum(make_tiny):
 
     model = make_tiny("llama")
     units = unit_map(model)
-    policy = make_policy("teal", 0.5)
+    policy = make_policy("teal_units", 0.5)
     policy.prepare(model, [_ids(seed=s, shape=(12,)) for s in range(3)])
     out = policy.forward(model, _ids(shape=(2, 9)))
     acc = account(out.masks, None, units)
@@ -211,7 +211,7 @@ def test_decision_cost_from_mean_ratios_equals_per_row_sum(make_tiny):
     assert read > acc.param and DensePolicy().prepaid_params(units) is None
 
 
-@pytest.mark.parametrize("selector", ["teal", "cats", "wina", "wanda", "random"])
+@pytest.mark.parametrize("selector", ["teal_units", "cats_units", "wina_units", "wanda", "random"])
 def test_baselines_score_choices_on_the_shared_context_cache(make_tiny, selector):
     model = make_tiny("llama")
     policy = make_policy(selector, 0.5)

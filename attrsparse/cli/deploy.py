@@ -15,7 +15,7 @@ from ..core.io import atomic_write_json
 from ..core.models import load_model
 from ..core.trace import to_ids
 from ..data.tasks import load_wikitext
-from ..deploy.calibrate import run_calibration
+from ..deploy.calibrate import run_calibration, run_channel_calibration
 from ..deploy.export import EXPORT_INFO, export_model
 from ..deploy.predictor import PredictorConfig, print_report, run_train_predictor
 from ..deploy.runtime import generate
@@ -23,6 +23,7 @@ from ..evaluation.evaluate import evaluate_task
 from ..policies import DensePolicy, load_predictor_policy
 from ..policies.predictor import REPORT_NAME
 from ..policies.static import JSON_NAME, TENSORS_NAME, load_static_policy
+from ..selectors.channels import CHANNEL_RULES
 from .args import add_device_arg, add_model_args, add_truncate_arg, comma_floats, comma_list
 
 
@@ -66,6 +67,11 @@ def _calibrate(model, tok, args, ratios, out: Path) -> dict:
 
 def cmd_calibrate(args) -> int:
     ratios = _ratios(args.ratios)
+    if args.selector in CHANNEL_RULES:
+        return _calibrate_channels(args, ratios)
+    if args.selector != "static":
+        raise UserError(f"--selector must be static or a channel rule ({', '.join(CHANNEL_RULES)}), "
+                        f"got '{args.selector}'")
     ctx = init_distributed(args.device)  # under torchrun: join the job; the model runs on this rank's device
     model, tok = load_model(args.model, dtype=args.dtype, device=ctx.device)
     doc = _calibrate(model, tok, args, ratios, Path(args.out))
@@ -77,6 +83,21 @@ def cmd_calibrate(args) -> int:
               f"{entry['executed_ratio_heads']:6.3f} {entry['executed_ratio_kv_heads']:5.2f}  "
               f"{entry['allocation']} ({entry['heads']['kv_groups']}x{entry['heads']['heads_per_group']} heads)")
     print(f"sparsity file: {Path(args.out) / 'static.json'}")
+    return 0
+
+
+def _calibrate_channels(args, ratios) -> int:
+    _positive(args.n_seq, "--n-seq")
+    if args.seq_len < 2:
+        raise UserError("--seq-len must be at least 2")
+    model, tok = load_model(args.model, dtype=args.dtype, device=init_distributed(args.device).device)
+    doc = run_channel_calibration(model, tok, args.out, selector=args.selector, ratios=ratios, calib=args.calib,
+                                  n_sequences=args.n_seq, seq_len=args.seq_len, data=args.data, spec=args.model,
+                                  overwrite=getattr(args, "overwrite", False))
+    print(f"{'ratio':>6} {'read on calibration':>20}  allocation")
+    for key, entry in doc["ratios"].items():
+        print(f"{key:>6} {entry['calibration_read_ratio']:20.4f}  {entry['allocation']}")
+    print(f"channel file: {Path(args.out) / 'channels.json'}")
     return 0
 
 
@@ -242,7 +263,10 @@ def register_deploy_commands(sub) -> None:
     """Add ``calibrate``, ``export``, ``generate`` and ``train-predictor`` to the CLI's sub-parsers."""
     p = sub.add_parser("calibrate", help="calibrated static masks at parameter-weighted ratios")
     add_model_args(p)
-    p.add_argument("--ratios", default="0.3,0.5,0.7", help="parameter-weighted target ratios")
+    p.add_argument("--ratios", default="0.3,0.5,0.7",
+                   help="target ratios: parameter-weighted (static masks) or read ratios (channel rules)")
+    p.add_argument("--selector", default="static",
+                   help="static (unit masks from --metric, default) or a channel rule: " + ", ".join(CHANNEL_RULES))
     _add_calibration_args(p)
     add_device_arg(p)
     p.add_argument("--out", required=True, help="sparsity directory (static.json + static.safetensors)")

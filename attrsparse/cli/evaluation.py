@@ -49,7 +49,7 @@ def cmd_evaluate(args) -> int:
 
     get_task(args.task)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    if policy.mode in ("online", "static", "predictor"):
+    if policy.mode in ("online", "static", "predictor", "channel"):
         policy.prepare(model, calibration_sequences(tok, args.calib, args.calib_sequences, args.calib_len))
     result = evaluate_task(model, tok, args.task, policy, limit=args.limit, offset=args.offset,
                            data=args.data, max_tokens=args.max_tokens,

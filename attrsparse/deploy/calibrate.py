@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..core.artifacts import write_manifest
 from ..core.errors import UserError
@@ -21,9 +22,14 @@ from ..core.fingerprint import model_fingerprint
 from ..core.io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file, stable_hash
 from ..core.units import UnitMasks, UnitScores, unit_map
 from ..data.calibration import calibration_sequences
+from ..policies.channel import FORMAT as CHANNEL_FORMAT
+from ..policies.channel import JSON_NAME as CHANNEL_JSON
+from ..policies.channel import TENSORS_NAME as CHANNEL_TENSORS
+from ..policies.channel import ratio_prefix, read_channels
 from ..policies.static import FORMAT, JSON_NAME, TENSORS_NAME, ratio_key, read_static, read_static_json
 from ..selectors.base import get_selector
 from ..selectors.budget import HEAD_POWER
+from ..selectors.channel_calibration import calibrate_channels
 from ..selectors.static import CalibratedScores, calibrate, static_masks
 
 
@@ -113,3 +119,42 @@ def run_calibration(model: nn.Module, tokenizer, out: str | Path, *, ratios, met
     chosen = static_masks(model, cal.scores, ratios, allocation, search_sequences=seqs[:search_sequences],
                           head_power=head_power, progress=progress)
     return save_static(out, model, cal, chosen, {"model": {"spec": spec}, "calibration": calibration})
+
+
+# -- input-channel rules: the channel file ----------------------------------------------------------
+
+def run_channel_calibration(model: nn.Module, tokenizer, out: str | Path, *, selector: str, ratios,
+                            calib: str = "wikitext2", n_sequences: int = 16, seq_len: int = 128,
+                            data: str | None = None, spec: str | None = None, overwrite: bool = False,
+                            progress: bool = True) -> dict:
+    """Calibrate the channel rule ``selector`` at every read ratio and write the channel directory
+    ``out`` (:mod:`attrsparse.policies.channel`): tensors, then ``channels.json``, then the manifest.
+    A directory holding another model's or selector's rules is refused unless ``overwrite``."""
+    out = Path(out)
+    fingerprint = model_fingerprint(model)
+    if (out / CHANNEL_JSON).exists() and not overwrite:
+        try:
+            old, _ = read_channels(out)
+        except UserError:
+            old = None
+        if old is None or old.get("selector") != selector or old.get("model", {}).get("fingerprint") != fingerprint:
+            raise UserError(f"{out} holds channel rules of another model or selector; choose another --out, "
+                            "or pass --overwrite to replace them")
+    seqs = calibration_sequences(tokenizer, calib, n_sequences, seq_len, data=data)
+    bar = tqdm(total=len(unit_map(model).layer_modules), desc=f"calibrating {selector}", unit="layer",
+               disable=not progress or selector not in ("teal", "wina"))
+    rules = calibrate_channels(model, seqs, selector, ratios, progress=lambda _l: bar.update(1))
+    bar.close()
+    tensors, entries = {}, {}
+    for ratio, rule in rules.items():
+        tensors.update({ratio_prefix(ratio) + k: v for k, v in rule.tensors().items()})
+        entries[f"{ratio:g}"] = rule.meta
+    atomic_save_tensors(out / CHANNEL_TENSORS, tensors)
+    doc = {"format": CHANNEL_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "selector": selector,
+           "model": {"spec": spec, "fingerprint": fingerprint}, "units": unit_map(model).structure(),
+           "calibration": {"source": calib, "data": data, "n_sequences": len(seqs), "seq_len": seq_len,
+                           "tokens_hash": stable_hash([s.tolist() for s in seqs])},
+           "ratios": entries, "tensors_sha256": sha256_file(out / CHANNEL_TENSORS)}
+    atomic_write_json(out / CHANNEL_JSON, doc)
+    write_manifest(out, "channel", model, spec, selector=selector)
+    return doc

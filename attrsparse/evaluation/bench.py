@@ -215,7 +215,7 @@ class Bench:
     def measure_quality(self, mode: str, ratio: float) -> dict:
         cfg = self.config
         policy = make_policy(self.selector(mode), ratio if mode != "dense" else 1.0)
-        if policy.mode in ("online", "static", "predictor"):
+        if policy.mode in ("online", "static", "predictor", "channel"):
             policy.prepare(self.model, calibration_sequences(self.tok, "wikitext2", cfg.calib_sequences, 128))
         runs = {"gen": evaluate_task(self.model, self.tok, "truthfulqa_gen", policy, limit=cfg.gen_questions),
                 "mc1": evaluate_task(self.model, self.tok, "truthfulqa_mc1", policy, limit=cfg.mc1_items),

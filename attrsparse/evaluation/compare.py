@@ -37,7 +37,7 @@ from ..data.tasks import get_task
 from ..policies import make_policy
 from ..policies.base import with_decision_cost
 from ..selectors import get_metric, resolve_metric_names
-from .compare_report import frontier, plot_task, write_csv, write_markdown
+from .compare_report import frontier, plot_model, plot_task, write_csv, write_markdown
 from .evaluate import evaluate_task
 
 PRIMARY = {"multiple_choice": "acc", "perplexity": "ppl", "generation": "bleu_vs_dense"}
@@ -135,7 +135,7 @@ class Compare:
         cfg = self.config
         model, tok = self._load(model_spec)
         policy = make_policy(selector, ratio, scope=cfg.scope)
-        if policy.mode in ("online", "static", "predictor"):
+        if policy.mode in ("online", "static", "predictor", "channel"):
             if model_spec not in calib_cache:
                 calib_cache[model_spec] = calibration_sequences(tok, cfg.calib, cfg.calib_sequences, cfg.calib_len)
             policy.prepare(model, calib_cache[model_spec])
@@ -192,6 +192,8 @@ class Compare:
         write_markdown(results, self.out)
         for task in self.config.tasks:
             plot_task(results, task, self.out)
+        for model in self.config.models:
+            plot_model(results, model, self.out)
         return results
 
 

@@ -21,7 +21,8 @@ from ..core.figures import metric_colors, pyplot, save_figure
 from ..core.io import atomic_write_text
 from .tolerance import within_tolerance
 
-CSV_FIELDS = ["model", "task", "selector", "mode", "deployable", "requested_ratio", "executed_ratio",
+CSV_FIELDS = ["model", "task", "selector", "mode", "deployable", "requested_ratio", "read_ratio",
+              "read_ratio_p10", "read_ratio_p90", "total_read_ratio", "executed_ratio",
               "executed_ratio_with_decision_cost",
               "executed_ratio_mlp", "executed_ratio_heads", "executed_ratio_kv_heads",
               "primary_metric", "value", "dense_value", "relative_to_dense", "within_tolerance",
@@ -54,7 +55,8 @@ def frontier(records: list[dict], config) -> list[dict]:
             entries.append({"model": model, "task": task, "selector": selector,
                             "mode": rows[0].get("mode"),
                             "lowest_ok_ratio": lowest["requested_ratio"] if lowest else None,
-                            "lowest_ok_executed": lowest["executed_ratio"] if lowest else None,
+                            "lowest_ok_read": read_of(lowest) if lowest else None,
+                            "lowest_ok_executed": lowest.get("executed_ratio") if lowest else None,
                             "highest_failing_ratio": max(failing) if failing else None})
         keys = sorted({_rank_key(e) for e in entries})
         for e in entries:
@@ -63,8 +65,40 @@ def frontier(records: list[dict], config) -> list[dict]:
     return out
 
 
+def read_of(record: dict) -> float | None:
+    """The read ratio of a record (older records without one: the executed ratio, with an online
+    rule's decision cost when known)."""
+    for key in ("read_ratio", "executed_ratio_with_decision_cost", "executed_ratio"):
+        value = record.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            return value
+    return None
+
+
+def combined_frontier(records: list[dict]) -> list[dict]:
+    """Per (model, selector): the lowest requested ratio from which on every task of the model is
+    within tolerance, with its read ratio (the mean over the tasks)."""
+    by_model: dict = {}
+    for r in records:
+        if r["selector"] != "dense":
+            by_model.setdefault((r["model"], r["selector"]), {}).setdefault(r["requested_ratio"], []).append(r)
+    tasks = {m: {r["task"] for r in records if r["model"] == m} for m in {r["model"] for r in records}}
+    out = []
+    for (model, selector), by_ratio in by_model.items():
+        lowest = None
+        for ratio in sorted(by_ratio, reverse=True):
+            rows = by_ratio[ratio]
+            if {r["task"] for r in rows} != tasks[model] or not all(within_tolerance(r) for r in rows):
+                break
+            lowest = ratio
+        reads = [read_of(r) for r in by_ratio.get(lowest, []) if read_of(r) is not None]
+        out.append({"model": model, "selector": selector, "lowest_ok_ratio": lowest,
+                    "lowest_ok_read": sum(reads) / len(reads) if reads else None})
+    return sorted(out, key=lambda e: (e["model"], math.inf if e["lowest_ok_read"] is None else e["lowest_ok_read"]))
+
+
 def _rank_key(entry: dict) -> float:
-    return entry["lowest_ok_ratio"] if entry["lowest_ok_ratio"] is not None else math.inf
+    return entry["lowest_ok_read"] if entry["lowest_ok_read"] is not None else math.inf
 
 
 def write_csv(results: dict, out_dir: Path) -> Path:
@@ -91,10 +125,11 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
              f"Requested ratios: {', '.join(f'{r:g}' for r in cfg['ratios'])}. "
              f"Items per task: {cfg['limit']} (perplexity: {cfg['max_tokens']} tokens of the test split).",
              "",
-             "Each cell is `value (executed parameter-weighted ratio)`; online rules on the unit inputs "
-             "(TEAL, CATS, WINA) must compute a unit's gate/up rows (or its query rows and every "
-             "key/value head) before they can skip it, so their cells add `reads R`: the parameter "
-             "ratio really read per token. Accuracy in %, measured against "
+             "Each cell is `value (read ratio)`: the fraction of the decoder linears' weights read per "
+             "token, mean over every evaluated position (for unit masks: the executed parameters plus "
+             "what an online rule computed before skipping a unit; channel rules count the columns "
+             "they read). Columns are the requested ratios (the target read ratio of channel rules). "
+             "Accuracy in %, measured against "
              "the ground truth; perplexity on WikiText-2 test; **bold** = within tolerance of dense "
              "(accuracy and MC2: 5% relative, perplexity: 10% relative). Every position of every "
              "sequence runs sparse (context included). Modes: `oracle` needs the dense pass and a "
@@ -126,25 +161,32 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
                 if r is None:
                     row.append("–")
                     continue
-                read = r.get("executed_ratio_with_decision_cost")
-                text = f"{_fmt(r['value'], metric)} ({r['executed_ratio']:.2f}" + \
-                    (f"; reads {read:.2f})" if read is not None else ")")
+                read = read_of(r)
+                text = f"{_fmt(r['value'], metric)} ({'–' if read is None else f'{read:.2f}'})"
                 row.append(f"**{text}**" if within_tolerance(r) else text)
             rows_md.append(row)
         lines += _table(header, rows_md) + [""]
     if not results["frontier"]:
         return atomic_write_text(Path(out_dir) / "compare.md", "\n".join(lines))
-    lines += ["## Frontier: the lowest requested ratio within tolerance", "",
+    lines += ["## Frontier: the lowest ratio within tolerance", "",
               "`lowest ok` = the lowest requested ratio from which on the selector stays within "
-              "tolerance (executed ratio in brackets); `fails at` = the highest ratio where it loses "
-              "more than the tolerance. Rank 1 = sparsest.", ""]
+              "tolerance (read ratio in brackets); `fails at` = the highest ratio where it loses "
+              "more than the tolerance. Rank 1 = sparsest read.", ""]
     header = ["model", "task", "selector", "mode", "lowest ok", "fails at", "rank"]
     rows_md = [[f["model"], f["task"], f["selector"], f["mode"] or "",
                 "never" if f["lowest_ok_ratio"] is None
-                else f"{f['lowest_ok_ratio']:g} ({f['lowest_ok_executed']:.2f})",
+                else f"{f['lowest_ok_ratio']:g} ({f['lowest_ok_read']:.2f})",
                 "–" if f["highest_failing_ratio"] is None else f"{f['highest_failing_ratio']:g}",
                 str(f["rank"])] for f in results["frontier"]]
     lines += _table(header, rows_md) + [""]
+    combined = combined_frontier(results["records"])
+    if len(results["config"]["tasks"]) > 1 and combined:
+        lines += ["## Frontier over every task of a model", "",
+                  "The lowest requested ratio from which on *every* task of the model stays within "
+                  "tolerance (read ratio: mean over its tasks).", ""]
+        lines += _table(["model", "selector", "lowest ok", "read"],
+                        [[c["model"], c["selector"], "never" if c["lowest_ok_ratio"] is None else f"{c['lowest_ok_ratio']:g}",
+                          "–" if c["lowest_ok_read"] is None else f"{c['lowest_ok_read']:.3f}"] for c in combined]) + [""]
     standing = [f for f in results["frontier"] if f["selector"] == "corrected_gxo"]
     if standing:
         n_sel = {(f["model"], f["task"]): 0 for f in results["frontier"]}
@@ -161,35 +203,47 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def plot_task(results: dict, task: str, out_dir: Path) -> list[Path]:
-    """``<task>.png/.svg``: primary metric vs executed ratio, one panel per model."""
+def _plot(panels: list[tuple[str, list[dict]]], stem: str, title: str, out_dir: Path) -> list[Path]:
+    """One panel per ``(name, records)``: each record's primary metric against its read ratio, one
+    line per selector (oracle dashed), dense dotted."""
     plt = pyplot()
-
-    records = [r for r in results["records"] if r["task"] == task]
-    if not records:
-        return []
-    models = list(dict.fromkeys(r["model"] for r in records))
-    metric = records[0]["primary_metric"]
-    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.6), squeeze=False)
-    selectors = list(dict.fromkeys(r["selector"] for r in records if r["selector"] != "dense"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    selectors = list(dict.fromkeys(r["selector"] for _, rows in panels for r in rows if r["selector"] != "dense"))
     colors = metric_colors(selectors)
-    for ax, model in zip(axes[0], models):
-        rows = [r for r in records if r["model"] == model]
+    for ax, (name, rows) in zip(axes[0], panels):
+        metric = rows[0]["primary_metric"]
         dense = next((r for r in rows if r["selector"] == "dense"), None)
         for selector in selectors:
-            pts = sorted((r["executed_ratio"], r["value"]) for r in rows
-                         if r["selector"] == selector and r["value"] is not None)
+            pts = sorted((read_of(r), r["value"]) for r in rows
+                         if r["selector"] == selector and r["value"] is not None and read_of(r) is not None)
             if pts:
                 mode = next(r.get("mode") for r in rows if r["selector"] == selector)
                 ax.plot(*zip(*pts), marker="o", ms=3, color=colors[selector],
                         ls="--" if mode == "oracle" else "-", label=f"{selector} ({mode})")
         if dense is not None and dense["value"] is not None:
             ax.axhline(dense["value"], color="k", lw=0.8, ls=":", label="dense")
-        ax.set_title(model, fontsize=9)
-        ax.set_xlabel("executed parameter-weighted ratio")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("read ratio (decoder linears)")
         ax.set_ylabel(metric)
         if metric == "ppl":
             ax.set_yscale("log")
     axes[0][-1].legend(fontsize=6, loc="best")
-    fig.suptitle(task, fontsize=10)
-    return save_figure(fig, out_dir, task)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, out_dir, stem)
+
+
+def plot_task(results: dict, task: str, out_dir: Path) -> list[Path]:
+    """``<task>.png/.svg``: the task's primary metric against the read ratio, one panel per model."""
+    records = [r for r in results["records"] if r["task"] == task]
+    models = list(dict.fromkeys(r["model"] for r in records))
+    panels = [(m, [r for r in records if r["model"] == m]) for m in models]
+    return _plot(panels, task, task, out_dir) if records else []
+
+
+def plot_model(results: dict, model: str, out_dir: Path) -> list[Path]:
+    """``model-<name>.png/.svg``: every task of the model against the read ratio, one panel per task."""
+    records = [r for r in results["records"] if r["model"] == model]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    panels = [(t, [r for r in records if r["task"] == t]) for t in tasks]
+    stem = "model-" + "".join(c if c.isalnum() or c in "-._" else "_" for c in model)
+    return _plot(panels, stem, model, out_dir) if records else []

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from ..core.accounting import ReadRatio, unit_read
 from ..core.architectures import model_device
 from ..core.decoding import masked_greedy_decode, right_pad
 from ..core.errors import UserError
@@ -47,6 +48,7 @@ class Evaluator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_seq_len = max_seq_len
         self.executed = ExecutedRatio()
+        self.read = ReadRatio.of(model)
         self.prefix_cache = policy.prefix_cache  # forward() takes cache/position_ids
 
     # -- building blocks ---------------------------------------------------------------------
@@ -54,8 +56,13 @@ class Evaluator:
         """Policy logits ``[B, S, V]`` of right-padded ``seqs``; accounts the real positions."""
         ids, mask = right_pad(seqs, self.pad_id)
         out = self.policy.forward(self.model, ids, mask)
-        self.executed = self.executed.add(account(out.masks, mask, self.units))
+        self._account(out, mask)
         return check_finite(out.logits, self.model, f"the logits under {self.policy.name}"), mask
+
+    def _account(self, out, mask: torch.Tensor | None) -> None:
+        """Add a policy output's executed masks and reads over its real positions."""
+        self.executed = self.executed.add(account(out.masks, mask, self.units))
+        self.read.add(out.read if mask is None else out.read[mask.bool().to(out.read.device)])
 
     def _encode(self, text: str, special: bool) -> torch.Tensor:
         return self.tok(text, add_special_tokens=special, return_tensors="pt").input_ids[0].to(self.device)
@@ -88,7 +95,7 @@ class Evaluator:
 
         cache = DynamicCache(config=self.model.config)
         first = self.policy.forward(self.model, ctx.unsqueeze(0), None, cache=cache, use_cache=True)
-        self.executed = self.executed.add(account(first.masks, None, self.units))
+        self._account(first, None)
         first_logp = torch.log_softmax(first.logits[0, -1], dim=-1)  # predicts each choice's token 0
         b, c = len(conts), ctx.numel()
         cache.batch_repeat_interleave(b)
@@ -97,7 +104,7 @@ class Evaluator:
         positions = (c + torch.arange(ids.shape[1], device=self.device)).expand(b, -1)
         out = self.policy.forward(self.model, ids, full_mask, cache=cache, use_cache=True,
                                   position_ids=positions)
-        self.executed = self.executed.add(account(out.masks, mask, self.units))
+        self._account(out, mask)
         logp = torch.log_softmax(out.logits, dim=-1)
         result = []
         for row, cont in enumerate(conts):
@@ -192,7 +199,7 @@ class Evaluator:
                 positions = torch.arange(seq.numel() - step_ids.numel(), seq.numel(), device=self.device).unsqueeze(0)
                 result = self.policy.forward(self.model, step_ids.unsqueeze(0), None, cache=cache,
                                              use_cache=True, position_ids=positions)
-                self.executed = self.executed.add(account(result.masks, None, self.units))
+                self._account(result, None)
                 logits = check_finite(result.logits, self.model, f"greedy decoding under {self.policy.name}")
             else:
                 logits, _ = self.logits([seq[-self.max_seq_len:]])
@@ -211,7 +218,9 @@ class Evaluator:
         masks = self.policy.schedule(self.model, prompt, label)  # [T, L, *]
         out = masked_greedy_decode(self.model, [prompt], UnitMasks.stack([masks]), label.numel(), stop,
                                    self.pad_id)[0]
-        self.executed = self.executed.add(executed_ratio(masks[: max(1, out.numel())], self.units))
+        ran = masks[: max(1, out.numel())]
+        self.executed = self.executed.add(executed_ratio(ran, self.units))
+        self.read.add(unit_read(ran, self.model))
         return out.tolist()
 
 
@@ -257,5 +266,5 @@ def evaluate_task(model: nn.Module, tokenizer, task: str, policy: SparsityPolicy
                 result = ev.generation(items, max_new_tokens, template, progress=bar, truncate=truncate)
     executed = ev.executed.as_dict()
     read = with_decision_cost(executed, ev.units, policy.prepaid_params(ev.units))
-    return {"task": task, **result, **policy.describe(), **executed,
+    return {"task": task, **result, **policy.describe(), **executed, **ev.read.as_dict(),
             **({} if read is None else {"executed_ratio_with_decision_cost": read})}

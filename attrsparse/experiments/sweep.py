@@ -42,7 +42,14 @@ from ..core.io import (
 from ..core.models import describe_source, load_model
 from ..core.trace import GradientTrace, trace_gradients
 from ..core.units import UnitMasks, executed_ratio, unit_map
-from ..data.prompts import TRUNCATE, encode_prompt, fit_prompt, greedy_continuation, resolve_template, stop_token_ids
+from ..data.prompts import (
+    TRUNCATE,
+    encode_prompt,
+    fit_prompt,
+    greedy_continuation,
+    resolve_template,
+    stop_token_ids,
+)
 from ..data.tasks import load_truthfulqa
 from ..data.tasks.truthfulqa import resolve_truthfulqa_path
 from ..data.textmetrics import mean_and_stderr, rouge_l, sentence_bleu, truth_scores
@@ -94,6 +101,10 @@ class SweepConfig:
         if not self.metrics:
             raise UserError("no metrics given")
         self.metrics = resolve_metric_names(self.metrics)  # expands aliases, drops repeats
+        channel = [m for m in self.metrics if get_metric(m).mode == "channel"]
+        if channel:
+            raise UserError(f"{', '.join(channel)}: input-channel rules decide from the live input, not "
+                            "units along a label; evaluate them on tasks (evaluate, compare, bench)")
         if not self.ratios:
             raise UserError("no ratios given")
         self.ratios = sorted({round(check_ratio(r), 6) for r in self.ratios})

@@ -18,6 +18,8 @@ Modes (``SparsityPolicy.mode``):
   (:mod:`.online`).
 * ``static`` (Wanda-style, calibrated attribution masks): one fixed mask ``[L, *]`` (:mod:`.static`).
 * ``predictor``: masks predicted from each layer's input hidden state (:mod:`.predictor`).
+* ``channel`` (TEAL, WINA, CATS, R-Sparse, SCAP, ``attr_channel``): input channels of every decoder
+  linear skipped from the live input by calibrated thresholds (:mod:`.channel`).
 
 Build one from a spec string with :func:`attrsparse.policies.make_policy`.
 """
@@ -31,33 +33,44 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..core.accounting import unit_read
 from ..core.architectures import model_device
 from ..core.errors import check_ratio
 from ..core.trace import model_logits
 from ..core.units import ExecutedRatio, UnitMasks, executed_ratio, unit_map
 
-MODES = ("dense", "oracle", "online", "static", "predictor")
+MODES = ("dense", "oracle", "online", "static", "predictor", "channel")
 
 
 @dataclass
 class PolicyOutput:
-    """``logits [B, S, V]`` (float32) and the executed keep-masks ``mlp [B, S, L, N]``,
-    ``heads [B, S, L, H]`` (padding positions included; the caller drops them)."""
+    """``logits [B, S, V]`` (float32), the executed unit keep-masks ``mlp [B, S, L, N]``,
+    ``heads [B, S, L, H]`` (None for channel rules, which keep input channels, not units) and
+    ``read [B, S]``, the fraction of the decoder-linear weights each position read
+    (:mod:`attrsparse.core.accounting`); padding positions included (the caller drops them)."""
 
     logits: torch.Tensor
-    masks: UnitMasks
+    masks: UnitMasks | None
+    read: torch.Tensor
 
 
 class Applied:
-    """What :meth:`SparsityPolicy.apply` yields: the masks of the last forward call."""
+    """What :meth:`SparsityPolicy.apply` yields: the masks and the reads of the last forward call."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, prepaid: tuple[int, int, bool] | None = None):
+        self.model = model
         self.units = unit_map(model)
         self.device = model_device(model)
+        self.prepaid = prepaid
 
-    def last_masks(self, batch: int, q: int) -> UnitMasks:
-        """Masks ``[B, q, L, *]`` of the last forward call over ``q`` new positions."""
+    def last_masks(self, batch: int, q: int) -> UnitMasks | None:
+        """Unit masks ``[B, q, L, *]`` of the last forward call over ``q`` new positions."""
         return UnitMasks.dense(self.units, batch, q, device=self.device)
+
+    def last_read(self, batch: int, q: int) -> torch.Tensor:
+        """Read fraction ``[B, q]`` of the last call (the unit masks' parameters, plus an online
+        rule's decision cost)."""
+        return unit_read(self.last_masks(batch, q), self.model, self.prepaid)
 
 
 class SparsityPolicy:
@@ -88,8 +101,8 @@ class SparsityPolicy:
         ``attention_mask`` covers the cached positions too; logits and masks cover ``ids`` only)."""
         with self.apply(model) as applied:
             logits = model_logits(model, ids, attention_mask, **model_kwargs)
-            masks = applied.last_masks(*ids.shape)
-        return PolicyOutput(logits, masks)
+            masks, read = applied.last_masks(*ids.shape), applied.last_read(*ids.shape)
+        return PolicyOutput(logits, masks, read)
 
     def describe(self) -> dict:
         return {"selector": self.name, "mode": self.mode, "requested_ratio": self.ratio,
@@ -124,8 +137,11 @@ class DensePolicy(SparsityPolicy):
     prefix_cache = True
 
 
-def account(masks: UnitMasks, attention_mask: torch.Tensor | None, units) -> ExecutedRatio:
-    """Executed ratio of masks ``[B, S, L, *]`` over the real (unpadded) positions."""
+def account(masks: UnitMasks | None, attention_mask: torch.Tensor | None, units) -> ExecutedRatio:
+    """Executed ratio of masks ``[B, S, L, *]`` over the real (unpadded) positions (nothing for
+    channel rules, which have no unit masks)."""
+    if masks is None:
+        return ExecutedRatio()
     if attention_mask is None:
         return executed_ratio(masks, units)
     keep = attention_mask.bool()

@@ -11,14 +11,14 @@ from contextlib import contextmanager
 import torch
 
 from ..core.hooks import UnitHooks
-from ..core.units import UnitMasks
+from ..core.units import UnitMasks, unit_map
 from ..selectors.base import OnlineRule, Selector
 from .base import Applied, SparsityPolicy
 
 
 class _OnlineApplied(Applied):
-    def __init__(self, model, hooks: UnitHooks):
-        super().__init__(model)
+    def __init__(self, model, hooks: UnitHooks, prepaid):
+        super().__init__(model, prepaid)
         self.hooks = hooks
 
     def last_masks(self, batch, q):
@@ -53,7 +53,11 @@ class OnlinePolicy(SparsityPolicy):
         rule = self._ready(model)
         with UnitHooks(model) as hooks, rule.live_state(model):
             hooks.mlp_rule, hooks.head_rule = rule.mlp_keep, rule.head_keep
-            yield _OnlineApplied(model, hooks)
+            yield _OnlineApplied(model, hooks, self.prepaid_params(self.rule_units(model)))
+
+    @staticmethod
+    def rule_units(model):
+        return unit_map(model)
 
     def prepaid_params(self, units):
         return self.selector.prepaid_params(units)

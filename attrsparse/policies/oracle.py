@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..core.accounting import unit_read
 from ..core.errors import UserError
 from ..core.hooks import UnitHooks
 from ..core.trace import model_logits, trace_gradients
@@ -80,4 +81,4 @@ class OraclePolicy(SparsityPolicy):
         with torch.no_grad(), UnitHooks(model) as hooks:
             hooks.mlp_mult, hooks.head_mult = masks.mlp, masks.heads
             logits = model_logits(model, ids, attention_mask)
-        return PolicyOutput(logits, masks)
+        return PolicyOutput(logits, masks, unit_read(masks, model))

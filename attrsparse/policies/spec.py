@@ -5,8 +5,8 @@ A spec is:
 * ``"dense"``;
 * a selector name (``"teal"``, ``"corrected_gxo"``, ``"progressive_gxo"``, ...; see
   ``attrsparse selectors``): the policy of the selector's mode;
-* ``"<kind>:PATH"`` with a registered artifact kind (``static:DIR`` from ``attrsparse calibrate``,
-  ``predictor:DIR`` from ``attrsparse train-predictor``);
+* ``"<kind>:PATH"`` with a registered artifact kind (``static:DIR`` and ``channel:DIR`` from
+  ``attrsparse calibrate``, ``predictor:DIR`` from ``attrsparse train-predictor``);
 * a path to an artifact directory: its kind is read from the manifest the command that made it
   wrote (:mod:`attrsparse.core.artifacts`), never guessed from the files in it.
 
@@ -23,6 +23,7 @@ from ..core.artifacts import MANIFEST, artifact_kind
 from ..core.errors import UserError, check_ratio
 from ..selectors.base import get_selector, list_selectors
 from .base import DensePolicy, SparsityPolicy
+from .channel import ChannelPolicy, load_channel_policy
 from .online import OnlinePolicy
 from .oracle import OraclePolicy
 from .predictor import load_predictor_policy
@@ -33,6 +34,7 @@ ARTIFACTS: dict[str, Callable[..., SparsityPolicy]] = {
     "static": lambda path, ratio, **_: load_static_policy(path, ratio),
     "predictor": lambda path, ratio, layer_ratios=None, head_power=None, **_:
         load_predictor_policy(path, ratio, layer_ratios, head_power),
+    "channel": lambda path, ratio, **_: load_channel_policy(path, ratio),
 }
 
 
@@ -89,6 +91,8 @@ def make_policy(spec: str, ratio: float | None = None, **options) -> SparsityPol
         return DensePolicy(selector.name, 1.0)
     if selector.mode == "online":
         return OnlinePolicy(selector, ratio)
+    if selector.mode == "channel":
+        return ChannelPolicy(selector.name, ratio, selector=selector)
     if selector.mode == "static":
         return SelectorStaticPolicy(selector, ratio, **{k: v for k, v in options.items() if k in ("seed", "scope")})
     return OraclePolicy(selector, ratio, **options)

@@ -1,11 +1,11 @@
 """Selectors: turn scores or live activations into keep-masks at a target ratio.
 
 The registry (:mod:`.base`) holds every selector by name: the scores of :mod:`attrsparse.scores`
-under top-k, ours (:mod:`.progressive`, :mod:`.static`) and the field's (:mod:`.teal`, :mod:`.cats`,
-:mod:`.baselines`, :mod:`.wanda`). One top-k rule (:mod:`.topk`), one budget rule (:mod:`.budget`).
+under top-k, ours (:mod:`.progressive`, :mod:`.static`) and the field's input-channel rules (:mod:`.channels`), unit-space stand-ins (:mod:`.teal_units`,
+:mod:`.cats_units`, :mod:`.baselines`) and :mod:`.wanda`. One top-k rule (:mod:`.topk`), one budget rule (:mod:`.budget`).
 """
 
-from . import baselines, cats, progressive, static, teal, wanda  # noqa: F401  (registration)
+from . import baselines, cats_units, channel_calibration, progressive, static, teal_units, wanda  # noqa: F401
 from .base import (
                    ALIASES,
                    RECOMMENDED,

@@ -63,8 +63,8 @@ def _input_column_norms(module: nn.Module) -> torch.Tensor:
 
 @register_selector
 class Wina(Baseline):
-    name = "wina"
-    description = "baseline (WINA): |x| times the norm of the weight column that consumes it"
+    name = "wina_units"
+    description = "unit-space stand-in for WINA (not the paper's rule): |x| times the norm of the consuming column"
     mode = "online"
 
     def online_rule(self, model, calibration, ratio) -> "WinaRule":

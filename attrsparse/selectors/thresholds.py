@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..core.accounting import decision_cost
 from ..core.architectures import linear_dims
 from ..core.errors import UserError
 from ..core.fingerprint import model_key
@@ -290,13 +291,6 @@ def prepaid_on_unit_inputs(units) -> tuple[int, int, bool]:
 
 def decision_cost_fraction(masks: UnitMasks, units, mlp_prepaid: int, head_prepaid: int,
                            all_kv: bool) -> torch.Tensor:
-    """Per row ``[...]`` (masks ``[..., L, *]``): the parameter fraction that :func:`executed_ratio`
-    counts as skipped but an online rule had to run to decide, averaged over layers. Adding it to the
-    unit accounting gives the parameters really read: skipped MLP units still cost ``mlp_prepaid``
-    each, skipped heads ``head_prepaid``, and with ``all_kv`` every key/value head runs."""
-    mlp, heads = masks.mlp.to(torch.float64), masks.heads.to(torch.float64)
-    extra = (units.mlp_size - mlp.sum(-1)) * mlp_prepaid + (units.num_heads - heads.sum(-1)) * head_prepaid
-    if all_kv:
-        groups = heads.reshape(*heads.shape[:-1], units.num_kv_heads, units.group_size).amax(-1)
-        extra = extra + (units.num_kv_heads - groups.sum(-1)) * units.kv_group_params
-    return (extra / (units.mlp_params_per_layer + units.attn_params_per_layer)).mean(-1)
+    """Per row ``[...]`` (masks ``[..., L, *]``): :func:`attrsparse.core.accounting.decision_cost`
+    averaged over layers. Adding it to the unit accounting gives the parameters really read."""
+    return decision_cost(masks, units, (mlp_prepaid, head_prepaid, all_kv)).mean(-1)

@@ -1,4 +1,6 @@
-"""``teal``: TEAL (Liu et al., 2024, "Training-Free Activation Sparsity in Large Language Models").
+"""``teal_units``: a unit-space stand-in for TEAL (Liu et al., 2024, "Training-Free Activation Sparsity in
+Large Language Models"); the faithful rule on every linear's input channels is ``teal``
+(:mod:`.channels`).
 
 TEAL zeroes low-magnitude entries of the *hidden-state input of every linear layer*: a channel j of
 the input x is kept when ``|x_j| > tau``, one threshold per weight matrix, calibrated from histograms
@@ -37,8 +39,8 @@ from .thresholds import ThresholdSelector
 
 @register_selector
 class Teal(ThresholdSelector):
-    name = "teal"
-    description = ("baseline (TEAL): |x| of the down-projection input and ||o_h|| above per-layer "
+    name = "teal_units"
+    description = ("unit-space stand-in for TEAL (not the paper's rule): |x| of the down-projection input and ||o_h|| above per-layer "
                    "thresholds calibrated on dense WikiText-2 activations")
 
     def scores(self, model, prompt_ids, target_ids, trace, head_reduction="sum", **options):

@@ -1,4 +1,6 @@
-"""``cats``: CATS (Lee et al., 2024, "CATS: Contextually-Aware Thresholding for Sparsity in LLMs").
+"""``cats_units``: CATS (Lee et al., 2024, "CATS: Contextually-Aware Thresholding for Sparsity in LLMs") on
+the unit masks (no read accounting of its own); the rule with its reads counted is ``cats``
+(:mod:`.channels`).
 
 CATS thresholds the gate activation of a gated MLP: neuron i is kept when ``|act(gate_i x)| > t``,
 one cut-off per layer read from a histogram of calibration activations at the target sparsity; the
@@ -72,8 +74,8 @@ def capture_activations(model: nn.Module) -> Iterator[list[torch.Tensor | None] 
 
 @register_selector
 class Cats(ThresholdSelector):
-    name = "cats"
-    description = ("baseline (CATS): |act(gate x)| of the MLP above per-layer thresholds calibrated "
+    name = "cats_units"
+    description = ("unit-space CATS (units executed, reads not counted): |act(gate x)| of the MLP above per-layer thresholds calibrated "
                    "on dense WikiText-2 activations; heads dense")
     sparsify_heads = False
 

@@ -1,0 +1,323 @@
+"""Calibrating the input-channel rules of :mod:`.channels` on calibration text.
+
+:func:`calibrate_channels` builds one :class:`~.channels.ChannelRuleSet` per requested read ratio:
+
+1. what does not depend on the ratio: WINA's column norms, SCAP's per-channel modes, R-Sparse's
+   SVD factors, ``attr_channel``'s attribution (:func:`.channel_stats.attribution`);
+2. histograms of every stream's score on dense passes over the calibration text;
+3. the allocation: the fraction each stream keeps (uniform per site; TEAL's block-wise greedy search
+   for ``teal``/``wina``; one global threshold on loss-per-parameter for ``attr_channel``);
+4. thresholds read off the histograms, then refined on passes *under* the rule (later layers see the
+   sparse upstream states they will see at run time), so the read ratio measured on the calibration
+   text is the requested one; it is recorded with each rule (``meta["calibration_read_ratio"]``).
+
+The read ratio counts the decoder linears' weights (:mod:`attrsparse.core.accounting`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.architectures import find_arch, model_device
+from ..core.channel_hooks import ChannelHooks
+from ..core.errors import UserError
+from ..core.fingerprint import model_key
+from ..core.io import stable_hash
+from ..core.sites import SITE_NAMES, site_map
+from ..core.trace import to_ids
+from ..core.units import unit_map
+from .base import Selector, register_selector
+from .channel_greedy import greedy_keep
+from .channel_stats import LogHistogram, attribution, batches, site_inputs
+from .channels import CHANNEL_RULES, ChannelRuleSet, SiteRule, site_key
+
+LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per linear
+
+
+def column_norms(module: nn.Module) -> torch.Tensor:
+    """``||W[:, j]||_2`` for every input channel j of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+    w = module.weight.detach().float()
+    return w.norm(dim=0) if isinstance(module, nn.Linear) else w.norm(dim=1)
+
+
+def as_out_in(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach().float()
+    return w if isinstance(module, nn.Linear) else w.t()
+
+
+@dataclass
+class Stream:
+    layer: int
+    site: str
+    consumer: int  # -1: one score for every consumer of the site
+
+
+class Calibrator:
+    """The ratio-independent pieces of one selector on one model (steps 1-2 of the module docstring)."""
+
+    def __init__(self, model: nn.Module, sequences: list[torch.Tensor], selector: str, batch_size: int = 4,
+                 progress=None):
+        if selector not in CHANNEL_RULES:
+            raise UserError(f"unknown channel rule '{selector}' (available: {', '.join(CHANNEL_RULES)})")
+        self.model, self.selector, self.batch_size = model, selector, batch_size
+        self.sequences = [s for s in sequences if s.numel() >= 2]
+        if not self.sequences:
+            raise UserError("channel calibration needs at least one calibration sequence of 2+ tokens")
+        self.smap = site_map(model)
+        self.layer_modules = unit_map(model).layer_modules
+        self.gated = find_arch(model.config.model_type).mlp_gated
+        self.progress = progress or (lambda *_: None)
+        self.base = self._base_rules()
+        self.streams = self._streams()
+
+    # -- step 1 ------------------------------------------------------------------------------------
+    def _base_rules(self) -> dict[str, SiteRule]:
+        """Per site, a rule with everything but its thresholds."""
+        out = {}
+        stats = attribution(self.model, self.sequences, self.batch_size) if self.selector == "attr_channel" else {}
+        modes = self._modes() if self.selector == "scap" else {}
+        for l, layer in enumerate(self.smap.layers):
+            for name in SITE_NAMES:
+                site = layer[name]
+                c = len(site.modules)
+                rule = SiteRule(torch.zeros(c))
+                if self.selector == "cats":
+                    if name not in ("mlp_in", "mlp_out"):
+                        continue
+                    rule.gate = True
+                elif self.selector == "wina":
+                    rule.scale = torch.stack([column_norms(m) for m in site.modules])
+                elif self.selector == "scap":
+                    rule.center = rule.fill = modes[(l, name)].float()
+                elif self.selector == "r_sparse":
+                    rule.lowrank = [self._svd(m) for m in site.modules]
+                elif self.selector == "attr_channel":
+                    rule.scale = (stats[(l, name)]["abs_grad"] / site.params_per_channel).float()
+                out[site_key(l, name)] = rule
+        return out
+
+    def _svd(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        w = as_out_in(module)
+        r = max(1, int(min(w.shape) * LOWRANK_FRACTION))
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return (u[:, :r] * s[:r]).contiguous(), vh[:r].contiguous()
+
+    def _modes(self, bins: int = 128) -> dict:
+        """SCAP's per-channel mode of every site input (dense calibration passes, a 128-bin
+        histogram per channel between its minimum and maximum)."""
+        values: dict = {}
+        with torch.no_grad(), site_inputs(self.model) as cap:
+            for ids in batches(self.sequences, self.batch_size):
+                self.model(input_ids=ids.to(model_device(self.model)), use_cache=False)
+                for key, x in cap.items():
+                    values.setdefault(key, []).append(x.detach().float().reshape(-1, x.shape[-1]).cpu())
+        modes = {}
+        for key, parts in values.items():
+            x = torch.cat(parts)  # [T, in]
+            lo, hi = x.min(0).values, x.max(0).values
+            width = (hi - lo).clamp_min(1e-12)
+            idx = ((x - lo) / width * (bins - 1)).round().long().clamp_(0, bins - 1)
+            counts = torch.zeros(x.shape[1], bins).scatter_add_(1, idx.t(), torch.ones_like(idx.t(), dtype=torch.float))
+            modes[key] = lo + counts.argmax(1).float() * width / (bins - 1)
+        return modes
+
+    # -- step 2 ------------------------------------------------------------------------------------
+    def _streams(self) -> list[Stream]:
+        out = []
+        for key, rule in self.base.items():
+            l, name = int(key[1:4]), key.split(".", 1)[1]
+            if rule.gate and name == "mlp_in":
+                continue  # CATS reads the gate in full
+            per = self.selector in ("teal", "wina")  # TEAL allocates per projection
+            out += [Stream(l, name, c) for c in range(len(self.smap.layers[l][name].modules))] if per \
+                else [Stream(l, name, -1)]
+        return out
+
+    def histograms(self, rule: ChannelRuleSet | None = None) -> LogHistogram:
+        """Score histograms of every stream on passes over the calibration text, dense or under ``rule``."""
+        hist = LogHistogram(len(self.streams))
+        probe = ChannelRuleSet(self.selector, self.base).bind(self.model)
+        index = {(s.layer, s.site, s.consumer): i for i, s in enumerate(self.streams)}
+        live = ChannelHooks(self.model, rule.bind(self.model)) if rule is not None else None
+        with torch.no_grad(), site_inputs(self.model) as cap, probe.live_state(self.model) as acts:
+            for ids in batches(self.sequences, self.batch_size):
+                if live is not None:
+                    with live, rule.live_state(self.model):
+                        self._forward(ids, probe, cap, hist, index)
+                else:
+                    self._forward(ids, probe, cap, hist, index, acts)
+        return hist
+
+    def _forward(self, ids, probe, cap, hist, index, acts=None):
+        self.model(input_ids=ids.to(model_device(self.model)), use_cache=False)
+        acts = acts if acts is not None else getattr(probe, "_acts", None)
+        for (l, name), x in cap.items():
+            key = site_key(l, name)
+            rule = self.base.get(key)
+            if rule is None or (rule.gate and name == "mlp_in"):
+                continue
+            if rule.gate:  # CATS: |act(gate x)| of the layer (the down input itself when not gated)
+                a = acts[l] if acts is not None and acts[l] is not None else x
+                hist.add(index[(l, name, -1)], a.detach().float().abs().reshape(x.shape))
+                continue
+            for c in range(len(self.smap.layers[l][name].modules)):
+                if (l, name, c) in index:
+                    hist.add(index[(l, name, c)], rule.score(x, c))
+                elif c == 0:
+                    hist.add(index[(l, name, -1)], rule.score(x, 0))
+
+    # -- step 3-4 ----------------------------------------------------------------------------------
+    def stream_weights(self) -> list[float]:
+        """Weights one kept channel of each stream costs (a shared stream: all its consumers;
+        CATS: a kept unit's down column and, gated, its up row)."""
+        out = []
+        for s in self.streams:
+            site = self.smap.layers[s.layer][s.site]
+            w = site.out_features[s.consumer] if s.consumer >= 0 else site.params_per_channel
+            if self.base[site_key(s.layer, s.site)].gate and self.gated:
+                w += self.smap.layers[s.layer]["mlp_in"].in_features
+            out.append(float(w * site.in_features))  # times the stream's channels
+        return out
+
+    def fixed_read(self) -> float:
+        """Weights read whatever the thresholds (sites without a rule, CATS's gate rows, low-rank paths)."""
+        covered = {(s.layer, s.site) for s in self.streams}
+        total = 0.0
+        for l, layer in enumerate(self.smap.layers):
+            for name, site in layer.items():
+                rule = self.base.get(site_key(l, name))
+                if (l, name) not in covered:
+                    if rule is not None and rule.gate:  # CATS mlp_in: the gate (or fc1) rows in full
+                        rows = site.out_features[0] // (2 if self.gated and len(site.modules) == 1 else 1)
+                        total += rows * site.in_features
+                    else:
+                        total += site.weight_params
+                if rule is not None and rule.lowrank:
+                    total += sum(u.shape[1] * (u.shape[0] + v.shape[1]) for u, v in rule.lowrank)
+        return total
+
+    def rule_from_keep(self, keep: list[float], hist: LogHistogram, ratio: float, extra: dict | None = None) -> ChannelRuleSet:
+        """Thresholds keeping ``keep[i]`` of stream i's calibration values."""
+        sites = {k: SiteRule(r.thresholds.clone(), r.scale, r.center, r.fill, r.lowrank, r.gate)
+                 for k, r in self.base.items()}
+        for i, s in enumerate(self.streams):
+            t = hist.threshold(i, keep[i])
+            rule = sites[site_key(s.layer, s.site)]
+            if s.consumer >= 0:
+                rule.thresholds[s.consumer] = t
+            else:
+                rule.thresholds[:] = t
+        return ChannelRuleSet(self.selector, sites, {"requested_ratio": ratio, **(extra or {})})
+
+    def read_ratio(self, keep: list[float]) -> float:
+        weights = self.stream_weights()
+        return (self.fixed_read() + sum(k * w for k, w in zip(keep, weights))) / self.smap.decoder_params
+
+    def uniform_keep(self, ratio: float) -> list[float]:
+        """One kept fraction for every stream that gives ``ratio`` (clamped to [0, 1])."""
+        weights = self.stream_weights()
+        k = (ratio * self.smap.decoder_params - self.fixed_read()) / sum(weights)
+        return [min(1.0, max(0.0, k))] * len(self.streams)
+
+    def global_keep(self, hist: LogHistogram, ratio: float) -> list[float]:
+        """One threshold over every stream (scores comparable across sites), set for ``ratio``."""
+        weights = self.stream_weights()
+        target = ratio * self.smap.decoder_params - self.fixed_read()
+
+        def read(log_t: float) -> float:
+            t = 2.0 ** log_t
+            return sum(w * hist.kept(i, t) for i, w in enumerate(weights))
+
+        lo, hi = -40.0, 24.0  # log2 threshold; read() decreases in it
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if read(mid) > target else (lo, mid)
+        t = 2.0 ** hi
+        return [hist.kept(i, t) for i in range(len(self.streams))]
+
+
+def measure_read(model: nn.Module, rule: ChannelRuleSet, sequences: list[torch.Tensor], batch_size: int = 4) -> float:
+    """Mean read ratio of ``rule`` over the tokens of ``sequences`` (the decoder linears)."""
+    rule.bind(model)
+    total = count = 0.0
+    decoder = site_map(model).decoder_params
+    with torch.no_grad(), ChannelHooks(model, rule) as hooks, rule.live_state(model):
+        for ids in batches(sequences, batch_size):
+            model(input_ids=ids.to(model_device(model)), use_cache=False)
+            total += float(hooks.read.sum())
+            count += hooks.read.numel()
+    return total / count / decoder
+
+
+_CALIBRATORS: dict = {}  # (selector, model key, calibration hash) -> (Calibrator, dense histograms, greedy path)
+
+
+def _calibrator(model: nn.Module, sequences: list[torch.Tensor], selector: str, progress=None):
+    key = (selector, model_key(model), stable_hash([to_ids(s).tolist() for s in sequences]))
+    if key not in _CALIBRATORS:
+        cal = Calibrator(model, sequences, selector, progress=progress)
+        dense = cal.histograms()
+        path = greedy_keep(cal, dense) if selector in ("teal", "wina") else None
+        _CALIBRATORS[key] = (cal, dense, path)
+    return _CALIBRATORS[key]
+
+
+def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector: str, ratios,
+                       refine: int = 2, progress=None) -> dict[float, ChannelRuleSet]:
+    """``{ratio: rule}`` for ``selector`` at every read ratio (see the module docstring); the
+    ratio-independent work is done once per model, selector and calibration text."""
+    cal, dense, path = _calibrator(model, sequences, selector, progress)
+    out = {}
+    for ratio in ratios:
+        if path is not None:
+            keep = path.keep_at(ratio)
+        elif selector == "attr_channel":
+            keep = cal.global_keep(dense, ratio)
+        else:
+            keep = cal.uniform_keep(ratio)
+        rule = cal.rule_from_keep(keep, dense, ratio)
+        for _ in range(refine):  # thresholds from the live (sparse upstream) distributions
+            live = cal.histograms(rule)
+            if selector == "attr_channel":
+                keep = cal.global_keep(live, ratio)
+            rule = cal.rule_from_keep(keep, live, ratio)
+        rule.meta["calibration_read_ratio"] = measure_read(model, rule, cal.sequences)
+        rule.meta["allocation"] = "greedy (TEAL)" if path is not None else (
+            "global threshold" if selector == "attr_channel" else "uniform")
+        out[ratio] = rule
+    return out
+
+
+class ChannelSelector(Selector):
+    """An input-channel rule by name: mode ``channel`` (it runs on tasks, not in the oracle sweep)."""
+
+    kind = "baseline"
+    mode = "channel"
+    needs_calibration = True
+
+    def channel_rules(self, model, calibration, ratios) -> dict[float, ChannelRuleSet]:
+        return calibrate_channels(model, list(calibration), self.name, ratios)
+
+    def masks_for_many(self, scores, ratios, scope="per_layer", **context):
+        raise UserError(f"{self.name} decides the input channels of every linear from the live input, not "
+                        "units along a label: evaluate it on tasks (evaluate, compare, bench)")
+
+
+def _channel_selector(name: str, description: str, kind: str = "baseline") -> None:
+    register_selector(type(f"Channel_{name}", (ChannelSelector,),
+                           {"name": name, "description": description, "kind": kind}))
+
+
+_channel_selector("teal", "baseline (TEAL): |x_j| on the input of every linear, per-projection thresholds, "
+                          "TEAL's block-wise greedy allocation")
+_channel_selector("wina", "baseline (WINA): |x_j| * ||W[:, j]|| on the input of every linear, TEAL's allocation")
+_channel_selector("cats", "baseline (CATS): |act(gate x)| of the MLP units; gate in full, up rows and down "
+                          "columns of the kept units; attention dense")
+_channel_selector("r_sparse", "baseline (R-Sparse): |x_j| on every linear, dropped channels through a "
+                              "rank-min(in,out)/16 SVD path (counted as read)")
+_channel_selector("scap", "baseline (SCAP): |x_j - mode_j| on every linear, the mode folded into a bias")
+_channel_selector("attr_channel", "ours: |x_j| * E|dL/dx_j| per weight of the channel, one threshold over "
+                                  "every linear of every layer", kind="selector")

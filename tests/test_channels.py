@@ -1,0 +1,207 @@
+"""Input-channel rules on every linear: masks by hand, skipped columns never read, compensation,
+R-Sparse at full rank, calibrated read ratios, the channel file and its bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attrsparse.cli.main import main
+from attrsparse.core.channel_hooks import ChannelHooks
+from attrsparse.core.errors import UserError
+from attrsparse.core.models import load_model
+from attrsparse.core.sites import site_map
+from attrsparse.policies import make_policy
+from attrsparse.selectors import channel_calibration as cc
+from attrsparse.selectors.channels import ChannelRuleSet, SiteRule, site_key
+from conftest import ARCHS, VOCAB
+
+
+def _ids(n=12, seed=0, batch=1):
+    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _calib(n=6, length=24):
+    return [_ids(length, seed=100 + s)[0] for s in range(n)]
+
+
+def _rule(model, name, site="mlp_out", layer=0, **kw) -> ChannelRuleSet:
+    c = len(site_map(model).layers[layer][site].modules)
+    kw.setdefault("thresholds", torch.zeros(c))
+    return ChannelRuleSet(name, {site_key(layer, site): SiteRule(**kw)}).bind(model)
+
+
+def test_a_site_rule_keeps_what_the_formula_says():
+    rule = SiteRule(torch.tensor([1.0, 2.5]), scale=torch.tensor([1.0, 2.0, 0.5, 4.0]),
+                    center=torch.tensor([0.0, 1.0, 0.0, -1.0]))
+    x = torch.tensor([[1.5, 2.0, 3.0, -1.5]])
+    # |x - c| * scale = [1.5, 2.0, 1.5, 2.0]
+    assert torch.equal(rule.score(x, 0), torch.tensor([[1.5, 2.0, 1.5, 2.0]]))
+    assert (rule.score(x, 0) > rule.thresholds[0]).tolist() == [[True, True, True, True]]
+    assert (rule.score(x, 1) > rule.thresholds[1]).tolist() == [[False, False, False, False]]
+    per = SiteRule(torch.tensor([1.0, 1.0]), scale=torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]))
+    assert (per.score(x, 0) > 1.0).tolist() == [[True, False, True, False]]  # WINA: a scale per consumer
+    assert (per.score(x, 1) > 1.0).tolist() == [[False, True, False, True]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_skipped_channels_are_never_read(make_tiny, arch):
+    """Computed from the kept columns alone (plus the fill's bias, computed before), the output is the
+    sparse one; weight columns of skipped channels set to NaN leave it finite and unchanged."""
+    model = make_tiny(arch)
+    smap = site_map(model)
+    gen = torch.Generator().manual_seed(5)
+    sites = {}
+    for l, layer in enumerate(smap.layers):
+        for name, site in layer.items():
+            fill = torch.randn(site.in_features, generator=gen) * 0.1 if name == "mlp_out" else None
+            sites[site_key(l, name)] = SiteRule(torch.full((len(site.modules),), 0.6), fill=fill)
+    rule = ChannelRuleSet("teal", sites).bind(model)
+    ids = _ids(10)
+    with torch.no_grad(), ChannelHooks(model, rule) as hooks:
+        want = model(input_ids=ids).logits
+    assert 0 < float(hooks.read.mean()) < smap.decoder_params
+    used: dict = {}
+    keep = rule.keep
+
+    def recording_keep(layer, site, consumer, x):
+        k = keep(layer, site, consumer, x)
+        if k is not None:
+            key = (layer, site, consumer)
+            used[key] = used.get(key, False) | k.reshape(-1, k.shape[-1]).any(0)
+        return k
+
+    rule.keep = recording_keep
+    with torch.no_grad(), ChannelHooks(model, rule, gathered=True):
+        first = model(input_ids=ids).logits
+        torch.testing.assert_close(first, want, atol=1e-5, rtol=1e-5)
+        poisoned = 0
+        for (l, name, c), kept in used.items():  # poison every column no token read
+            m = smap.layers[l][name].modules[c]
+            cols = (~kept).nonzero().flatten()
+            poisoned += cols.numel()
+            if isinstance(m, torch.nn.Linear):
+                m.weight[:, cols] = float("nan")
+            else:
+                m.weight[cols, :] = float("nan")
+        got = model(input_ids=ids).logits
+    assert poisoned > 0 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_read_counts_by_hand(make_tiny):
+    model = make_tiny("llama")  # mlp_out: 48 channels into down [32 x 48]
+    x = torch.zeros(1, 3, 48)
+    x[0, 0, :5] = 2.0  # token 0 keeps 5 channels, token 1 none, token 2 all 48
+    x[0, 2] = 3.0
+    rule = _rule(model, "teal", thresholds=torch.tensor([1.0]))
+    new, read = rule.transform(0, "mlp_out", 0, x)
+    assert read.tolist() == [[5 * 32, 0, 48 * 32]]
+    assert torch.equal(new, x)  # kept channels pass unchanged, the dropped ones are 0 already
+
+
+def test_compensation_is_exact_when_dropped_inputs_equal_their_fill(make_tiny):
+    model = make_tiny("llama")
+    down = site_map(model).layers[0]["mlp_out"].modules[0]
+    fill = torch.linspace(-0.5, 0.5, 48)
+    x = fill.clone().view(1, 1, 48).repeat(1, 2, 1)
+    x[0, :, :6] = torch.tensor([3.0, -2.0, 4.0, 2.5, -3.0, 5.0])  # large: kept
+    rule = _rule(model, "scap", thresholds=torch.tensor([1.0]), center=fill, fill=fill)
+    new, read = rule.transform(0, "mlp_out", 0, x)
+    assert read.tolist() == [[6 * 32, 6 * 32]]
+    # y = sum_kept W[:, j] (x_j - f_j) + W f: exactly W x when the dropped x_j equal f_j
+    torch.testing.assert_close(down(new), down(x))
+
+
+def test_r_sparse_at_full_rank_equals_dense(make_tiny):
+    model = make_tiny("llama")
+    smap = site_map(model)
+    sites = {}
+    for l, layer in enumerate(smap.layers):
+        for name, site in layer.items():
+            lowrank = []
+            for m in site.modules:
+                w = cc.as_out_in(m)
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
+                lowrank.append(((u * s).contiguous(), vh.contiguous()))
+            sites[site_key(l, name)] = SiteRule(torch.full((len(site.modules),), 0.8), lowrank=lowrank)
+    rule = ChannelRuleSet("r_sparse", sites).bind(model)
+    assert rule.adds_output
+    ids = _ids(9)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with ChannelHooks(model, rule) as hooks:
+            got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
+    assert float(hooks.read.min()) > smap.decoder_params  # the full-rank path costs more than dense
+
+
+def test_cats_reads_gate_in_full_and_kept_units(make_tiny):
+    model = make_tiny("llama")  # gate/up [48 x 32], down [32 x 48]
+    rule = ChannelRuleSet("cats", {site_key(0, "mlp_in"): SiteRule(torch.zeros(2), gate=True),
+                                   site_key(0, "mlp_out"): SiteRule(torch.tensor([0.5]), gate=True)}).bind(model)
+    x = torch.randn(1, 4, 32)
+    _, gate_read = rule.transform(0, "mlp_in", 0, x)
+    _, up_read = rule.transform(0, "mlp_in", 1, x)
+    assert gate_read.tolist() == [[48 * 32] * 4] and up_read.tolist() == [[0] * 4]
+    h = torch.zeros(1, 1, 48)
+    h[0, 0, :7] = 1.0  # act(gate x) above the threshold for 7 units (not gated in this call: h is the input)
+    rule._acts = None
+    new, read = rule.transform(0, "mlp_out", 0, h)
+    assert read.tolist() == [[7 * (32 + 32)]]  # down column + up row per kept unit
+
+
+@pytest.mark.parametrize("selector", ["teal", "wina", "cats", "r_sparse", "scap", "attr_channel"])
+def test_calibrated_read_ratio_is_the_requested_one(make_tiny, selector, monkeypatch):
+    monkeypatch.setattr(cc, "_CALIBRATORS", {})
+    model = make_tiny("llama")
+    calib = _calib()
+    ratios = [0.75] if selector == "cats" else [0.5, 0.7]  # CATS reads attention and the gate in full
+    rules = cc.calibrate_channels(model, calib, selector, ratios)
+    for ratio, rule in rules.items():
+        assert abs(rule.meta["calibration_read_ratio"] - ratio) <= 0.01, (selector, ratio, rule.meta)
+    # on tasks through the policy: the same rule, reads accounted per position
+    policy = make_policy(selector, ratios[0])
+    policy.prepare(model, calib)
+    out = policy.forward(model, torch.stack(calib[:2]))
+    assert out.masks is None and out.read.shape == (2, 24)
+    assert abs(float(out.read.mean()) - ratios[0]) <= 0.01
+
+
+def test_channel_file_round_trip_and_bad_input(make_tiny, tmp_path, llama_dir, capsys):
+    def calibrate(out, ratios="0.6", calib=None):
+        return main(["calibrate", "--model", llama_dir, "--selector", "attr_channel", "--ratios", ratios,
+                     "--n-seq", "4", "--seq-len", "24", "--calib", str(calib or _text_file(tmp_path)),
+                     "--out", str(out)])
+
+    out = tmp_path / "chan"
+    assert calibrate(out) == 0
+    capsys.readouterr()
+    model, _ = load_model(llama_dir)
+    policy = make_policy(str(out), 0.6)  # the manifest says: channel rules
+    policy.prepare(model)
+    assert policy.forward(model, _ids(8)).read.shape == (1, 8)
+    with pytest.raises(UserError, match="no rule at read ratio 0.5"):
+        make_policy(f"channel:{out}", 0.5)
+    with pytest.raises(UserError, match="different weights"):
+        make_policy(str(out), 0.6).prepare(make_tiny("llama", seed=7))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for ratios, calib in (("1.5", None), ("0", None), ("0.5", empty)):
+        bad = tmp_path / f"bad-{ratios}"
+        code = calibrate(bad, ratios, calib)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("attrsparse: error: ")
+        assert not (bad / "channels.json").exists() and not (bad / "attrsparse.json").exists()
+
+
+def _text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    words = " ".join(f"w{i % 61}" for i in range(600))
+    path.write_text(words)
+    return path
+
+
+def test_channel_rules_are_not_units():
+    with pytest.raises(UserError, match="evaluate it on tasks"):
+        make_policy("teal", 0.5).selector.masks_for(None, 0.5)
