@@ -16,7 +16,6 @@ import torch
 
 from .errors import UserError
 
-
 #: Attribute of a loaded model holding the spec it was loaded from (set by ``load_model``).
 SPEC_ATTRIBUTE = "_attrsparse_spec"
 

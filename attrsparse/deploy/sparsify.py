@@ -9,6 +9,7 @@
     with sp:                        # plain forward calls / model.generate run sparse
         model(input_ids)
     sp.executed.param               # parameter-weighted ratio really executed (every call inside)
+    sp.read.as_dict()               # weights read per token: read ratio (mean, p10, p90), total
     out = sp.forward(ids)           # logits + executed masks (any policy, oracle included)
     res = sp.generate(["Why is the sky blue?"], tokenizer=tok)  # fastest deployable runtime
 
@@ -29,6 +30,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
+from ..core.accounting import ReadRatio
 from ..core.errors import UserError
 from ..core.masking import apply_masks
 from ..core.units import ExecutedRatio, UnitMasks, unit_map
@@ -46,6 +48,7 @@ class Sparsified:
                  mask_prefill: bool = False):
         self.model, self.policy, self.masks, self.mask_prefill = model, policy, masks, mask_prefill
         self.executed = ExecutedRatio()
+        self.read = ReadRatio.of(model)
         self._stack: ExitStack | None = None
         self._handle = None
 
@@ -67,9 +70,10 @@ class Sparsified:
                     b, q = ids.shape[:2]
                     mask = kwargs.get("attention_mask")
                     real = None if mask is None else mask[:, -q:].bool()
-                    masks = applied.last_masks(b, q)
-                    self.executed = self.executed.add(account(
-                        masks, None if real is None else real.to(masks.mlp.device), applied.units))
+                    masks, read = applied.last_masks(b, q), applied.last_read(b, q)
+                    real = None if real is None else real.to(read.device)
+                    self.executed = self.executed.add(account(masks, real, applied.units))
+                    self.read.add(read if real is None else read[real])
 
                 stack.callback(self.model.register_forward_hook(after, with_kwargs=True).remove)
         except BaseException:
@@ -92,8 +96,9 @@ class Sparsified:
             raise UserError("sparsify(model, masks): run the model inside `with` (masks follow the "
                             "paper's per-token schedule)")
         out = self.policy.forward(self.model, ids, attention_mask, **model_kwargs)
-        real = None if attention_mask is None else attention_mask[:, -ids.shape[1]:].to(out.masks.mlp.device)
+        real = None if attention_mask is None else attention_mask[:, -ids.shape[1]:].bool().to(out.read.device)
         self.executed = self.executed.add(account(out.masks, real, unit_map(self.model)))
+        self.read.add(out.read if real is None else out.read[real])
         return out
 
     def generate(self, prompts, tokenizer=None, **options) -> GenerationResult:

@@ -45,9 +45,10 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from ..core.accounting import ReadRatio
 from ..core.errors import UserError
 from ..core.models import load_model
-from ..core.units import ExecutedRatio, UnitMasks, unit_map
+from ..core.units import ExecutedRatio, unit_map
 from ..data.calibration import calibration_sequences
 from ..deploy.sparsify import sparsify
 from ..policies import account, make_policy, with_decision_cost
@@ -91,18 +92,21 @@ class AttrsparseLM(HFLM):
                                                 int(calib_len))
         self.sparsity.prepare(self.model, calibration)
         self.executed = ExecutedRatio()
+        self.read = ReadRatio.of(self.model)
         self._accounting = True
 
     # -- accounting --------------------------------------------------------------------------
-    def _account(self, masks: UnitMasks, real: torch.Tensor | None) -> None:
+    def _account(self, out, real: torch.Tensor | None) -> None:
         if not self._accounting:
             return
-        real = None if real is None else real.to(masks.mlp.device)
-        self.executed = self.executed.add(account(masks, real, self.units))
+        real = None if real is None else real.to(out.read.device)
+        self.executed = self.executed.add(account(out.masks, real, self.units))
+        self.read.add(out.read if real is None else out.read[real])
 
     def executed_summary(self) -> dict:
         """The policy, and the ratios really executed so far over the real (unpadded) tokens."""
-        out = {**self.sparsity.describe(), "model": self.attrsparse_model, **self.executed.as_dict()}
+        out = {**self.sparsity.describe(), "model": self.attrsparse_model, **self.executed.as_dict(),
+               **self.read.as_dict()}
         read = with_decision_cost(out, self.units, self.sparsity.prepaid_params(self.units)) \
             if self.executed.tokens else None
         if read is not None:
@@ -131,7 +135,7 @@ class AttrsparseLM(HFLM):
         grad = torch.enable_grad() if self.sparsity.mode == "oracle" else torch.no_grad()
         with grad:
             out = self.sparsity.forward(self.model, inps, None)
-        self._account(out.masks, right_padding_mask(inps))
+        self._account(out, right_padding_mask(inps))
         return out.logits
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
@@ -139,6 +143,7 @@ class AttrsparseLM(HFLM):
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         if self._accounting:
             self.executed = self.executed.add(applied.executed)
+            self.read.values += applied.read.values
         return out
 
 

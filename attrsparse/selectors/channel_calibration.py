@@ -30,11 +30,17 @@ from ..core.sites import SITE_NAMES, site_map
 from ..core.trace import to_ids
 from ..core.units import unit_map
 from .base import Selector, register_selector
-from .channel_greedy import greedy_keep
+from .channel_budget import SensitivityCurves
+from .channel_greedy import GreedyPath, greedy_keep
 from .channel_stats import LogHistogram, attribution, batches, site_inputs
 from .channels import CHANNEL_RULES, ChannelRuleSet, SiteRule, site_key
 
 LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per linear
+#: attr_channel: which gradient (per_token: token t's own loss; else every later token's too), its
+#: statistic ("abs": E|g|, "rms": sqrt(E[g^2]), the Fisher diagonal's root), the power of the
+#: weights per channel it is divided by, and whether scores and fills are centred on E[x]
+ATTR = {"per_token": True, "statistic": "abs", "param_power": 1.0, "center": False, "per_consumer": False,
+        "allocation": "global"}  # or "sensitivity" (channel_budget), "uniform"
 
 
 def column_norms(module: nn.Module) -> torch.Tensor:
@@ -77,7 +83,8 @@ class Calibrator:
     def _base_rules(self) -> dict[str, SiteRule]:
         """Per site, a rule with everything but its thresholds."""
         out = {}
-        stats = attribution(self.model, self.sequences, self.batch_size) if self.selector == "attr_channel" else {}
+        stats = attribution(self.model, self.sequences, self.batch_size, ATTR["per_token"], ATTR["per_consumer"]) \
+            if self.selector == "attr_channel" else {}
         modes = self._modes() if self.selector == "scap" else {}
         for l, layer in enumerate(self.smap.layers):
             for name in SITE_NAMES:
@@ -95,9 +102,24 @@ class Calibrator:
                 elif self.selector == "r_sparse":
                     rule.lowrank = [self._svd(m) for m in site.modules]
                 elif self.selector == "attr_channel":
-                    rule.scale = (stats[(l, name)]["abs_grad"] / site.params_per_channel).float()
+                    rule.scale = self._attr_scale(stats, l, name)
+                    if ATTR["center"]:
+                        first = stats[(l, name, 0) if ATTR["per_consumer"] else (l, name)]
+                        rule.center = rule.fill = first["mean"].float()
                 out[site_key(l, name)] = rule
         return out
+
+    def _attr_scale(self, stats: dict, layer: int, name: str) -> torch.Tensor:
+        """``g_j / p^power``: one row per consumer (``[C, in]``) or one for the site (``[in]``)."""
+        site = self.smap.layers[layer][name]
+
+        def stat(st):
+            return st["abs_grad"] if ATTR["statistic"] == "abs" else st["sq_grad"].sqrt()
+
+        if ATTR["per_consumer"]:
+            return torch.stack([stat(stats[(layer, name, c)]) / out ** ATTR["param_power"]
+                                for c, out in enumerate(site.out_features)]).float()
+        return (stat(stats[(layer, name)]) / site.params_per_channel ** ATTR["param_power"]).float()
 
     def _svd(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         w = as_out_in(module)
@@ -131,7 +153,7 @@ class Calibrator:
             l, name = int(key[1:4]), key.split(".", 1)[1]
             if rule.gate and name == "mlp_in":
                 continue  # CATS reads the gate in full
-            per = self.selector in ("teal", "wina")  # TEAL allocates per projection
+            per = self.selector in ("teal", "wina") or (self.selector == "attr_channel" and ATTR["per_consumer"])
             out += [Stream(l, name, c) for c in range(len(self.smap.layers[l][name].modules))] if per \
                 else [Stream(l, name, -1)]
         return out
@@ -256,11 +278,17 @@ _CALIBRATORS: dict = {}  # (selector, model key, calibration hash) -> (Calibrato
 
 
 def _calibrator(model: nn.Module, sequences: list[torch.Tensor], selector: str, progress=None):
-    key = (selector, model_key(model), stable_hash([to_ids(s).tolist() for s in sequences]))
+    key = (selector, model_key(model), stable_hash([to_ids(s).tolist() for s in sequences]),
+           stable_hash(ATTR) if selector == "attr_channel" else None)
     if key not in _CALIBRATORS:
         cal = Calibrator(model, sequences, selector, progress=progress)
         dense = cal.histograms()
-        path = greedy_keep(cal, dense) if selector in ("teal", "wina") else None
+        if selector in ("teal", "wina"):
+            path = greedy_keep(cal, dense)
+        elif selector == "attr_channel" and ATTR["allocation"] == "sensitivity":
+            path = SensitivityCurves(cal, dense)
+        else:
+            path = None
         _CALIBRATORS[key] = (cal, dense, path)
     return _CALIBRATORS[key]
 
@@ -270,23 +298,28 @@ def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector
     """``{ratio: rule}`` for ``selector`` at every read ratio (see the module docstring); the
     ratio-independent work is done once per model, selector and calibration text."""
     cal, dense, path = _calibrator(model, sequences, selector, progress)
+    allocation = ("greedy (TEAL)" if selector in ("teal", "wina") else
+                  ATTR["allocation"] if selector == "attr_channel" else "uniform")
     out = {}
     for ratio in ratios:
-        if path is not None:
+        if isinstance(path, GreedyPath):
             keep = path.keep_at(ratio)
-        elif selector == "attr_channel":
+        elif isinstance(path, SensitivityCurves):
+            keep = path.keep_for(ratio)
+        elif allocation == "global":
             keep = cal.global_keep(dense, ratio)
         else:
             keep = cal.uniform_keep(ratio)
         rule = cal.rule_from_keep(keep, dense, ratio)
         for _ in range(refine):  # thresholds from the live (sparse upstream) distributions
             live = cal.histograms(rule)
-            if selector == "attr_channel":
+            if allocation == "global":
                 keep = cal.global_keep(live, ratio)
             rule = cal.rule_from_keep(keep, live, ratio)
         rule.meta["calibration_read_ratio"] = measure_read(model, rule, cal.sequences)
-        rule.meta["allocation"] = "greedy (TEAL)" if path is not None else (
-            "global threshold" if selector == "attr_channel" else "uniform")
+        rule.meta["allocation"] = allocation
+        if selector == "attr_channel":
+            rule.meta["attr"] = dict(ATTR)
         out[ratio] = rule
     return out
 

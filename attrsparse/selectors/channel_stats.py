@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -85,14 +85,28 @@ class LogHistogram:
 
 
 @contextmanager
-def site_inputs(model: nn.Module) -> Iterator[dict]:
+def site_inputs(model: nn.Module, per_consumer: bool = False) -> Iterator[dict]:
     """During the block, ``captured[(layer, site)]`` is the last input of that site (as its first
-    consumer received it, before any channel rule; ``[..., in]``, graph kept)."""
+    consumer received it, before any channel rule; ``[..., in]``, graph kept). ``per_consumer``:
+    ``captured[(layer, site, c)]`` is consumer c's own copy of the input, so a gradient taken with
+    respect to it flows through that consumer only."""
     smap = site_map(model)
     captured: dict = {}
     handles = []
+
+    def own_copy(key):
+        def hook(_m, args):
+            x = args[0].clone()
+            captured[key] = x
+            return (x,) + tuple(args[1:])
+        return hook
+
     for l, layer in enumerate(smap.layers):
         for name in SITE_NAMES:
+            if per_consumer:
+                for c, module in enumerate(layer[name].modules):
+                    handles.append(module.register_forward_pre_hook(own_copy((l, name, c))))
+                continue
             module = layer[name].modules[0]
             handles.append(module.register_forward_pre_hook(
                 lambda _m, args, key=(l, name): captured.__setitem__(key, args[0])))
@@ -113,9 +127,15 @@ def batches(sequences: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
             yield torch.stack(group[start:start + size])
 
 
-def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int = 4) -> dict:
+def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int = 4,
+                per_token: bool = True, per_consumer: bool = False) -> dict:
     """Per site input ``(layer, site)``: ``{"abs_grad": E|g_j|, "sq_grad": E[g_j^2], "mean": E[x_j],
-    "abs": E|x_j|}`` over every predicting position of the calibration text (float64, CPU)."""
+    "abs": E|x_j|}`` over every predicting position of the calibration text (float64, CPU).
+
+    ``per_token``: ``g`` at position t is the gradient of token t's own loss (decoding's view, the
+    one-pass attention); else of every later token's loss too (a plain backward: what a channel
+    dropped at position t costs through the keys and values later tokens read). ``per_consumer``:
+    keys ``(layer, site, c)``, the gradient through consumer c alone."""
     device = model_device(model)
     sums: dict = {}
     tokens = 0
@@ -125,7 +145,8 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
         with torch.no_grad():
             embeds = embed(ids[:, :-1])
         embeds.requires_grad_(True)
-        with site_inputs(model) as cap, diagonal_gradient_attention(model), torch.enable_grad():
+        attention = diagonal_gradient_attention(model) if per_token else nullcontext()
+        with site_inputs(model, per_consumer) as cap, attention, torch.enable_grad():
             logits = model(inputs_embeds=embeds, use_cache=False).logits
             loss = sum(token_losses(logits[b:b + 1], ids[b, 1:]).sum() for b in range(ids.shape[0]))
             keys = list(cap)
