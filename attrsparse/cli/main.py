@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # weight-loading bars are noise; our own stages show progress
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for records
     try:
         if getattr(args, "out", None) is not None and os.environ.get("RANK", "0") in ("", "0"):
             # every command with --out: writable, before any work (rank 0 of torchrun, keeping the

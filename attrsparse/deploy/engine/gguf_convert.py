@@ -74,3 +74,15 @@ def dequantise_gguf(src: str | os.PathLike, ftype: str = "F32", dst: str | os.Pa
     finally:
         tmp.unlink(missing_ok=True)
     return dst
+
+
+def gguf_file_type(path: str | os.PathLike) -> str:
+    """The weight type a GGUF file declares (``general.file_type``), e.g. ``"Q4_1"``, ``"F32"``."""
+    reader = gguf.GGUFReader(str(path))
+    field = reader.get_field(gguf.Keys.General.FILE_TYPE)
+    if field is None:
+        return "unknown"
+    try:
+        return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file type {field.contents()}"

@@ -8,14 +8,17 @@ nowhere else, so one process never holds two engines.
 
 Spec keys: ``engine`` (``native`` | ``hf`` | ``llamacpp``), ``prompt_ids``, ``new_tokens``,
 ``warmup`` (tokens generated once before the timed run), ``threads``; native: ``path``, ``load``,
-``mode``, ``rules`` (a rules JSON file or null); hf: ``model``, ``dtype``; llamacpp: ``gguf``,
+``mode``, ``rules`` (a rules JSON file or null); hf: ``model``, ``dtype``, ``channels`` and
+``ratio`` (a channel directory applied through ChannelHooks, or null); llamacpp: ``gguf``,
 ``n_ctx``. Output: ``tokens``, ``decode_tokens_per_s`` (127 / time from the first to the last
 token for 128 tokens: prompt processing excluded), ``peak_rss_mb`` (VmHWM of this process),
-and the engine's own counters.
+and the engine's own counters (hf: the read ratio from the hooks' counts, and the bytes of
+weights it implies per token).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -37,6 +40,15 @@ def bare_packages() -> None:
             spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
                                                           submodule_search_locations=[str(folder)])
             sys.modules[name] = importlib.util.module_from_spec(spec)  # created, never executed
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default, as the runner's) of a non-empty list."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _rate(times: list[float]) -> float:
@@ -67,25 +79,45 @@ def run_native(spec: dict) -> dict:
 def run_hf(spec: dict) -> dict:
     torch = importlib.import_module("torch")
     models = importlib.import_module("attrsparse.core.models")
+    sites = importlib.import_module("attrsparse.core.sites")
     torch.set_num_threads(spec["threads"])
     model, _ = models.load_model(spec.get("model", "smollm2-135m"), dtype=spec.get("dtype", "fp32"))
     prompt = torch.tensor([spec["prompt_ids"]])
+    applied, reads = None, []
+    if spec.get("channels"):  # a calibrated channel rule through ChannelHooks, as `attrsparse evaluate` runs it
+        channel = importlib.import_module("attrsparse.policies.channel")
+        policy = channel.load_channel_policy(spec["channels"], spec["ratio"])
+        policy.prepare(model)
+        context = policy.apply(model)
+    else:
+        context = contextlib.nullcontext()
 
     def greedy(n: int) -> tuple[list[int], list[float]]:
         cache, step, tokens, times = None, prompt, [], []
+        reads.clear()
         with torch.no_grad():
-            for _ in range(n):
+            for i in range(n):
                 out = model(step, cache=cache, use_cache=True)
                 cache = out.cache
                 tokens.append(int(out.logits[0, -1].argmax()))
                 times.append(time.perf_counter())
+                if applied is not None and i > 0:  # the read ratio of each generated token's step
+                    reads.append(float(applied.last_read(1, 1)))
                 step = torch.tensor([[tokens[-1]]])
         return tokens, times
 
-    if spec["warmup"]:
-        greedy(spec["warmup"])
-    tokens, times = greedy(spec["new_tokens"])
-    return {"tokens": tokens, "decode_tokens_per_s": _rate(times)}
+    with context as applied:
+        if spec["warmup"]:
+            greedy(spec["warmup"])
+        tokens, times = greedy(spec["new_tokens"])
+    smap = sites.site_map(model)
+    decoder, head = smap.decoder_params, smap.head_params
+    ratio = {"mean": sum(reads) / len(reads), "p10": percentile(reads, 10), "p90": percentile(reads, 90)} \
+        if reads else {"mean": 1.0, "p10": 1.0, "p90": 1.0}
+    total = (ratio["mean"] * decoder + head) / (decoder + head)
+    nbytes = next(model.parameters()).element_size()
+    return {"tokens": tokens, "decode_tokens_per_s": _rate(times), "read_ratio": ratio,
+            "total_read_ratio": {"mean": total}, "bytes_read_per_token": total * (decoder + head) * nbytes}
 
 
 def run_llamacpp(spec: dict) -> dict:
