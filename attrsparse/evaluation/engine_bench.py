@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from tqdm.auto import tqdm
 
 from ..core import __version__
 from ..core.errors import UnsupportedArchitectureError, UserError, check_ratio
@@ -242,7 +243,10 @@ class EngineBench:
         if problem is None:
             spec = str(cfg.model)
             if spec == "smollm2-135m":
-                source = packaged_smollm2_gguf()
+                try:
+                    source = packaged_smollm2_gguf()
+                except UserError as exc:
+                    problem = str(exc)
             elif spec.lower().endswith(".gguf") and Path(spec).is_file():
                 source = Path(spec)
             else:
@@ -261,8 +265,6 @@ class EngineBench:
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> dict:
-        from tqdm.auto import tqdm
-
         cfg = self.config
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         loadavg_before = os.getloadavg()
