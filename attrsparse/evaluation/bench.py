@@ -1,4 +1,5 @@
-"""``attrsparse bench``: speed and quality of dense, static, predictor and oracle sparsity in one run.
+"""``attrsparse bench --modes``: speed and quality of dense, static, predictor and oracle sparsity in one
+run (without ``--modes``, ``attrsparse bench`` is the engine bench: :mod:`.engine_bench`).
 
 For every (mode, ratio) one record (``DIR/records/<mode>@<ratio>-<settings hash>.json``, atomic,
 so a re-run with the same settings resumes; ``--no-speed``/``--no-quality`` parts are added later)
