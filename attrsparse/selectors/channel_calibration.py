@@ -38,8 +38,9 @@ from .channels import CHANNEL_RULES, ChannelRuleSet, SiteRule, site_key
 LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per linear
 #: attr_channel: which gradient (per_token: token t's own loss; else every later token's too), its
 #: statistic ("abs": E|g|, "rms": sqrt(E[g^2]), the Fisher diagonal's root), the power of the
-#: weights per channel it is divided by, and whether scores and fills are centred on E[x]
-ATTR = {"per_token": True, "statistic": "abs", "param_power": 1.0, "center": False, "per_consumer": False,
+#: weights per channel it is divided by, and whether scores and fills are centred on E[x]; the
+#: defaults measured best on calibration-side text (docs/results/channels/README.md, variants)
+ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": False,
         "allocation": "global"}  # or "sensitivity" (channel_budget), "uniform"
 
 
@@ -352,5 +353,5 @@ _channel_selector("cats", "baseline (CATS): |act(gate x)| of the MLP units; gate
 _channel_selector("r_sparse", "baseline (R-Sparse): |x_j| on every linear, dropped channels through a "
                               "rank-min(in,out)/16 SVD path (counted as read)")
 _channel_selector("scap", "baseline (SCAP): |x_j - mode_j| on every linear, the mode folded into a bias")
-_channel_selector("attr_channel", "ours: |x_j| * E|dL/dx_j| per weight of the channel, one threshold over "
-                                  "every linear of every layer", kind="selector")
+_channel_selector("attr_channel", "ours: |x_j| * RMS(dL/dx_j) (gradient of every later token's loss) / "
+                                  "sqrt(weights of the channel), one threshold over every linear of every layer", kind="selector")
