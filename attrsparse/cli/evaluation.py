@@ -126,7 +126,8 @@ def cmd_bench(args) -> int:
         channels_from=_channels_from(args.channels_from, selectors),
         rounds=5 if args.rounds is None else args.rounds, new_tokens=args.new_tokens or 64,
         warmup=16 if args.warmup is None else args.warmup, threads=args.threads or 2,
-        prompt=args.prompt or ENGINE_PROMPT, task=args.task, task_items=args.task_items, ppl_tokens=args.ppl_tokens,
+        prompt=args.prompt or ENGINE_PROMPT, task=args.task, task_items=args.task_items or 50,
+        ppl_tokens=args.ppl_tokens or 2048,
         quality=not args.no_quality, calib=args.calib or "wikitext2", calib_sequences=args.calib_sequences or 16,
         calib_len=args.calib_len or 128, bandwidth_mb=args.bandwidth_mb or 512, nice=args.nice or 0,
         idle_busy=args.idle_busy, load=args.load or "mmap").validate()  # every name checked before any work
@@ -149,7 +150,7 @@ def _bench_modes(args) -> int:
                          new_tokens=args.new_tokens or 48, repeats=args.repeats or 3,
                          batch_size=args.batch_size or 1, gen_questions=args.gen_questions or 20,
                          mc1_items=100 if args.mc1_items is None else args.mc1_items,
-                         task=args.task, task_items=args.task_items, ppl_tokens=args.ppl_tokens,
+                         task=args.task, task_items=args.task_items or 100, ppl_tokens=args.ppl_tokens or 4096,
                          quality=not args.no_quality, speed=not args.no_speed)
     out = Path(args.out)
     Bench(config, out).run()
@@ -218,8 +219,9 @@ def register_evaluation_commands(sub) -> None:
                    help="threads of every contender (default 2; with --modes: torch threads, default torch's)")
     p.add_argument("--new-tokens", type=int, default=None, help="timed tokens (default 64; with --modes 48)")
     p.add_argument("--task", default="arc_easy", help="ground-truth multiple-choice task (arc_easy or sciq)")
-    p.add_argument("--task-items", type=int, default=100)
-    p.add_argument("--ppl-tokens", type=int, default=4096, help="WikiText-2 test tokens of the perplexity")
+    p.add_argument("--task-items", type=int, default=None, help="task items (default 50; with --modes 100)")
+    p.add_argument("--ppl-tokens", type=int, default=None,
+                   help="WikiText-2 test tokens of the perplexity (default 2048; with --modes 4096)")
     p.add_argument("--no-quality", action="store_true", help="speed only")
     p.add_argument("--out", required=True)
     g = p.add_argument_group("unit-mode bench (--modes)")

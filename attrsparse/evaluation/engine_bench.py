@@ -98,8 +98,8 @@ class EngineBenchConfig:
     threads: int = 2
     prompt: str = PROMPT
     task: str = "arc_easy"
-    task_items: int = 100
-    ppl_tokens: int = 4096
+    task_items: int = 50
+    ppl_tokens: int = 2048
     quality: bool = True
     calib: str = "wikitext2"
     calib_sequences: int = 16
