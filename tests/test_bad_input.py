@@ -385,3 +385,16 @@ def test_atomic_tensor_save_leaves_nothing_behind_on_failure(tmp_path, monkeypat
         atomic_save_tensors(tmp_path / "t.safetensors", {"x": torch.zeros(2)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.safetensors"]
     assert io.load_tensors(tmp_path / "t.safetensors")["x"].tolist() == [1.0, 1.0]  # the old file stays
+
+
+def test_atomic_tensor_save_takes_tensors_shared_between_keys(tmp_path):
+    """A channel file stores a rule per ratio; attr_channel's scale is one tensor shared by all
+    of them (and views of one storage), which safetensors alone refuses to save."""
+    import attrsparse.core.io as io
+
+    scale, base = torch.arange(3.0), torch.arange(6.0)
+    atomic_save_tensors(tmp_path / "t.safetensors", {"r0.5/scale": scale, "r0.6/scale": scale,
+                                                     "a": base[:3], "b": base[3:]})
+    loaded = io.load_tensors(tmp_path / "t.safetensors")
+    assert loaded["r0.5/scale"].tolist() == loaded["r0.6/scale"].tolist() == [0.0, 1.0, 2.0]
+    assert loaded["b"].tolist() == [3.0, 4.0, 5.0]

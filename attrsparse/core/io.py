@@ -92,8 +92,9 @@ def read_json(path: Path, required: Iterable[str] | None = None):
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    """Save tensors as safetensors atomically (contiguous CPU copies; :func:`atomic_write`)."""
-    copies = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    """Save tensors as safetensors atomically (contiguous CPU copies, one per key, so that tensors
+    shared between keys, e.g. a scale used at every ratio, are saved; :func:`atomic_write`)."""
+    copies = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(copies, tmp))
 
 
