@@ -258,6 +258,11 @@ class ExecutedRatio:
                              self.sum_kv + other.sum_kv, layers)
 
     def as_dict(self) -> dict:
+        """The ratios; None (JSON null, not NaN) when no unit masks were executed, e.g. under an
+        input-channel rule, whose accounting is the read ratio."""
+        if not self.tokens:
+            return {"executed_ratio": None, "executed_ratio_mlp": None, "executed_ratio_heads": None,
+                    "executed_ratio_kv_heads": None, "executed_tokens": 0}
         return {"executed_ratio": self.param, "executed_ratio_mlp": self.mlp,
                 "executed_ratio_heads": self.heads, "executed_ratio_kv_heads": self.kv_heads,
                 "executed_tokens": self.tokens}
