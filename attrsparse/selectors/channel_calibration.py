@@ -353,5 +353,5 @@ _channel_selector("cats", "baseline (CATS): |act(gate x)| of the MLP units; gate
 _channel_selector("r_sparse", "baseline (R-Sparse): |x_j| on every linear, dropped channels through a "
                               "rank-min(in,out)/16 SVD path (counted as read)")
 _channel_selector("scap", "baseline (SCAP): |x_j - mode_j| on every linear, the mode folded into a bias")
-_channel_selector("attr_channel", "ours: |x_j| * RMS(dL/dx_j) (gradient of every later token's loss) / "
+_channel_selector("attr_channel", "ours: |x_j| * RMS(dL/dx_j) (gradient of the whole calibration window's loss) / "
                                   "sqrt(weights of the channel), one threshold over every linear of every layer", kind="selector")
