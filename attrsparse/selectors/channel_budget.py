@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from ..core.architectures import model_device
 from ..core.channel_hooks import ChannelHooks
-from .channel_stats import LogHistogram, batches
-from .channels import ChannelRuleSet, SiteRule, site_key
+from .channel_stats import LogHistogram, leading_batch
 
 LEVELS = (0.75, 0.5, 0.3, 0.15)
 TOKENS = 512
@@ -34,28 +33,14 @@ class SensitivityCurves:
         self.groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(cal.streams):
             self.groups.setdefault((s.layer, s.site, s.consumer), []).append(i)
-        seqs, tokens = [], 0
-        for s in cal.sequences:
-            if tokens >= TOKENS:
-                break
-            seqs.append(s)
-            tokens += s.numel()
-        self.ids = next(batches(seqs, len(seqs))).to(model_device(cal.model))
+        self.ids = leading_batch(cal.sequences, TOKENS).to(model_device(cal.model))
         with torch.no_grad():
             logp = F.log_softmax(cal.model(input_ids=self.ids, use_cache=False).logits.float(), -1)
         self.p, self.neg_entropy = logp.exp(), (logp.exp() * logp).sum(-1)
         self.loss = {g: [self._kl(g, k) for k in LEVELS] for g in self.groups}
 
     def _kl(self, group: tuple, keep: float) -> float:
-        sites = {}
-        for i in self.groups[group]:
-            s = self.cal.streams[i]
-            key = site_key(s.layer, s.site)
-            base = self.cal.base[key]
-            rule = sites.setdefault(key, SiteRule(torch.full_like(base.thresholds, -1.0), base.scale, base.center,
-                                                  base.fill, base.lowrank, base.gate))
-            rule.thresholds[s.consumer if s.consumer >= 0 else slice(None)] = self.hist.threshold(i, keep)
-        rule_set = ChannelRuleSet(self.cal.selector, sites).bind(self.cal.model)
+        rule_set = self.cal.partial_rule({i: keep for i in self.groups[group]}, self.hist)
         with torch.no_grad(), ChannelHooks(self.cal.model, rule_set), rule_set.live_state(self.cal.model):
             logits = self.cal.model(input_ids=self.ids, use_cache=False).logits.float()
         kl = self.neg_entropy - (self.p * F.log_softmax(logits, -1)).sum(-1)

@@ -235,6 +235,20 @@ class Calibrator:
                 rule.thresholds[:] = t
         return ChannelRuleSet(self.selector, sites, {"requested_ratio": ratio, **(extra or {})})
 
+    def partial_rule(self, keep: dict[int, float], hist: LogHistogram) -> ChannelRuleSet:
+        """A rule (bound to the model) on the sites of the streams in ``keep`` only, stream i
+        keeping ``keep[i]`` of its calibration values; their other consumers keep everything and
+        every other site runs dense (the probes of the greedy and sensitivity allocations)."""
+        sites: dict[str, SiteRule] = {}
+        for i, k in keep.items():
+            s = self.streams[i]
+            key = site_key(s.layer, s.site)
+            base = self.base[key]
+            rule = sites.setdefault(key, SiteRule(torch.full_like(base.thresholds, -1.0), base.scale, base.center,
+                                                  base.fill, base.lowrank, base.gate))
+            rule.thresholds[s.consumer if s.consumer >= 0 else slice(None)] = hist.threshold(i, k)
+        return ChannelRuleSet(self.selector, sites).bind(self.model)
+
     def read_ratio(self, keep: list[float]) -> float:
         weights = self.stream_weights()
         return (self.fixed_read() + sum(k * w for k, w in zip(keep, weights))) / self.smap.decoder_params

@@ -22,8 +22,7 @@ import torch
 
 from ..core.architectures import model_device
 from ..core.channel_hooks import ChannelHooks
-from .channel_stats import LogHistogram, batches
-from .channels import ChannelRuleSet, SiteRule, site_key
+from .channel_stats import LogHistogram, leading_batch
 
 GREEDY_STEP = 0.1
 GREEDY_TOKENS = 512
@@ -61,15 +60,9 @@ def _capture(cal) -> tuple[list, list]:
         return record
 
     handles = [m.register_forward_pre_hook(hook(l), with_kwargs=True) for l, m in enumerate(layers)]
-    seqs, tokens = [], 0
-    for s in cal.sequences:
-        if tokens >= GREEDY_TOKENS:
-            break
-        seqs.append(s)
-        tokens += s.numel()
     try:
         with torch.no_grad():
-            ids = next(batches(seqs, len(seqs)))
+            ids = leading_batch(cal.sequences, GREEDY_TOKENS)
             cal.model(input_ids=ids.to(model_device(cal.model)), use_cache=False)
     finally:
         for h in handles:
@@ -100,16 +93,8 @@ def greedy_keep(cal, hist: LogHistogram) -> GreedyPath:
         step = [GREEDY_STEP * unit / wi for wi in w]
         sparsity = [0.0] * len(idx)
 
-        def run(sp):
-            sites = {}
-            for j, i in enumerate(idx):
-                s = cal.streams[i]
-                key = site_key(s.layer, s.site)
-                base = cal.base[key]
-                rule = sites.setdefault(key, SiteRule(base.thresholds.clone(), base.scale, base.center,
-                                                      base.fill, base.lowrank, base.gate))
-                rule.thresholds[s.consumer if s.consumer >= 0 else slice(None)] = hist.threshold(i, 1.0 - sp[j])
-            rule_set = ChannelRuleSet(cal.selector, sites).bind(cal.model)
+        def run(sp):  # every consumer of the layer's sites is a stream of idx: all set
+            rule_set = cal.partial_rule({i: 1.0 - sp[j] for j, i in enumerate(idx)}, hist)
             with torch.no_grad(), ChannelHooks(cal.model, rule_set), rule_set.live_state(cal.model):
                 return _out(layer(*args, **kwargs))
 

@@ -127,6 +127,18 @@ def batches(sequences: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
             yield torch.stack(group[start:start + size])
 
 
+def leading_batch(sequences: list[torch.Tensor], tokens: int) -> torch.Tensor:
+    """One batch ``[B, S]`` of the first sequences, taken until they hold at least ``tokens``
+    tokens (of their common length: the first group of :func:`batches`)."""
+    seqs, count = [], 0
+    for s in sequences:
+        if count >= tokens:
+            break
+        seqs.append(s)
+        count += s.numel()
+    return next(batches(seqs, len(seqs)))
+
+
 def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int = 4,
                 per_token: bool = True, per_consumer: bool = False) -> dict:
     """Per site input ``(layer, site)``: ``{"abs_grad": E|g_j|, "sq_grad": E[g_j^2], "mean": E[x_j],
