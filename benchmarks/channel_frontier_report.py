@@ -16,6 +16,8 @@ from pathlib import Path
 
 import matplotlib
 
+from attrsparse.evaluation.tolerance import LOWER_IS_BETTER, TOLERANCE
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -49,8 +51,9 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                 ax.plot([x for x, _ in line], [y for _, y in line], "o-", label=rule)
             if dense:
                 ax.axhline(dense[0], color="k", lw=1, label="dense")
-                tol = dense[0] * (1.1 if metric == "ppl" else 0.95)
-                ax.axhline(tol, color="k", lw=1, ls="--", label="tolerance (10% ppl / 5% acc)")
+                sign = 1 if metric in LOWER_IS_BETTER else -1
+                ax.axhline(dense[0] * (1 + sign * TOLERANCE[metric]), color="k", lw=1, ls="--",
+                           label=f"tolerance ({TOLERANCE[metric]:.0%} of dense)")
             ax.set_xlabel("read ratio (decoder linears)")
             ax.set_ylabel("WikiText-2 test perplexity" if metric == "ppl" else f"{task} accuracy")
             if metric == "ppl":

@@ -46,6 +46,13 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def ratio_summary(values: list[float]) -> dict:
+    """Mean, p10 and p90 of per-token ratios (``{}`` for none), as every read ratio is reported."""
+    if not values:
+        return {}
+    return {"mean": sum(values) / len(values), "p10": percentile(values, 10), "p90": percentile(values, 90)}
+
+
 @dataclass
 class Generation:
     """Tokens of one :meth:`Engine.generate` call and what they cost."""
@@ -83,7 +90,7 @@ class Generation:
         """Mean, p10 and p90 over tokens of the read ratio (decoder linears) or, with ``total``,
         of the bytes read including the LM head."""
         xs = self._ratios(total)
-        return {"mean": sum(xs) / len(xs), "p10": percentile(xs, 10), "p90": percentile(xs, 90)} if xs else {}
+        return ratio_summary(xs)
 
     @property
     def read_ratio(self) -> float:

@@ -42,15 +42,6 @@ def bare_packages() -> None:
             sys.modules[name] = importlib.util.module_from_spec(spec)  # created, never executed
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default, as the runner's) of a non-empty list."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def _rate(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
 
@@ -112,8 +103,8 @@ def run_hf(spec: dict) -> dict:
         tokens, times = greedy(spec["new_tokens"])
     smap = sites.site_map(model)
     decoder, head = smap.decoder_params, smap.head_params
-    ratio = {"mean": sum(reads) / len(reads), "p10": percentile(reads, 10), "p90": percentile(reads, 90)} \
-        if reads else {"mean": 1.0, "p10": 1.0, "p90": 1.0}
+    runner = importlib.import_module("attrsparse.deploy.engine.runner")
+    ratio = runner.ratio_summary(reads) or {"mean": 1.0, "p10": 1.0, "p90": 1.0}
     total = (ratio["mean"] * decoder + head) / (decoder + head)
     nbytes = next(model.parameters()).element_size()
     return {"tokens": tokens, "decode_tokens_per_s": _rate(times), "read_ratio": ratio,
