@@ -8,7 +8,8 @@ evaluation, which uses the test split) and the read ratio really executed there.
                 "per_consumer": false, "allocation": "global"}, ...}' > variants.jsonl
 
 Each variant sets every key of ``attrsparse.selectors.channel_calibration.ATTR``; one JSON line
-per variant and read ratio (0.5, 0.6) on stdout, the dense perplexity first.
+per variant and read ratio (0.5, 0.6) on stdout, the dense perplexity first. Variants that differ
+only in "greedy" / "greedy_global" allocation share one greedy path.
 """
 import json, math, sys, time
 import torch
@@ -44,8 +45,21 @@ def ppl(rule):
 
 variants = json.loads(sys.argv[2])
 print(json.dumps({"variant": "dense", "ppl_valid_end": ppl(None)[0]}), flush=True)
+def share_greedy_path():
+    """A greedy path is the same for "greedy" and "greedy_global": reuse one already computed."""
+    if cc.ATTR["allocation"] not in ("greedy", "greedy_global"):
+        return
+    for other in ("greedy", "greedy_global"):
+        key = lambda a: ("attr_channel", cc.model_key(model), cc.stable_hash([cc.to_ids(s).tolist() for s in seqs]),
+                         cc.stable_hash(a))
+        found = cc._CALIBRATORS.get(key({**cc.ATTR, "allocation": other}))
+        if found is not None:
+            cc._CALIBRATORS[key(cc.ATTR)] = found
+
+
 for name, attr in variants.items():
     cc.ATTR.update(attr)
+    share_greedy_path()
     t = time.time()
     rules = cc.calibrate_channels(model, seqs, "attr_channel", [0.5, 0.6])
     for r, rule in rules.items():

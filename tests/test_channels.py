@@ -13,6 +13,7 @@ from attrsparse.core.models import load_model
 from attrsparse.core.sites import site_map
 from attrsparse.policies import make_policy
 from attrsparse.selectors import channel_calibration as cc
+from attrsparse.selectors.channel_stats import attribution
 from attrsparse.selectors.channels import ChannelRuleSet, SiteRule, site_key
 from conftest import ARCHS, VOCAB
 
@@ -205,3 +206,29 @@ def _text_file(tmp_path):
 def test_channel_rules_are_not_units():
     with pytest.raises(UserError, match="evaluate it on tasks"):
         make_policy("teal", 0.5).selector.masks_for(None, 0.5)
+
+
+@pytest.mark.parametrize("attr", [{"per_consumer": ["attn_in"]}, {"allocation": "greedy"},
+                                  {"allocation": "greedy_global"}, {"per_consumer": True, "allocation": "greedy_global"}])
+def test_attr_channel_variants_reach_the_requested_read_ratio(make_tiny, monkeypatch, attr):
+    monkeypatch.setattr(cc, "_CALIBRATORS", {})
+    monkeypatch.setattr(cc, "ATTR", {**cc.ATTR, **attr})
+    model = make_tiny("llama")
+    rules = cc.calibrate_channels(model, _calib(), "attr_channel", [0.5, 0.7])
+    for ratio, rule in rules.items():
+        assert abs(rule.meta["calibration_read_ratio"] - ratio) <= 0.01, (attr, ratio, rule.meta)
+        per = [r.scale.dim() == 2 for k, r in sorted(rule.sites.items())]
+        pc = attr.get("per_consumer", False)
+        assert per == [pc is True or (pc and k.endswith("attn_in")) for k in sorted(rule.sites)]
+
+
+def test_per_consumer_attribution_sums_to_the_shared_gradient(make_tiny):
+    """The shared input's statistics from per-consumer gradients (their sum) equal those of the
+    plain shared gradient; each consumer's own gradient differs from it."""
+    model = make_tiny("llama")
+    shared = attribution(model, _calib(3), 4, per_token=False, per_consumer=False)
+    both = attribution(model, _calib(3), 4, per_token=False, per_consumer=True)
+    for key, st in shared.items():
+        for stat in ("sq_grad", "abs_grad", "mean", "abs"):
+            torch.testing.assert_close(both[key][stat], st[stat], rtol=1e-5, atol=1e-9)  # fp32 sums
+    assert not torch.allclose(both[(0, "attn_in", 0)]["sq_grad"], shared[(0, "attn_in")]["sq_grad"])

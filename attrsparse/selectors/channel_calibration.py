@@ -35,13 +35,24 @@ from .channel_greedy import GreedyPath, greedy_keep
 from .channel_stats import LogHistogram, attribution, batches, site_inputs
 from .channels import CHANNEL_RULES, ChannelRuleSet, SiteRule, site_key
 
+GREEDY_MAX_ATTR = 0.9  # attr_channel's greedy allocations: the path reaches this layer sparsity
 LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per linear
 #: attr_channel: which gradient (per_token: token t's own loss; else every later token's too), its
 #: statistic ("abs": E|g|, "rms": sqrt(E[g^2]), the Fisher diagonal's root), the power of the
 #: weights per channel it is divided by, and whether scores and fills are centred on E[x]; the
 #: defaults measured best on calibration-side text (docs/results/channels/README.md, variants)
 ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": False,
-        "allocation": "global"}  # or "sensitivity" (channel_budget), "uniform"
+        "allocation": "global"}
+#: per_consumer: True, False or a list of the sites (e.g. ["attn_in"]) whose consumers decide
+#: separately; allocation: "global" (one threshold over every stream), "uniform" (one kept fraction),
+#: "sensitivity" (channel_budget), "greedy" (TEAL's block-wise greedy path, every layer at the same
+#: sparsity), "greedy_global" (the global threshold's budget per layer, the greedy path's split inside it)
+
+
+def attr_per_consumer(site: str) -> bool:
+    """Whether ``attr_channel`` gives each consumer of ``site`` its own decision (``ATTR["per_consumer"]``)."""
+    pc = ATTR["per_consumer"]
+    return bool(pc) if isinstance(pc, bool) else site in pc
 
 
 def column_norms(module: nn.Module) -> torch.Tensor:
@@ -84,7 +95,7 @@ class Calibrator:
     def _base_rules(self) -> dict[str, SiteRule]:
         """Per site, a rule with everything but its thresholds."""
         out = {}
-        stats = attribution(self.model, self.sequences, self.batch_size, ATTR["per_token"], ATTR["per_consumer"]) \
+        stats = attribution(self.model, self.sequences, self.batch_size, ATTR["per_token"], ATTR["per_consumer"] is not False) \
             if self.selector == "attr_channel" else {}
         modes = self._modes() if self.selector == "scap" else {}
         for l, layer in enumerate(self.smap.layers):
@@ -105,7 +116,7 @@ class Calibrator:
                 elif self.selector == "attr_channel":
                     rule.scale = self._attr_scale(stats, l, name)
                     if ATTR["center"]:
-                        first = stats[(l, name, 0) if ATTR["per_consumer"] else (l, name)]
+                        first = stats[(l, name)]
                         rule.center = rule.fill = first["mean"].float()
                 out[site_key(l, name)] = rule
         return out
@@ -117,7 +128,7 @@ class Calibrator:
         def stat(st):
             return st["abs_grad"] if ATTR["statistic"] == "abs" else st["sq_grad"].sqrt()
 
-        if ATTR["per_consumer"]:
+        if attr_per_consumer(name):
             return torch.stack([stat(stats[(layer, name, c)]) / out ** ATTR["param_power"]
                                 for c, out in enumerate(site.out_features)]).float()
         return (stat(stats[(layer, name)]) / site.params_per_channel ** ATTR["param_power"]).float()
@@ -154,7 +165,7 @@ class Calibrator:
             l, name = int(key[1:4]), key.split(".", 1)[1]
             if rule.gate and name == "mlp_in":
                 continue  # CATS reads the gate in full
-            per = self.selector in ("teal", "wina") or (self.selector == "attr_channel" and ATTR["per_consumer"])
+            per = self.selector in ("teal", "wina") or (self.selector == "attr_channel" and attr_per_consumer(name))
             out += [Stream(l, name, c) for c in range(len(self.smap.layers[l][name].modules))] if per \
                 else [Stream(l, name, -1)]
         return out
@@ -275,6 +286,32 @@ class Calibrator:
         t = 2.0 ** hi
         return [hist.kept(i, t) for i in range(len(self.streams))]
 
+    def layer_sparsity(self, keep: list[float]) -> list[float]:
+        """Effective (weight-weighted) sparsity of every layer's streams under ``keep``."""
+        weights = self.stream_weights()
+        out = []
+        for l in range(len(self.smap.layers)):
+            idx = [i for i, s in enumerate(self.streams) if s.layer == l]
+            total = sum(weights[i] for i in idx)
+            out.append(1.0 - sum(keep[i] * weights[i] for i in idx) / total)
+        return out
+
+    def greedy_global_keep(self, path: GreedyPath, hist: LogHistogram, ratio: float) -> list[float]:
+        """Across layers the global threshold's budgets, inside each layer the greedy path's split:
+        one threshold over every stream's scores gives each layer a sparsity, the layer takes its
+        greedy step closest to it, and the threshold is set so that the result reads ``ratio``."""
+        weights = self.stream_weights()
+
+        def keep_at(log_t: float) -> list[float]:
+            t = 2.0 ** log_t
+            return path.keep_for(self.layer_sparsity([hist.kept(i, t) for i in range(len(weights))]))
+
+        lo, hi = -40.0, 24.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.read_ratio(keep_at(mid)) > ratio else (lo, mid)
+        return keep_at(hi)
+
 
 def measure_read(model: nn.Module, rule: ChannelRuleSet, sequences: list[torch.Tensor], batch_size: int = 4) -> float:
     """Mean read ratio of ``rule`` over the tokens of ``sequences`` (the decoder linears)."""
@@ -300,6 +337,8 @@ def _calibrator(model: nn.Module, sequences: list[torch.Tensor], selector: str, 
         dense = cal.histograms()
         if selector in ("teal", "wina"):
             path = greedy_keep(cal, dense)
+        elif selector == "attr_channel" and ATTR["allocation"] in ("greedy", "greedy_global"):
+            path = greedy_keep(cal, dense, GREEDY_MAX_ATTR)
         elif selector == "attr_channel" and ATTR["allocation"] == "sensitivity":
             path = SensitivityCurves(cal, dense)
         else:
@@ -317,7 +356,9 @@ def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector
                   ATTR["allocation"] if selector == "attr_channel" else "uniform")
     out = {}
     for ratio in ratios:
-        if isinstance(path, GreedyPath):
+        if isinstance(path, GreedyPath) and allocation == "greedy_global":
+            keep = cal.greedy_global_keep(path, dense, ratio)
+        elif isinstance(path, GreedyPath):
             keep = path.keep_at(ratio)
         elif isinstance(path, SensitivityCurves):
             keep = path.keep_for(ratio)

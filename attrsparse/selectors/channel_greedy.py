@@ -40,9 +40,13 @@ class GreedyPath:
 
     def keep_at(self, ratio: float) -> list[float]:
         """Kept fraction of every stream at read ratio ``ratio`` (the closest step of each layer)."""
+        return self.keep_for([1.0 - ratio] * len(self.steps))
+
+    def keep_for(self, sparsity: list[float]) -> list[float]:
+        """Kept fraction of every stream with layer l at the step closest to ``sparsity[l]``."""
         keep = [1.0] * self.total_streams
-        for idx, steps in zip(self.streams, self.steps):
-            _, layer_keep = min(steps, key=lambda p: abs(p[0] - (1.0 - ratio)))
+        for idx, steps, target in zip(self.streams, self.steps, sparsity):
+            _, layer_keep = min(steps, key=lambda p: abs(p[0] - target))
             for i, k in zip(idx, layer_keep):
                 keep[i] = k
         return keep
@@ -79,9 +83,10 @@ def _error(target: torch.Tensor, new: torch.Tensor) -> float:
     return float(torch.norm(target[:, start:] - new[:, start:], dim=1).mean())
 
 
-def greedy_keep(cal, hist: LogHistogram) -> GreedyPath:
-    """TEAL's greedy path for every layer (module docstring); ``cal`` is a
-    :class:`~.channel_calibration.Calibrator` with one stream per consumer."""
+def greedy_keep(cal, hist: LogHistogram, max_sparsity: float = MAX_SPARSITY) -> GreedyPath:
+    """TEAL's greedy path for every layer (module docstring), up to ``max_sparsity``; ``cal`` is a
+    :class:`~.channel_calibration.Calibrator` (one stream per consumer for TEAL and WINA; a stream
+    may also be a shared site)."""
     weights = cal.stream_weights()
     layers, calls = _capture(cal)
     per_layer = [[i for i, s in enumerate(cal.streams) if s.layer == l] for l in range(len(layers))]
@@ -102,7 +107,7 @@ def greedy_keep(cal, hist: LogHistogram) -> GreedyPath:
             target = _out(layer(*args, **kwargs))
         points = [(0.0, [1.0] * len(idx))]
         total = sum(w)
-        while sum(s * wi for s, wi in zip(sparsity, w)) / total < MAX_SPARSITY:
+        while sum(s * wi for s, wi in zip(sparsity, w)) / total < max_sparsity:
             best = None
             for j in range(len(idx)):
                 if sparsity[j] >= 1.0:

@@ -147,7 +147,7 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
     ``per_token``: ``g`` at position t is the gradient of token t's own loss (decoding's view, the
     one-pass attention); else of every later token's loss too (a plain backward: what a channel
     dropped at position t costs through the keys and values later tokens read). ``per_consumer``:
-    keys ``(layer, site, c)``, the gradient through consumer c alone."""
+    keys ``(layer, site, c)`` too, the gradient through consumer c alone."""
     device = model_device(model)
     sums: dict = {}
     tokens = 0
@@ -165,7 +165,15 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
             grads = torch.autograd.grad(loss, [cap[k] for k in keys])
         n = ids.shape[0] * (ids.shape[1] - 1)
         tokens += n
-        for key, g in zip(keys, grads):
+        pairs = list(zip(keys, grads))
+        if per_consumer:  # the shared input's own gradient: the sum over its consumers
+            shared: dict = {}
+            for (l, name, c), g in pairs:
+                shared[(l, name)] = g if c == 0 else shared[(l, name)] + g
+                if c == 0:
+                    cap[(l, name)] = cap[(l, name, c)]
+            pairs += list(shared.items())
+        for key, g in pairs:
             x = cap[key].detach().double().reshape(-1, g.shape[-1])
             g = g.detach().double().reshape(-1, g.shape[-1])
             part = {"abs_grad": g.abs().sum(0), "sq_grad": (g * g).sum(0), "mean": x.sum(0), "abs": x.abs().sum(0)}
