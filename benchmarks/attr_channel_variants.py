@@ -9,7 +9,9 @@ evaluation, which uses the test split) and the read ratio really executed there.
 
 Each variant sets every key of ``attrsparse.selectors.channel_calibration.ATTR``; one JSON line
 per variant and read ratio (0.5, 0.6) on stdout, the dense perplexity first. Variants that differ
-only in "greedy" / "greedy_global" allocation share one greedy path.
+only in "greedy" / "greedy_global" allocation share one greedy path. A variant's "_calib": [n,
+length] calibrates on n windows of that many tokens instead of 16 x 128 (the first n*length
+tokens of valid; they must stay before the held-out last 4096).
 """
 import json, math, sys, time
 import torch
@@ -57,7 +59,11 @@ def share_greedy_path():
             cc._CALIBRATORS[key(cc.ATTR)] = found
 
 
+default_seqs = seqs
 for name, attr in variants.items():
+    attr = dict(attr)
+    n, length = attr.pop("_calib", (16, 128))  # calibration windows: count, tokens (same 2048 tokens at most)
+    seqs = default_seqs if (n, length) == (16, 128) else calibration_sequences(tok, "wikitext2", n, length)
     cc.ATTR.update(attr)
     share_greedy_path()
     t = time.time()
@@ -65,5 +71,5 @@ for name, attr in variants.items():
     for r, rule in rules.items():
         rule.bind(model)
         p, rd = ppl(rule)
-        print(json.dumps({"variant": name, "attr": dict(cc.ATTR), "ratio": r, "ppl_valid_end": p, "read": rd,
+        print(json.dumps({"variant": name, "attr": dict(cc.ATTR), "calib": [n, length], "ratio": r, "ppl_valid_end": p, "read": rd,
                           "cal_s": time.time() - t}), flush=True)
