@@ -1,5 +1,5 @@
-"""``attrsparse bench`` (the engine bench) on a tiny in-code Llama: every record and field, a rule the
-native engine cannot run skipped with its note, llama.cpp skipped with a note, bad input refused in
+"""``attrsparse bench`` (the engine bench) on a tiny in-code Llama: every record and field, TEAL's
+per-projection rule run by the native engine, a rule it cannot run (CATS) skipped with its note, llama.cpp skipped with a note, bad input refused in
 one line before any work (no timing asserted)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _text_file(tmp_path):
 
 def _config(llama_dir, tmp_path, **kw):
     base = dict(model=llama_dir, engines=["native", "hf", "llamacpp"], precisions=["fp32", "int8"],
-                selectors=["dense", "attr_channel", "teal"], ratios=[0.6], rounds=2, new_tokens=6, warmup=2,
+                selectors=["dense", "attr_channel", "teal", "cats"], ratios=[0.6], rounds=2, new_tokens=6, warmup=2,
                 threads=1, task_items=2, ppl_tokens=48, calib=_text_file(tmp_path), calib_sequences=4,
                 calib_len=24, bandwidth_mb=16, engine_dir=str(tmp_path / "engine"))
     return EngineBenchConfig(**{**base, **kw})
@@ -43,7 +43,7 @@ def test_engine_bench_writes_every_record_and_field(llama_dir, tmp_path):
     assert (out / "bench.png").is_file() and (out / "bench.md").is_file()
     assert on_disk["command"] == "attrsparse bench ..." and on_disk["bandwidth_read_gbs"] > 0
     records = {(r["engine"], r["precision"], r["selector"], r["requested_ratio"]): r for r in on_disk["records"]}
-    assert len(records) == len(on_disk["records"]) == 3 * 2 * 3  # engines x precisions x (dense + 2 rules)
+    assert len(records) == len(on_disk["records"]) == 3 * 2 * 4  # engines x precisions x (dense + 3 rules)
     for r in records.values():
         assert all(k in r for k in FIELDS), [k for k in FIELDS if k not in r]
 
@@ -60,13 +60,18 @@ def test_engine_bench_writes_every_record_and_field(llama_dir, tmp_path):
         assert 0.3 < sparse["read_ratio"] < 0.9 and sparse["total_read_ratio"] < dense["total_read_ratio"]
         assert sparse["ideal_speedup"] == pytest.approx(dense["bytes_read_per_token"] / sparse["bytes_read_per_token"])
         assert sparse["ideal_speedup"] > 1 and sparse["speedup_vs_dense"] > 0
-        # TEAL's thresholds per projection: the native engine cannot run it; skipped with the converter's line
+        # TEAL's thresholds per projection: the native engine runs them, each projection deciding on its own
         teal = records[("native", p, "teal", 0.6)]
-        assert "cannot run in the native engine" in teal["skipped"] and teal["decode_tokens_per_s"] is None
-        assert any("native teal@0.6 skipped" in n for n in on_disk["notes"])
+        assert teal["skipped"] is None and teal["decode_tokens_per_s"] > 0 and 0.3 < teal["read_ratio"] < 0.9
+        # CATS's gate decision: the native engine cannot run it; skipped with the converter's line
+        cats = records[("native", p, "cats", 0.6)]
+        assert "cannot run in the native engine" in cats["skipped"] and cats["decode_tokens_per_s"] is None
+        assert "CATS gate" in cats["skipped"] and any("native cats@0.6 skipped" in n for n in on_disk["notes"])
 
-    hf = records[("hf", "fp32", "teal", 0.6)]  # transformers runs it through the hooks
+    hf = records[("hf", "fp32", "cats", 0.6)]  # transformers runs it through the hooks
     assert hf["skipped"] is None and hf["decode_tokens_per_s"] > 0 and hf["read_ratio"] < 0.95
+    hf_teal, native_teal = records[("hf", "fp32", "teal", 0.6)], records[("native", "fp32", "teal", 0.6)]
+    assert abs(hf_teal["read_ratio"] - native_teal["read_ratio"]) < 0.1  # the same rule on the same tokens
     hf_attr, native_attr = records[("hf", "fp32", "attr_channel", 0.6)], records[("native", "fp32", "attr_channel", 0.6)]
     assert abs(hf_attr["read_ratio"] - native_attr["read_ratio"]) < 0.1  # the same rule on the same tokens
     assert records[("hf", "fp32", "dense", 1.0)]["read_ratio"] == 1.0
@@ -77,12 +82,12 @@ def test_engine_bench_writes_every_record_and_field(llama_dir, tmp_path):
     assert any(n.startswith("llamacpp skipped") for n in on_disk["notes"])
 
     # quality: once per selector and ratio, the same in every engine's record
-    for selector in ("dense", "attr_channel", "teal"):
+    for selector in ("dense", "attr_channel", "teal", "cats"):
         rows = [r for k, r in records.items() if k[2] == selector]
         assert len({(r["wikitext2_ppl"], r["task_acc"]) for r in rows}) == 1
         assert rows[0]["wikitext2_ppl"] > 1 and 0 <= rows[0]["task_acc"] <= 1 and rows[0]["quality_source"]
     assert records[("native", "fp32", "dense", 1.0)]["wikitext2_ppl_relative"] == 1.0
-    assert set(on_disk["frontier"]) <= {"attr_channel", "teal"}  # (dense accuracy 0 on 2 items: unknown)
+    assert set(on_disk["frontier"]) <= {"attr_channel", "teal", "cats"}  # (dense accuracy 0 on 2 items: unknown)
     assert (out / "channels" / "attr_channel" / "channels.json").is_file()
 
 

@@ -3,7 +3,8 @@
 Logits of every position of a 10-token sequence (KV cache, RoPE, Gemma's sliding window of 3 and
 its two RoPE bases) within tolerance of transformers' full forward; bf16/int8 against the same
 model with its weights replaced by their dequantised values; channel rules against transformers
-with hooks applying the same rules; 1 and 2 threads bit-identical.
+with hooks applying the same rules (shared and per-projection decisions); 1 and 2 threads
+bit-identical.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 
 from attrsparse.core.errors import UnsupportedArchitectureError, UserError
 from attrsparse.deploy.engine import ChannelRules, Engine, SiteRule, pack, unsupported_reason
-from attrsparse.deploy.engine.fmt import read_header
+from attrsparse.deploy.engine.fmt import FORMAT_VERSION, read_header
 from attrsparse.deploy.engine.pack import input_major, quantize
+from attrsparse.deploy.engine.sites import PROJECTIONS, SITE_PROJECTIONS
 
 ARCHS = ["llama", "qwen2", "gemma3_text"]
 IDS = [1, 5, 9, 3, 7, 11, 2, 4, 8, 6]
@@ -89,9 +91,10 @@ def test_quantisation_rules():
     assert torch.equal(b, w.to(torch.bfloat16).float())
 
 
-def random_rules(model, seed, keep_masks=False) -> ChannelRules:
+def random_rules(model, seed, keep_masks=False, per_projection=False) -> ChannelRules:
     """A rule on every site of every layer: threshold near the median of |x - m| * a, random
-    scale, center, compensation biases (and keep-masks)."""
+    scale, center, compensation biases (and keep-masks). ``per_projection``: attn_in and mlp_in
+    get a threshold and a scale per projection instead (q, k, v and gate, up decide on their own)."""
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -102,31 +105,37 @@ def random_rules(model, seed, keep_masks=False) -> ChannelRules:
         for site, mods in SITE_MODULES.items():
             n = dims[site]
             bias = {PROJ[m]: torch.randn(_get(layer, m).weight.shape[0], generator=gen) * 0.1 for m in mods}
-            sites[(layer_idx, site)] = SiteRule(
+            rule = SiteRule(
                 threshold=float(torch.rand(1, generator=gen)) * 0.5, scale=torch.rand(n, generator=gen) * 2,
                 center=torch.randn(n, generator=gen) * 0.1, bias=bias,
                 keep=(torch.rand(n, generator=gen) > 0.2).tolist() if keep_masks else None)
+            if per_projection and len(mods) > 1:
+                rule.threshold = rule.scale = None
+                rule.thresholds = {PROJ[m]: float(torch.rand(1, generator=gen)) * 0.8 for m in mods}
+                rule.scales = {PROJ[m]: torch.rand(n, generator=gen) * 2 for m in mods}
+            sites[(layer_idx, site)] = rule
     return ChannelRules(sites)
 
 
 def hooked(model, rules: ChannelRules, counts: list):
-    """Hooks applying ``rules`` the slow way: x -> (x - m) * kept before each projection, the
-    compensation bias after it. ``counts`` gets (layer, site, kept channels of the last token)."""
+    """Hooks applying ``rules`` the slow way: x -> (x - m) * kept before each projection (its own
+    test), the compensation bias after it. ``counts`` gets (layer, projection, kept channels of the
+    last token)."""
     handles = []
     for layer_idx, layer in enumerate(model.model.layers):
         for site, mods in SITE_MODULES.items():
             rule = rules.get(layer_idx, site)
-            for k, path in enumerate(mods):
+            for path in mods:
                 lin = _get(layer, path)
 
-                def pre(module, args, rule=rule, record=k == 0, key=(layer_idx, site)):
+                def pre(module, args, rule=rule, proj=PROJ[path], layer_idx=layer_idx):
                     x = args[0]
                     v = x - torch.as_tensor(rule.center, dtype=x.dtype)
-                    kept = v.abs() * torch.as_tensor(rule.scale, dtype=x.dtype) > rule.threshold
+                    threshold, scale = rule.projection_test(proj)
+                    kept = v.abs() * torch.as_tensor(scale, dtype=x.dtype) > threshold
                     if rule.keep is not None:
                         kept &= torch.as_tensor(rule.keep)
-                    if record:
-                        counts.append((key, int(kept[0, -1].sum())))
+                    counts.append(((layer_idx, proj), int(kept[0, -1].sum())))
                     return (torch.where(kept, v, torch.zeros_like(v)),)
 
                 def post(module, args, out, bias=rule.bias[PROJ[path]]):
@@ -137,11 +146,12 @@ def hooked(model, rules: ChannelRules, counts: list):
     return handles
 
 
+@pytest.mark.parametrize("per_projection", [False, True])
 @pytest.mark.parametrize("keep_masks", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_channel_rules_match_hooked_transformers(make_tiny, tmp_path, arch, keep_masks):
+def test_channel_rules_match_hooked_transformers(make_tiny, tmp_path, arch, keep_masks, per_projection):
     model = make_tiny(arch)
-    rules = random_rules(model, seed=3, keep_masks=keep_masks)
+    rules = random_rules(model, seed=3, keep_masks=keep_masks, per_projection=per_projection)
     path = pack(model, "fp32", directory=tmp_path)
     kept: list = []
     got = engine_logits(path, rules=rules, kept=kept)
@@ -154,10 +164,16 @@ def test_channel_rules_match_hooked_transformers(make_tiny, tmp_path, arch, keep
             h.remove()
     torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
     assert (got - hf_logits(model)).abs().max() > 1e-2  # the rules changed something
-    sites = list(SITE_MODULES)
-    for (layer, site), n in counts:  # the engine's accounting: channels kept at the last token
-        assert kept[-1][layer][sites.index(site)] == n
-    assert 0 < sum(n for _, n in counts) < sum(len(r.scale) for r in rules.sites.values())
+    for (layer, proj), n in counts:  # the engine's accounting: channels each projection kept at the last token
+        assert kept[-1][layer][PROJECTIONS.index(proj)] == n
+    assert 0 < sum(n for _, n in counts) < sum(len(r.center) * len(SITE_PROJECTIONS[s])
+                                               for (_, s), r in rules.sites.items())
+    last = kept[-1]
+    qkv = {tuple(row[:3]) for row in last} | {tuple(row[4:6]) for row in last}
+    if per_projection:  # the projections of a site really decided differently
+        assert any(len(set(t)) > 1 for t in qkv)
+    else:
+        assert all(len(set(t)) == 1 for t in qkv)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
@@ -166,13 +182,17 @@ def test_one_and_two_threads_are_bit_identical(make_tiny, tmp_path, arch, precis
     model = make_tiny(arch)
     path = pack(model, precision, directory=tmp_path)
     rules = random_rules(model, seed=5)
-    for r in (None, rules):
+    per_projection = random_rules(model, seed=5, per_projection=True)
+    for r in (None, rules, per_projection):
         one, two = engine_logits(path, rules=r, threads=1), engine_logits(path, rules=r, threads=2)
         assert torch.equal(one, two)
+        assert torch.equal(engine_logits(path, rules=r, threads=3), one)
     with Engine(path, threads=2, max_ctx=40) as eng:
-        a = eng.generate(IDS[:3], 20, threads=1).tokens
-        b = eng.generate(IDS[:3], 20, threads=2).tokens
-    assert a == b
+        for r in (None, per_projection):
+            eng.set_rules(r)
+            a = eng.generate(IDS[:3], 20, threads=1)
+            b = eng.generate(IDS[:3], 20, threads=2)
+            assert a.tokens == b.tokens and a.linear_reads == b.linear_reads
 
 
 def test_masked_units_are_never_read(make_tiny, tmp_path):
@@ -194,6 +214,45 @@ def test_masked_units_are_never_read(make_tiny, tmp_path):
     assert torch.isfinite(got).all()
     assert torch.equal(got, clean)
     assert not torch.isfinite(engine_logits(pack(poisoned, "fp32", directory=tmp_path / "b"))).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_per_projection_skipped_columns_are_never_read(make_tiny, tmp_path, precision):
+    """A per-projection rule whose scale is 0 on a different channel set for each of q, k, v and
+    gate, up (so that projection never keeps them, at any token): only that projection's weight
+    columns of those channels hold NaN, yet the logits are finite and equal to the clean model's.
+    A channel q skips is kept by k, so a shared decision or a read of the whole q|k|v (gate|up)
+    row would meet the NaN."""
+    model = make_tiny("qwen2")
+    gen = torch.Generator().manual_seed(11)
+    d = model.config.hidden_size
+    sites, skip = {}, {}
+    for l, layer in enumerate(model.model.layers):
+        for site in ("attn_in", "mlp_in"):
+            rule = SiteRule()
+            for path in SITE_MODULES[site]:
+                z = torch.rand(d, generator=gen) < 0.4
+                skip[(l, path)] = z
+                rule.scales[PROJ[path]] = torch.where(z, 0.0, torch.rand(d, generator=gen) + 0.5)
+                rule.thresholds[PROJ[path]] = float(torch.rand(1, generator=gen)) * 0.3
+            sites[(l, site)] = rule
+    rules = ChannelRules(sites)
+    assert bool((skip[(0, "self_attn.q_proj")] & ~skip[(0, "self_attn.k_proj")]).any())
+    assert bool((skip[(0, "mlp.gate_proj")] & ~skip[(0, "mlp.up_proj")]).any())
+    kept: list = []
+    clean = engine_logits(pack(model, precision, directory=tmp_path / "a"), rules=rules, kept=kept)
+    assert all(k[PROJECTIONS.index("q")] < d and k[PROJECTIONS.index("up")] < d for k in kept[-1])
+    poisoned = copy.deepcopy(model)
+    with torch.no_grad():
+        for (l, path), z in skip.items():
+            _get(poisoned.model.layers[l], path).weight[:, z] = math.nan
+    path = pack(poisoned, precision, directory=tmp_path / "b")
+    got = engine_logits(path, rules=rules)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, clean)
+    assert not torch.isfinite(engine_logits(path)).all()  # dense reads the poison
+    shared = ChannelRules({key: SiteRule(threshold=0.0) for key in sites})  # one decision: reads it too
+    assert not torch.isfinite(engine_logits(path, rules=shared)).all()
 
 
 def test_sampling(make_tiny, tmp_path):
@@ -241,6 +300,13 @@ def test_pack_reuses_checks_and_refuses(make_tiny, tmp_path):
         read_header(path)
     assert pack(model, "int8", directory=tmp_path) == path
     read_header(path)
+    with open(path, "r+b") as fh:  # a file of another format version (1: gate/up interleaved) is refused
+        fh.seek(8)
+        fh.write((1).to_bytes(4, "little"))
+    with pytest.raises(UserError, match=f"engine format 1, this attrsparse reads {FORMAT_VERSION}; pack the model again"):
+        Engine(path)
+    assert FORMAT_VERSION == 2 and pack(model, "int8", directory=tmp_path) == path  # and rewritten
+    assert read_header(path)["format"] == FORMAT_VERSION
     with pytest.raises(UnsupportedArchitectureError, match="transformers"):
         pack(make_tiny("gpt2"), "fp32", directory=tmp_path)
     assert "transformers" in unsupported_reason(make_tiny("phi3")) and unsupported_reason(model) is None
@@ -264,3 +330,7 @@ def test_runner_errors(make_tiny, tmp_path):
             eng.set_rules(ChannelRules({(0, "mlp"): SiteRule(threshold=0.1)}))
         with pytest.raises(UserError, match="feeds"):
             eng.set_rules(ChannelRules({(0, "attn_in"): SiteRule(bias={"o": [0.0] * 32})}))
+        with pytest.raises(UserError, match="thresholds for 'down'; this site feeds gate, up"):
+            eng.set_rules(ChannelRules({(0, "mlp_in"): SiteRule(thresholds={"down": 0.1})}))
+        with pytest.raises(UserError, match=r"scales\['k'\] has 3 entries"):
+            eng.set_rules(ChannelRules({(0, "attn_in"): SiteRule(thresholds={"k": 0.1}, scales={"k": [1.0] * 3})}))

@@ -161,7 +161,7 @@ def kernel_speedup(precision: str = "fp32", n_in: int = 4096, n_out: int = 4096,
             w = base + size * ((2 * i + (name == "sparse")) % copies)
             t0 = time.perf_counter()
             lib.eng_linear(code, w, addr(scale) if precision == "int8" else None, n_in, n_out, addr(x),
-                           ctypes.byref(site), None, addr(y), threads)
+                           ctypes.byref(site), 1, None, None, addr(y), None, threads)
             times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     kept = sum(mask[:n_in]) / n_in

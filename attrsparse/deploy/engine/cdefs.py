@@ -11,9 +11,14 @@ MODE_NONE, MODE_GREEDY_SCREENED, MODE_GREEDY_FULL, MODE_SAMPLE, MODE_GREEDY_CHEC
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
 
 
+MAX_PROJ = 3  # projections of one site (attn_in: q, k, v)
+RULE_NONE, RULE_SHARED, RULE_PER_PROJECTION = 0, 1, 2  # EngSite.rule
+
+
 class EngSite(ctypes.Structure):
     _fields_ = [("scale", c_void_p), ("center", c_void_p), ("keep", c_void_p), ("bias", c_void_p),
-                ("threshold", c_float), ("rule", c_int32)]
+                ("threshold", c_float), ("rule", c_int32), ("pscale", c_void_p * MAX_PROJ),
+                ("pthreshold", c_float * MAX_PROJ), ("prule", c_int32 * MAX_PROJ)]
 
 
 class EngLayer(ctypes.Structure):
@@ -58,7 +63,7 @@ def engine_library() -> ctypes.CDLL:
         "eng_state_pos": (c_int64, [c_void_p]),
         "eng_step": (c_int64, [POINTER(EngModel), c_void_p, POINTER(EngStep)]),
         "eng_linear": (c_int64, [c_int32, c_void_p, c_void_p, c_int64, c_int64, c_void_p, POINTER(EngSite),
-                                 c_void_p, c_void_p, c_int32]),
+                                 c_int32, c_void_p, c_void_p, c_void_p, c_void_p, c_int32]),
         "eng_head": (c_int64, [POINTER(EngModel), c_void_p, c_void_p, POINTER(EngStep)]),
         "eng_map": (c_void_p, [ctypes.c_char_p, POINTER(c_int64), c_int32]),
         "eng_unmap": (None, [c_void_p, c_int64, c_int32]),

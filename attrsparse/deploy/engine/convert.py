@@ -3,18 +3,22 @@ engine's :class:`~.sites.ChannelRules`: the same decisions and the same outputs 
 :class:`~attrsparse.core.channel_hooks.ChannelHooks` applying the original rule set.
 
 Under the hooks, consumer ``c`` of a site keeps channel ``j`` iff
-``|x_j - center_j| * scale_j > thresholds[c]`` (strictly; ``center`` None: 0, ``scale`` None: 1)
-and reads ``x'_j = x_j`` when kept, ``fill_j`` (None: 0) when not, so
-``y = W x' + b = sum_{j kept} W[:, j] (x_j - fill_j) + W fill + b``. The engine keeps ``j`` iff
-``|x_j - m_j| * a_j > t`` and computes ``y = sum_{j kept} W[:, j] (x_j - m_j) + bias_P + b``, so the
-conversion is exact when
+``|x_j - center_j| * scale_c_j > thresholds[c]`` (strictly; ``center`` None: 0, ``scale`` None: 1;
+``scale_c`` is row ``c`` of a ``[C, in]`` scale or the one ``[in]`` scale) and reads ``x'_j = x_j``
+when kept, ``fill_j`` (None: 0) when not, so
+``y = W x' + b = sum_{j kept by c} W[:, j] (x_j - fill_j) + W fill + b``. The engine's projection
+``P`` keeps ``j`` iff ``|x_j - m_j| * a_P_j > t_P`` and computes
+``y = sum_{j kept by P} W_P[:, j] (x_j - m_j) + bias_P + b``, so the conversion is exact when
 
-* every consumer of the site has the same threshold (the engine decides a shared input once);
-* the scale is one vector ``[in]`` (a ``[C, in]`` scale with identical rows is accepted);
 * the decision center equals the fill (either may be absent when the other is 0): then
   ``m = fill`` and ``bias_P = W_P fill`` for every projection ``P`` of the site, computed from the
   weights as the engine stores them in ``precision`` (bf16 / int8 dequantised);
 * there is no low-rank path (R-Sparse) and no gate decision (CATS).
+
+Consumers with one threshold and one scale row become a shared rule (``threshold``, ``scale``: the
+engine decides the site's input once); different thresholds (TEAL, WINA, attr_channel per consumer)
+become ``thresholds`` per projection and a ``[C, in]`` scale with different rows (WINA's column
+norms) ``scales`` per projection: each projection then decides, and reads, on its own.
 
 Anything else raises :class:`UserError` naming the rule, the site and why (``attrsparse bench``
 records that engine and selector as skipped with that line). Needs torch; the runner does not.
@@ -48,16 +52,18 @@ def _site_rule(rule: TorchSiteRule, modules: list[nn.Module], site: str, precisi
     thresholds = rule.thresholds.detach().float().flatten()
     if thresholds.numel() != len(projections):
         raise ValueError(f"{thresholds.numel()} thresholds for the site's {len(projections)} projections")
-    if not bool((thresholds == thresholds[0]).all()):
-        names = ", ".join(f"{p} {float(t):.4g}" for p, t in zip(projections, thresholds))
-        raise ValueError(f"a threshold per projection ({names}); the engine decides a shared input once")
     scale = rule.scale
+    scales: dict[str, list[float]] = {}
     if scale is not None:
         scale = scale.detach().float()
         if scale.dim() == 2:
-            if not bool((scale == scale[0]).all()):
-                raise ValueError("a scale per projection ([C, in]); the engine has one scale per site")
-            scale = scale[0]
+            if scale.shape[0] != len(projections):
+                raise ValueError(f"a scale of {scale.shape[0]} rows for the site's {len(projections)} projections")
+            if bool((scale == scale[0]).all()):
+                scale = scale[0]
+            else:
+                scales = {p: row.tolist() for p, row in zip(projections, scale)}
+                scale = None
     center = None if rule.center is None else rule.center.detach().float().flatten()
     fill = None if rule.fill is None else rule.fill.detach().float().flatten()
     zero = lambda v: v is None or not bool(v.ne(0).any())  # noqa: E731
@@ -65,7 +71,11 @@ def _site_rule(rule: TorchSiteRule, modules: list[nn.Module], site: str, precisi
         what = ("a decision center but no fill" if fill is None else "a fill but no decision center"
                 if center is None else f"a decision center ({_fmt(center)}) other than its fill ({_fmt(fill)})")
         raise ValueError(f"{what}; the engine shifts kept channels by the center it decides on")
-    out = SiteRule(threshold=float(thresholds[0]), scale=None if scale is None else scale.tolist())
+    out = SiteRule(scale=None if scale is None else scale.tolist(), scales=scales)
+    if bool((thresholds == thresholds[0]).all()):
+        out.threshold = float(thresholds[0])
+    else:
+        out.thresholds = {p: float(t) for p, t in zip(projections, thresholds)}
     if not zero(fill):
         out.center = fill.tolist()
         for proj, module in zip(projections, modules):

@@ -11,7 +11,7 @@ Layout (little-endian)::
                   multiple of 64
 
 The header holds ``config`` (dimensions, precision, norms, RoPE), ``layers`` (per layer: tensor
-names, sliding window, RoPE table), ``tensors`` (``name -> {offset, dtype, shape}``),
+names, sliding window, RoPE table; the weight layouts are in ``engine.h``), ``tensors`` (``name -> {offset, dtype, shape}``),
 ``fingerprint`` (sha256 of the weights, precision, options and format version), ``data_bytes``
 (so a truncated file is refused) and ``weight_bytes`` (the model's weights, screening copy excluded).
 
@@ -28,13 +28,15 @@ from ...core.errors import UserError
 from .sites import site_dims
 
 MAGIC = b"ATSPENG\0"
-FORMAT_VERSION = 1
+# 2: the fused gate/up matrix holds its columns as gate | up (1 interleaved them by blocks of 16, so
+# a per-projection rule could not skip one projection's bytes of a row); files of another version
+# are refused by read_header, and pack (whose fingerprint covers the version) writes a new one
+FORMAT_VERSION = 2
 ALIGN = 64
 PRECISIONS = ("fp32", "bf16", "int8")
 DTYPE_CODE = {"fp32": 0, "bf16": 1, "int8": 2}  # ENG_F32, ENG_BF16, ENG_I8 in engine.h
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "i8": 1}
 PRECISION_DTYPE = {"fp32": "f32", "bf16": "bf16", "int8": "i8"}
-BLOCK = 16  # gate/up interleave block (engine.h)
 
 
 def align(n: int) -> int:
@@ -68,17 +70,6 @@ def read_header(path: str | Path) -> dict:
                         "(truncated or replaced); pack the model again")
     header["data_start"] = start
     return header
-
-
-def gate_up_order(inter: int) -> list[int]:
-    """Physical position p of the fused gate/up output -> index into cat([gate, up]) (length 2*inter):
-    blocks of 16 outputs, gate[16b:16b+n] then up[16b:16b+n], n = min(16, inter - 16b)."""
-    order: list[int] = []
-    for start in range(0, inter, BLOCK):
-        n = min(BLOCK, inter - start)
-        order.extend(range(start, start + n))
-        order.extend(range(inter + start, inter + start + n))
-    return order
 
 
 def dense_counts(config: dict) -> dict[str, int]:

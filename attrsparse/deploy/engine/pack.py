@@ -32,7 +32,6 @@ from .fmt import (
     PRECISIONS,
     align,
     encode_header,
-    gate_up_order,
     read_header,
 )
 
@@ -217,13 +216,11 @@ def _layer(plan: _Plan, model: nn.Module, spec, i: int, layer: nn.Module, precis
     q, k, v = (_get(layer, p) for p in spec.attn_qkv)
     gate, up = (_get(layer, p) for p in spec.mlp_in)
     o, down = _get(layer, spec.attn_out), _get(layer, spec.mlp_down)
-    inter = gate.weight.shape[0]
-    order = gate_up_order(inter)
-    groups = [([q, k, v], None), ([o], None), ([gate, up], order), ([down], None)]
+    groups = [[q, k, v], [o], [gate, up], [down]]  # columns q | k | v and gate | up (engine.h)
     out: dict = {"w": [], "wscale": [], "wbias": [], "norm": []}
-    for g, (mods, perm) in enumerate(groups):
+    for g, mods in enumerate(groups):
         n_in, n_out = mods[0].weight.shape[1], sum(m.weight.shape[0] for m in mods)
-        name, scale = _weight(plan, f"L{i}.w{g}", lambda mods=mods, perm=perm: input_major([m.weight for m in mods], perm),
+        name, scale = _weight(plan, f"L{i}.w{g}", lambda mods=mods: input_major([m.weight for m in mods]),
                               [n_in, n_out], precision, dim=1)
         out["w"].append(name)
         out["wscale"].append(scale)
@@ -231,7 +228,6 @@ def _layer(plan: _Plan, model: nn.Module, spec, i: int, layer: nn.Module, precis
         if any(b is not None for b in biases):
             b = torch.cat([x.detach().float() if x is not None else torch.zeros(m.weight.shape[0])
                            for x, m in zip(biases, mods)])
-            b = b[torch.tensor(perm)] if perm is not None else b
             out["wbias"].append(_vector(plan, f"L{i}.b{g}", b))
         else:
             out["wbias"].append(None)

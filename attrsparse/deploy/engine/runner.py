@@ -21,18 +21,21 @@ from typing import Self
 
 from ...core.errors import UserError
 from .cdefs import (
+    MAX_PROJ,
     MODE_GREEDY_CHECK,
     MODE_GREEDY_FULL,
     MODE_GREEDY_SCREENED,
     MODE_NONE,
     MODE_SAMPLE,
+    RULE_PER_PROJECTION,
+    RULE_SHARED,
     EngLayer,
     EngModel,
     EngStep,
     engine_library,
 )
-from .fmt import DTYPE_BYTES, DTYPE_CODE, PRECISION_DTYPE, dense_counts, gate_up_order, read_header
-from .sites import SITES, ChannelRules, as_list, physical_bias
+from .fmt import DTYPE_BYTES, DTYPE_CODE, PRECISION_DTYPE, dense_counts, read_header
+from .sites import PROJECTIONS, SITE_PROJECTIONS, SITES, ChannelRules, as_list, physical_bias
 
 LOAD_MODES = {"mmap": 0, "copy": 1}
 
@@ -186,31 +189,50 @@ class Engine:
         return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
 
     def set_rules(self, rules: ChannelRules | None) -> None:
-        """Install channel rules (None: all sites dense). Takes effect from the next step."""
+        """Install channel rules (None: all sites dense). Takes effect from the next step.
+
+        A site whose projections all make the same test (the same threshold and scale) runs the
+        shared rule: one decision for the site. Otherwise (per-projection ``thresholds`` /
+        ``scales``) every projection of the site decides on its own and reads only its kept rows."""
         if rules is not None:
             rules.validate(self.config)
         buffers_before = self._rule_buffers
         self._rule_buffers = []
-        order = gate_up_order(self.config["inter"])
         for layer in range(self.config["n_layers"]):
             for s, site in enumerate(SITES):
                 target = self._layers[layer].site[s]
                 rule = rules.get(layer, site) if rules is not None else None
                 target.scale = target.center = target.keep = target.bias = None
                 target.threshold, target.rule = 0.0, 0
+                for p in range(MAX_PROJ):
+                    target.pscale[p], target.pthreshold[p], target.prule[p] = None, 0.0, 0
                 if rule is None or rule.is_dense():
                     continue
-                if rule.threshold is not None:
-                    target.rule, target.threshold = 1, float(rule.threshold)
-                if rule.scale is not None:
-                    target.scale = self._floats(rule.scale)
+                tests = []
+                for proj in SITE_PROJECTIONS[site]:
+                    threshold, scale = rule.projection_test(proj)
+                    tests.append((threshold, None if scale is None or threshold is None
+                                  else [float(v) for v in as_list(scale)]))
+                if all(test == tests[0] for test in tests):  # one decision for the site
+                    threshold, scale = tests[0]
+                    if threshold is not None:
+                        target.rule, target.threshold = RULE_SHARED, threshold
+                    if scale is not None:
+                        target.scale = self._floats(scale)
+                else:
+                    target.rule = RULE_PER_PROJECTION
+                    for p, (threshold, scale) in enumerate(tests):
+                        if threshold is not None:
+                            target.prule[p], target.pthreshold[p] = 1, threshold
+                        if scale is not None:
+                            target.pscale[p] = self._floats(scale)
                 if rule.center is not None:
                     target.center = self._floats(rule.center)
                 if rule.keep is not None:
                     keep = array("B", [1 if k else 0 for k in as_list(rule.keep)] + [0] * 16)
                     self._rule_buffers.append(keep)
                     target.keep = ctypes.addressof(ctypes.c_char.from_buffer(keep))
-                bias = physical_bias(rule, site, self.config, order if site == "mlp_in" else None)
+                bias = physical_bias(rule, site, self.config)
                 if bias is not None:
                     target.bias = self._floats(bias)
         del buffers_before  # the C side no longer points at them
@@ -243,7 +265,7 @@ class Engine:
             if a.mode == MODE_NONE:
                 a.mode = MODE_GREEDY_FULL
         if not hasattr(self, "_kept"):
-            self._kept = (ctypes.c_int32 * (self.config["n_layers"] * 4))()
+            self._kept = (ctypes.c_int32 * (self.config["n_layers"] * len(PROJECTIONS)))()
         a.kept = ctypes.addressof(self._kept)
         rc = self._lib.eng_step(ctypes.byref(self._model), self._state, ctypes.byref(a))
         if rc == -2:
@@ -253,8 +275,12 @@ class Engine:
         return a
 
     def kept(self) -> list[list[int]]:
-        """Kept channels per layer and site ([attn_in, attn_out, mlp_in, mlp_out]) of the last step."""
-        return [list(self._kept[4 * i:4 * i + 4]) for i in range(self.config["n_layers"])]
+        """Input channels each projection read at the last step, per layer in the order of
+        :data:`~.sites.PROJECTIONS` (q, k, v, o, gate, up, down). Under a shared site rule q, k and v
+        (gate and up) hold the same count; the step's ``linear_reads`` is the sum over projections
+        of these counts times the projection's outputs."""
+        n = len(PROJECTIONS)
+        return [list(self._kept[n * i:n * (i + 1)]) for i in range(self.config["n_layers"])]
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, *, mode: str = "greedy",
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stop_ids=(),

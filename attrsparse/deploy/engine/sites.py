@@ -1,7 +1,6 @@
 """Input-channel rules of the native engine: the contract with the channel-sparsity selectors.
 
-Each decoder layer has four input *sites*; one decision per site is shared by the projections
-reading that input:
+Each decoder layer has four input *sites*, each read by one or more projections:
 
 ========== ========================================== ==================
 site       input                                      projections
@@ -12,12 +11,18 @@ mlp_in     normed hidden state entering the MLP       gate, up
 mlp_out    MLP activation (down_proj input)           down
 ========== ========================================== ==================
 
-A :class:`SiteRule` keeps channel ``j`` iff ``keep[j]`` (when a fixed mask is given) and
-``|x_j - center_j| * scale_j > threshold`` (when a threshold is given); then every projection
-``P`` of the site computes ``y = sum_{j kept} W_P[:, j] (x_j - center_j) + bias[P]`` (plus the
-layer's own bias). Skipped channels read no weights. Static unit masks are the same thing: MLP
-neuron ``i`` is channel ``i`` of ``mlp_out``; query head ``h`` is channels
-``h*head_dim:(h+1)*head_dim`` of ``attn_out`` (:meth:`ChannelRules.from_unit_masks`).
+A :class:`SiteRule` decides, for every projection ``P`` of its site, which channels ``P`` reads:
+``P`` keeps channel ``j`` iff ``keep[j]`` (when a fixed mask is given) and
+``|x_j - center_j| * scale_P_j > threshold_P`` (when ``P`` has a threshold), and computes
+``y = sum_{j kept by P} W_P[:, j] (x_j - center_j) + bias[P]`` (plus the layer's own bias).
+``threshold_P`` is ``thresholds[P]`` when given, else the site's ``threshold``; ``scale_P`` is
+``scales[P]`` when given, else the site's ``scale`` (None: 1). Without ``thresholds`` / ``scales``
+every projection of a site makes the same decision (a *shared* rule: the engine decides the input
+once); with them each projection of attn_in (q, k, v) and mlp_in (gate, up) decides on its own, as
+TEAL's and WINA's per-projection thresholds and scales do. The center and the fixed mask are one
+per site. Skipped channels read no weights: a projection reads ``kept_P * outputs_P`` weights.
+Static unit masks are the same thing: MLP neuron ``i`` is channel ``i`` of ``mlp_out``; query head
+``h`` is channels ``h*head_dim:(h+1)*head_dim`` of ``attn_out`` (:meth:`ChannelRules.from_unit_masks`).
 
 Vectors may be lists, tuples, numpy arrays or torch tensors (anything with ``tolist`` or
 iterable); nothing here imports numpy or torch.
@@ -34,6 +39,8 @@ from ...core.errors import UserError
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 SITE_PROJECTIONS = {"attn_in": ("q", "k", "v"), "attn_out": ("o",), "mlp_in": ("gate", "up"),
                     "mlp_out": ("down",)}
+# every projection of a layer, in the order of the engine's kept counts (Engine.kept, EngStep.kept)
+PROJECTIONS = tuple(p for site in SITES for p in SITE_PROJECTIONS[site])
 
 
 def as_list(values: Any) -> list:
@@ -55,9 +62,17 @@ class SiteRule:
     center: Sequence[float] | None = None    # m_j, None = 0
     keep: Sequence[bool] | None = None       # fixed keep-mask, None = all
     bias: Mapping[str, Sequence[float]] = field(default_factory=dict)  # projection -> compensation
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # projection -> its own threshold
+    scales: Mapping[str, Sequence[float]] = field(default_factory=dict)  # projection -> its own scale
 
     def is_dense(self) -> bool:
-        return self.threshold is None and self.center is None and self.keep is None and not self.bias
+        return (self.threshold is None and not self.thresholds and self.center is None and self.keep is None
+                and not self.bias)
+
+    def projection_test(self, projection: str) -> tuple[float | None, Sequence[float] | None]:
+        """``(threshold, scale)`` of ``projection``'s test (threshold None: no test)."""
+        threshold = self.thresholds.get(projection, self.threshold)
+        return (None if threshold is None else float(threshold)), self.scales.get(projection, self.scale)
 
 
 @dataclass
@@ -100,6 +115,14 @@ class ChannelRules:
                 values = getattr(rule, name)
                 if values is not None and len(as_list(values)) != n_in:
                     raise UserError(f"{where}: {name} has {len(as_list(values))} entries, the input has {n_in}")
+            for name in ("thresholds", "scales"):
+                for proj in getattr(rule, name):
+                    if proj not in outs:
+                        raise UserError(f"{where}: {name} for {proj!r}; this site feeds {', '.join(outs)}")
+            for proj, values in rule.scales.items():
+                if len(as_list(values)) != n_in:
+                    raise UserError(f"{where}: scales[{proj!r}] has {len(as_list(values))} entries, "
+                                    f"the input has {n_in}")
             for proj, values in rule.bias.items():
                 if proj not in outs:
                     raise UserError(f"{where}: bias for {proj!r}; this site feeds {', '.join(outs)}")
@@ -116,16 +139,19 @@ def site_dims(config: dict) -> dict[str, tuple[int, dict[str, int]]]:
             "mlp_in": (d, {"gate": inter, "up": inter}), "mlp_out": (inter, {"down": d})}
 
 
-def physical_bias(rule: SiteRule, site: str, config: dict, order: Sequence[int] | None = None) -> list[float] | None:
-    """The site's compensation biases concatenated in the engine's physical output order
-    (q|k|v; gate/up interleaved by ``order``, see :func:`.fmt.gate_up_order`), or None."""
+def physical_bias(rule: SiteRule, site: str, config: dict) -> list[float] | None:
+    """The site's compensation biases concatenated in the engine's physical output order (q | k | v,
+    gate | up), or None."""
     if not rule.bias:
         return None
     _, outs = site_dims(config)[site]
     flat: list[float] = []
     for proj, n in outs.items():
         flat.extend(float(v) for v in as_list(rule.bias[proj])) if proj in rule.bias else flat.extend([0.0] * n)
-    return [flat[i] for i in order] if order is not None else flat
+    return flat
+
+
+RULES_FORMAT = 2  # 2: per-projection thresholds and scales (format 1 files read the same)
 
 
 def rules_to_json(rules: ChannelRules) -> dict:
@@ -142,14 +168,21 @@ def rules_to_json(rules: ChannelRules) -> dict:
             entry["keep"] = [bool(v) for v in as_list(r.keep)]
         if r.bias:
             entry["bias"] = {p: [float(v) for v in as_list(b)] for p, b in r.bias.items()}
+        if r.thresholds:
+            entry["thresholds"] = {p: float(t) for p, t in r.thresholds.items()}
+        if r.scales:
+            entry["scales"] = {p: [float(v) for v in as_list(a)] for p, a in r.scales.items()}
         out.append(entry)
-    return {"format": 1, "sites": out}
+    return {"format": RULES_FORMAT, "sites": out}
 
 
 def rules_from_json(data: dict) -> ChannelRules:
     try:
+        if data.get("format", 1) not in (1, RULES_FORMAT):
+            raise ValueError(f"format {data.get('format')!r}; this attrsparse reads 1 and {RULES_FORMAT}")
         return ChannelRules({(int(e["layer"]), str(e["site"])): SiteRule(
             threshold=e.get("threshold"), scale=e.get("scale"), center=e.get("center"), keep=e.get("keep"),
-            bias=e.get("bias", {})) for e in data["sites"]})
-    except (KeyError, TypeError, ValueError) as exc:
+            bias=e.get("bias", {}), thresholds=e.get("thresholds", {}), scales=e.get("scales", {}))
+            for e in data["sites"]})
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise UserError(f"not a channel-rules file: {exc}") from None

@@ -3,9 +3,11 @@
  *
  * Threading: one OpenMP parallel region per token. Every thread keeps its own copy of the
  * residual stream and computes the norms and the site rules redundantly (same code, same
- * values); the linears are split over *output* slices (16-wide units, gate/up by block pairs),
- * attention over heads, the head over vocabulary rows, with barriers between phases. Each
- * output is computed by one thread in a fixed order, so 1 and 2 threads give identical bits.
+ * values); a linear's kept-row list (one per projection under a per-projection rule) is cut into
+ * PARTS fixed parts (engine_kern.h), each summed over its columns into its own buffer and the
+ * parts added in order; attention is split over heads, the head over vocabulary rows, with
+ * barriers between phases. The parts do not depend on the thread count, so 1, 2 or 3 threads
+ * give identical bits.
  *
  * Screened greedy head (exact): an int8 copy of the head gives approx_v with a bound
  * |exact_v - approx_v| <= c_v * ||h|| (c_v from the packer: residual norm plus rounding terms,
@@ -26,7 +28,8 @@
 
 #define LAYOUT(S, ...) const int64_t attrsparse_layout_##S[] = {sizeof(S), __VA_ARGS__};
 LAYOUT(EngSite, offsetof(EngSite, scale), offsetof(EngSite, center), offsetof(EngSite, keep),
-       offsetof(EngSite, bias), offsetof(EngSite, threshold), offsetof(EngSite, rule))
+       offsetof(EngSite, bias), offsetof(EngSite, threshold), offsetof(EngSite, rule),
+       offsetof(EngSite, pscale), offsetof(EngSite, pthreshold), offsetof(EngSite, prule))
 LAYOUT(EngLayer, offsetof(EngLayer, w), offsetof(EngLayer, wscale), offsetof(EngLayer, wbias),
        offsetof(EngLayer, norm), offsetof(EngLayer, q_norm), offsetof(EngLayer, k_norm),
        offsetof(EngLayer, inv_freq), offsetof(EngLayer, rope_scale), offsetof(EngLayer, window),
@@ -62,7 +65,7 @@ typedef struct EngState {
     uint64_t rng;
     float *kc, *vc, *att, *gu, *mact, *logits, *upper;
     float *pq[2], *po[2], *pg[2], *pd[2];   /* the two parts of each linear (engine_kern.h: PARTS) */
-    int64_t* kept;           /* [n_layers * 4] of the last step */
+    int64_t* kept;           /* [n_layers * N_PROJ] of the last step */
     struct { float e; int32_t i; }* pairs;
     Thr th[MAXT];
 } EngState;
@@ -107,13 +110,14 @@ EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uin
         ok = ok && s->pq[i] && s->po[i] && s->pg[i] && s->pd[i];
     }
     s->logits = zalloc(m->vocab * 4); s->upper = zalloc(m->vocab * 4);
-    s->kept = zalloc((m->n_layers + 1) * N_SITES * 8);
+    s->kept = zalloc((m->n_layers + 1) * N_PROJ * 8);
     s->pairs = zalloc(m->vocab * 8);
     ok = ok && s->kc && s->vc && s->att && s->gu && s->mact && s->logits && s->upper && s->kept && s->pairs;
     for (int t = 0; t < threads && ok; t++) {
         Thr* T = &s->th[t];
-        T->h = zalloc(d * 4); T->xn = zalloc(wide * 4); T->val = zalloc(wide * 4); T->tmp = zalloc(wide * 4);
-        T->sc = zalloc(max_ctx * 4); T->cs = zalloc(hd * 4); T->sn = zalloc(hd * 4); T->idx = zalloc(wide * 4);
+        /* idx / val: one kept list per projection of a site (site_select_proj), n + 16 entries each */
+        T->h = zalloc(d * 4); T->xn = zalloc(wide * 4); T->val = zalloc(MAX_PROJ * wide * 4); T->tmp = zalloc(wide * 4);
+        T->sc = zalloc(max_ctx * 4); T->cs = zalloc(hd * 4); T->sn = zalloc(hd * 4); T->idx = zalloc(MAX_PROJ * wide * 4);
         T->kcur = zalloc(hd * 4); T->vcur = zalloc(hd * 4);
         ok = T->h && T->xn && T->val && T->tmp && T->sc && T->cs && T->sn && T->idx && T->kcur && T->vcur;
     }
@@ -175,21 +179,44 @@ static void rope_apply(Thr* T, float* x, const float* inv_freq, float scale, int
     }
 }
 
-/* One site + its linear: the site rule (every thread, same result), then this thread's share
- * of the PARTS x S work items (part r over column slice s of S = ceil(nt / 2)) into parts[r].
- * Returns the kept count. */
+/* One site + its linear: the site rule (every thread, same result), then this thread's share of
+ * the work into parts[r]. The site's np projections are the column ranges [cols[p], cols[p+1]) of
+ * its input-major matrix (P = cols[np] columns). No rule or a shared rule: one kept-row list for
+ * the site, run over all P columns (one range). A per-projection rule (rule 2): one list per
+ * projection, each run over its own columns only, so a row projection p skips is not read in p's
+ * columns. Work items: per range, PARTS parts x S column slices (S = ceil(nt / 2)), numbered
+ * across the ranges; item g goes to thread g mod nt (with 2 threads: thread r sums part r of every
+ * range). nkp[p]: the channels projection p keeps. Returns the weight elements read
+ * (sum over projections of kept x columns). */
 static int64_t site_parts(const EngModel* m, const EngLayer* L, int site, Thr* T, const float* x, int64_t n,
-                          int64_t P, float* const* parts, int t, int nt) {
-    int64_t nk = site_select(&L->site[site], x, n, T->idx, T->val), p0, p1;
-    const int32_t* ix = T->idx;
-    const float* vx = T->val;
-    if (nk < 0) { nk = n; ix = NULL; vx = x; }
-    int S = (nt + 1) / 2;
-    for (int i = t; i < PARTS * S; i += nt) {
-        slice16(P, i % S, S, &p0, &p1);
-        linear_part(m->wtype, L->w[site], P, ix, vx, nk, i / S, p0, p1, parts[i / S]);
+                          int np, const int64_t* cols, float* const* parts, int t, int nt, int64_t* nkp) {
+    const EngSite* st = &L->site[site];
+    int64_t P = cols[np], stride = n + 16, nk[MAX_PROJ], c0[MAX_PROJ], c1[MAX_PROJ], reads = 0;
+    int nr;
+    if (st->rule == RULE_PER_PROJ) {
+        site_select_proj(st, np, x, n, T->idx, T->val, stride, nk);
+        nr = np;
+        for (int r = 0; r < np; r++) { c0[r] = cols[r]; c1[r] = cols[r + 1]; }
+    } else {
+        nk[0] = site_select(st, x, n, T->idx, T->val);
+        nr = 1; c0[0] = 0; c1[0] = P;
     }
-    return nk;
+    int S = (nt + 1) / 2, g = 0;
+    for (int r = 0; r < nr; r++) {
+        const int32_t* ix = T->idx + r * stride;
+        const float* vx = T->val + r * stride;
+        int64_t k = nk[r], p0, p1;
+        if (k < 0) { k = n; ix = NULL; vx = x; }
+        nk[r] = k;
+        reads += k * (c1[r] - c0[r]);
+        for (int i = 0; i < PARTS * S; i++, g++) {
+            if (g % nt != t) continue;
+            slice16(c1[r] - c0[r], i % S, S, &p0, &p1);
+            linear_part(m->wtype, L->w[site], P, ix, vx, k, i / S, c0[r] + p0, c0[r] + p1, parts[i / S]);
+        }
+    }
+    for (int p = 0; p < np; p++) nkp[p] = nk[nr == 1 ? 0 : p];
+    return reads;
 }
 
 /* out[0:p1-p0] = outputs p0..p1 of linear `site` from its two parts (scale, the model's bias, the
@@ -315,14 +342,15 @@ static void head_phase(const EngModel* m, EngState* s, EngStep* a, const float* 
 static void layer_forward(const EngModel* m, EngState* s, const EngLayer* L, int64_t l, Thr* T, int t, int nt,
                           int64_t* reads) {
     int64_t d = m->hidden, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, I = m->inter;
-    int64_t A = H * hd, Pqkv = (H + 2 * KV) * hd, pos = s->pos, a0, a1, nk, group = H / KV;
-    int64_t* kept = s->kept + l * N_SITES;
+    int64_t A = H * hd, Pqkv = (H + 2 * KV) * hd, pos = s->pos, a0, a1, rd, nk[MAX_PROJ], group = H / KV;
+    const int64_t cqkv[4] = {0, A, A + KV * hd, Pqkv}, co[2] = {0, d}, cgu[3] = {0, I, 2 * I}, cd[2] = {0, d};
+    int64_t* kept = s->kept + l * N_PROJ;
     float* h = T->h;
 
     /* attention input: norm, site attn_in, fused q|k|v parts */
     rmsnorm(h, L->norm[0], T->xn, d, m->eps);
-    nk = site_parts(m, L, SITE_ATTN_IN, T, T->xn, d, Pqkv, s->pq, t, nt);
-    if (t == 0) { kept[0] = nk; *reads += nk * Pqkv; }
+    rd = site_parts(m, L, SITE_ATTN_IN, T, T->xn, d, 3, cqkv, s->pq, t, nt, nk);
+    if (t == 0) { kept[PROJ_Q] = nk[0]; kept[PROJ_K] = nk[1]; kept[PROJ_V] = nk[2]; *reads += rd; }
 #pragma omp barrier
     /* per query head: its q, its group's k and v (computed by every thread that needs them; the
      * group's first head writes them to the cache), q/k norms, RoPE, attention */
@@ -368,27 +396,26 @@ static void layer_forward(const EngModel* m, EngState* s, const EngLayer* L, int
     }
 #pragma omp barrier
     /* attention output projection; every thread adds it to its own residual stream */
-    nk = site_parts(m, L, SITE_ATTN_OUT, T, s->att, A, d, s->po, t, nt);
-    if (t == 0) { kept[1] = nk; *reads += nk * d; }
+    rd = site_parts(m, L, SITE_ATTN_OUT, T, s->att, A, 1, co, s->po, t, nt, nk);
+    if (t == 0) { kept[PROJ_O] = nk[0]; *reads += rd; }
 #pragma omp barrier
     site_reduce(L, SITE_ATTN_OUT, s->po, 0, d, T->tmp);
     if (L->norm[1]) rmsnorm(T->tmp, L->norm[1], T->tmp, d, m->eps);
     for (int64_t j = 0; j < d; j++) h[j] += T->tmp[j];
-    /* MLP input: norm, site mlp_in, fused gate/up parts; the activation over block pairs */
+    /* MLP input: norm, site mlp_in, fused gate | up parts; the activation over slices of 16 units */
     rmsnorm(h, L->norm[2], T->xn, d, m->eps);
-    nk = site_parts(m, L, SITE_MLP_IN, T, T->xn, d, 2 * I, s->pg, t, nt);
-    if (t == 0) { kept[2] = nk; *reads += nk * 2 * I; }
+    rd = site_parts(m, L, SITE_MLP_IN, T, T->xn, d, 2, cgu, s->pg, t, nt, nk);
+    if (t == 0) { kept[PROJ_GATE] = nk[0]; kept[PROJ_UP] = nk[1]; *reads += rd; }
 #pragma omp barrier
-    int64_t nb = (I + 15) / 16, b0 = nb * t / nt, b1 = nb * (t + 1) / nt;
-    for (int64_t b = b0; b < b1; b++) {
-        int64_t bs = I - 16 * b < 16 ? I - 16 * b : 16;
-        site_reduce(L, SITE_MLP_IN, s->pg, 32 * b, 32 * b + 2 * bs, s->gu + 32 * b);
-        const float* g = s->gu + 32 * b;
-        for (int64_t i = 0; i < bs; i++) s->mact[16 * b + i] = act(g[i], m->act) * g[bs + i];
+    slice16(I, t, nt, &a0, &a1);
+    if (a1 > a0) {
+        site_reduce(L, SITE_MLP_IN, s->pg, a0, a1, s->gu + a0);              /* gate */
+        site_reduce(L, SITE_MLP_IN, s->pg, I + a0, I + a1, s->gu + I + a0);  /* up */
+        for (int64_t i = a0; i < a1; i++) s->mact[i] = act(s->gu[i], m->act) * s->gu[I + i];
     }
 #pragma omp barrier
-    nk = site_parts(m, L, SITE_MLP_OUT, T, s->mact, I, d, s->pd, t, nt);
-    if (t == 0) { kept[3] = nk; *reads += nk * d; }
+    rd = site_parts(m, L, SITE_MLP_OUT, T, s->mact, I, 1, cd, s->pd, t, nt, nk);
+    if (t == 0) { kept[PROJ_DOWN] = nk[0]; *reads += rd; }
 #pragma omp barrier
     site_reduce(L, SITE_MLP_OUT, s->pd, 0, d, T->tmp);
     if (L->norm[3]) rmsnorm(T->tmp, L->norm[3], T->tmp, d, m->eps);
@@ -414,17 +441,24 @@ int64_t eng_step(const EngModel* m, EngState* s, EngStep* a) {
         }
     }
     a->linear_reads = reads;
-    if (a->kept) for (int64_t i = 0; i < m->n_layers * N_SITES; i++) a->kept[i] = (int32_t)s->kept[i];
+    if (a->kept) for (int64_t i = 0; i < m->n_layers * N_PROJ; i++) a->kept[i] = (int32_t)s->kept[i];
     s->pos++;
     return a->next;
 }
 
 /* ---------------------------------------------------------------- test and tool entry points */
 
-/* One linear through the engine's site rule, parts and reduction: y [P] from x [in]; returns the
- * kept count. */
+/* One linear through the engine's site rule, parts and reduction: y [P] from x [in]. The site
+ * feeds np projections, the column ranges [cols[p], cols[p+1]) (cols NULL: one projection, all P
+ * columns; cols[np] must be P). kept (optional, [np]): the channels each projection kept. Returns
+ * the weight elements read, or -1 for bad arguments. */
 int64_t eng_linear(int32_t wt, const void* W, const float* wscale, int64_t in, int64_t P, const float* x,
-                   const EngSite* site, const float* bias, float* y, int32_t threads) {
+                   const EngSite* site, int32_t np, const int64_t* cols, const float* bias, float* y,
+                   int64_t* kept, int32_t threads) {
+    const int64_t whole[2] = {0, P};
+    if (!cols) { cols = whole; np = 1; }
+    if (np < 1 || np > MAX_PROJ || cols[0] != 0 || cols[np] != P) return -1;
+    for (int p = 0; p < np; p++) if (cols[p + 1] < cols[p]) return -1;
     EngLayer L;
     memset(&L, 0, sizeof L);
     L.w[0] = W; L.wscale[0] = wscale; L.wbias[0] = bias; L.site[0] = *site;
@@ -434,20 +468,27 @@ int64_t eng_linear(int32_t wt, const void* W, const float* wscale, int64_t in, i
     Thr th[MAXT];
     float* parts[2] = {zalloc(P * 4), zalloc(P * 4)};
     int nt = threads < 1 ? 1 : threads > MAXT ? MAXT : threads;
-    int64_t kept = 0;
-    for (int t = 0; t < nt; t++) { th[t].idx = zalloc((in + 16) * 4); th[t].val = zalloc((in + 16) * 4); }
+    int64_t reads = 0;
+    for (int t = 0; t < nt; t++) {
+        th[t].idx = zalloc(MAX_PROJ * (in + 16) * 4);
+        th[t].val = zalloc(MAX_PROJ * (in + 16) * 4);
+    }
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
-        int64_t nk = site_parts(&m, &L, 0, &th[t], x, in, P, parts, t, n), p0, p1;
-        if (t == 0) kept = nk;
+        int64_t nk[MAX_PROJ], p0, p1;
+        int64_t r = site_parts(&m, &L, 0, &th[t], x, in, np, cols, parts, t, n, nk);
+        if (t == 0) {
+            reads = r;
+            if (kept) for (int p = 0; p < np; p++) kept[p] = nk[p];
+        }
 #pragma omp barrier
         slice16(P, t, n, &p0, &p1);
         site_reduce(&L, 0, parts, p0, p1, y + p0);
     }
     for (int t = 0; t < nt; t++) { free(th[t].idx); free(th[t].val); }
     free(parts[0]); free(parts[1]);
-    return kept;
+    return reads;
 }
 
 /* The head alone on a given hidden state (tests): returns the argmax; a->candidates and

@@ -4,9 +4,11 @@
  * channel j is one contiguous run of P weights. Physical layouts per layer:
  *   w[0] qkv : [hidden, (H + 2 KV) * hd]   columns q | k | v
  *   w[1] o   : [H * hd, hidden]
- *   w[2] gu  : [hidden, 2 * inter]         gate/up interleaved by blocks of 16: block b holds
- *                                          gate[16b : 16b+n], then up[16b : 16b+n], n = min(16, inter-16b)
+ *   w[2] gu  : [hidden, 2 * inter]         columns gate | up (format 2; format 1 interleaved them by
+ *                                          blocks of 16, which a per-projection rule could not skip)
  *   w[3] down: [inter, hidden]
+ * So every projection of a site is one contiguous column range of its input-major matrix: a
+ * projection with its own kept rows reads only its own columns of those rows.
  * Element types: ENG_F32, ENG_BF16 (fp32 accumulation), ENG_I8 (per physical output scale).
  */
 #ifndef ATTRSPARSE_ENGINE_H
@@ -21,15 +23,29 @@ enum { MODE_NONE = 0, MODE_GREEDY_SCREENED = 1, MODE_GREEDY_FULL = 2, MODE_SAMPL
 /* sites: attn_in (q,k,v input), attn_out (o input), mlp_in (gate,up input), mlp_out (down input) */
 enum { SITE_ATTN_IN = 0, SITE_ATTN_OUT = 1, SITE_MLP_IN = 2, SITE_MLP_OUT = 3, N_SITES = 4 };
 
-/* Channel rule of one input site. Channel j is kept iff (keep == NULL || keep[j]) and
- * (rule == 0 || |x_j - m_j| * a_j > threshold); y = sum_{j kept} W^T[j,:] (x_j - m_j) + bias. */
+/* projections, in the order of EngStep.kept: attn_in feeds q, k, v; attn_out o; mlp_in gate, up;
+ * mlp_out down */
+enum { PROJ_Q = 0, PROJ_K, PROJ_V, PROJ_O, PROJ_GATE, PROJ_UP, PROJ_DOWN, N_PROJ = 7 };
+enum { MAX_PROJ = 3 };  /* projections of one site (attn_in) */
+enum { RULE_NONE = 0, RULE_SHARED = 1, RULE_PER_PROJ = 2 };  /* EngSite.rule */
+
+/* Channel rule of one input site.
+ * rule 0/1 (one decision for the site, shared by its projections): channel j is kept iff
+ *   (keep == NULL || keep[j]) and (rule == 0 || |x_j - m_j| * a_j > threshold);
+ * rule 2 (one decision per projection p of the site, in site order: q, k, v or gate, up): projection
+ *   p keeps channel j iff (keep == NULL || keep[j]) and (!prule[p] || |x_j - m_j| * pscale[p][j] >
+ *   pthreshold[p]); scale and threshold are unused. The center m and the fixed mask are shared.
+ * A projection computes y = sum_{j it keeps} W^T[j, cols] (x_j - m_j) + bias[cols]. */
 typedef struct EngSite {
-    const float* scale;    /* a_j >= 0 [in], NULL = 1 */
+    const float* scale;    /* a_j >= 0 [in], NULL = 1 (rule 1) */
     const float* center;   /* m_j [in], NULL = 0 */
     const uint8_t* keep;   /* fixed keep-mask [in], NULL = all */
     const float* bias;     /* compensation [P] in physical output order, NULL = 0 */
-    float threshold;
-    int32_t rule;          /* 1: apply the threshold test */
+    float threshold;       /* rule 1 */
+    int32_t rule;          /* 0: no threshold test; 1: one test for the site; 2: one per projection */
+    const float* pscale[MAX_PROJ];  /* rule 2: a_{p,j} >= 0 [in] of projection p, NULL = 1 */
+    float pthreshold[MAX_PROJ];     /* rule 2 */
+    int32_t prule[MAX_PROJ];        /* rule 2: 1 = projection p applies its threshold test */
 } EngSite;
 
 typedef struct EngLayer {
@@ -68,9 +84,12 @@ typedef struct EngStep {
     float temperature;       /* in (sampling) */
     float top_p;             /* in (sampling) */
     float* logits;           /* in: optional [vocab] output (forces the full head) */
-    int32_t* kept;           /* in: optional [n_layers * 4] kept channels per site */
+    int32_t* kept;           /* in: optional [n_layers * N_PROJ] input channels each projection read
+                              * (q, k, v, o, gate, up, down; under a shared site rule q, k, v (gate,
+                              * up) hold the same count) */
     int64_t next;            /* out: next token (-1 with MODE_NONE) */
-    int64_t linear_reads;    /* out: weight elements read by the decoder linears */
+    int64_t linear_reads;    /* out: weight elements read by the decoder linears:
+                              * sum over projections of kept channels x the projection's outputs */
     int64_t head_bytes;      /* out: bytes of LM-head weights read (screen copy + exact rows) */
     int64_t candidates;      /* out: head rows computed exactly */
     int64_t check;           /* out: with MODE_GREEDY_CHECK, the full head's argmax */

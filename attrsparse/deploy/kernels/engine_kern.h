@@ -6,7 +6,8 @@
  *         vector and tail paths use the same operations (masked AVX-512 for a partial chunk).
  * dot_*:  one row of the (output-major) LM head with h: a fixed blocked order, shared by the
  *         full head and the exact rows of the screened head, so both give bit-identical logits.
- * select: the site rule, compressed to (idx, val) lists.
+ * select: the site rule, compressed to (idx, val) lists (site_select: one list for the site;
+ *         site_select_proj: one list per projection under a per-projection rule).
  */
 #ifndef ATTRSPARSE_ENGINE_KERN_H
 #define ATTRSPARSE_ENGINE_KERN_H
@@ -223,5 +224,58 @@ static int64_t site_select(const EngSite* s, const float* x, int64_t n, int32_t*
         k += ok;
     }
     return k;
+}
+
+/* A per-projection rule (rule 2): list p (idx + p * stride, val + p * stride; stride >= n + 16)
+ * gets the channels projection p keeps, nk[p] their count; nk[p] = -1 when projection p keeps every
+ * channel unshifted (no test, no mask, no center: the caller runs it dense). One pass over x: the
+ * shifted value and its magnitude are computed once, the test once per projection. */
+static void site_select_proj(const EngSite* s, int np, const float* x, int64_t n, int32_t* idx, float* val,
+                             int64_t stride, int64_t* nk) {
+    const float* m = s->center;
+    const uint8_t* keep = s->keep;
+    int64_t k[MAX_PROJ] = {0, 0, 0}, j = 0;
+    int dense[MAX_PROJ] = {0, 0, 0}, any = 0;
+    for (int p = 0; p < np; p++) { dense[p] = !s->prule[p] && !keep && !m; any |= !dense[p]; }
+    if (!any) { for (int p = 0; p < np; p++) nk[p] = -1; return; }
+#ifdef __AVX512F__
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; j + 16 <= n; j += 16, iv = _mm512_add_epi32(iv, step)) {
+        __m512 v = _mm512_loadu_ps(x + j);
+        if (m) v = _mm512_sub_ps(v, _mm512_loadu_ps(m + j));
+        const __m512 mag = _mm512_abs_ps(v);
+        __mmask16 base = 0xFFFF;
+        if (keep) {
+            __m128i kb = _mm_loadu_si128((const __m128i*)(keep + j));
+            base = _mm_test_epi8_mask(kb, kb);
+        }
+        for (int p = 0; p < np; p++) {
+            if (dense[p]) continue;
+            __mmask16 sel = base;
+            if (s->prule[p]) {
+                const float* a = s->pscale[p];
+                __m512 sc = a ? _mm512_mul_ps(mag, _mm512_loadu_ps(a + j)) : mag;
+                sel &= _mm512_cmp_ps_mask(sc, _mm512_set1_ps(s->pthreshold[p]), _CMP_GT_OQ);
+            }
+            _mm512_storeu_si512((void*)(idx + p * stride + k[p]), _mm512_maskz_compress_epi32(sel, iv));
+            _mm512_storeu_ps(val + p * stride + k[p], _mm512_maskz_compress_ps(sel, v));
+            k[p] += __builtin_popcount((unsigned)sel);
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        float v = m ? x[j] - m[j] : x[j];
+        int base = keep ? keep[j] != 0 : 1;
+        for (int p = 0; p < np; p++) {
+            if (dense[p]) continue;
+            int ok = base;
+            if (s->prule[p]) ok &= fabsf(v) * (s->pscale[p] ? s->pscale[p][j] : 1.0f) > s->pthreshold[p];
+            idx[p * stride + k[p]] = (int32_t)j;
+            val[p * stride + k[p]] = v;
+            k[p] += ok;
+        }
+    }
+    for (int p = 0; p < np; p++) nk[p] = dense[p] ? -1 : k[p];
 }
 #endif
