@@ -218,7 +218,7 @@ def test_attr_channel_variants_reach_the_requested_read_ratio(make_tiny, monkeyp
     for ratio, rule in rules.items():
         assert abs(rule.meta["calibration_read_ratio"] - ratio) <= 0.01, (attr, ratio, rule.meta)
         per = [r.scale.dim() == 2 for k, r in sorted(rule.sites.items())]
-        pc = attr.get("per_consumer", False)
+        pc = cc.ATTR["per_consumer"]
         assert per == [pc is True or (pc and k.endswith("attn_in")) for k in sorted(rule.sites)]
 
 
@@ -232,3 +232,20 @@ def test_per_consumer_attribution_sums_to_the_shared_gradient(make_tiny):
         for stat in ("sq_grad", "abs_grad", "mean", "abs"):
             torch.testing.assert_close(both[key][stat], st[stat], rtol=1e-5, atol=1e-9)  # fp32 sums
     assert not torch.allclose(both[(0, "attn_in", 0)]["sq_grad"], shared[(0, "attn_in")]["sq_grad"])
+
+
+def test_attribution_under_a_rule_sees_what_the_consumers_see(make_tiny, monkeypatch):
+    """Under a rule that drops every channel of one site, that site's captured inputs are its
+    fill (0) while its gradient stays W^T dL/dy; calibrating with the attribution re-measured under
+    the rule still reaches the requested read ratio."""
+    model = make_tiny("llama")
+    rule = _rule(model, "r", site="mlp_out", thresholds=torch.full((1,), float("inf")))
+    st = attribution(model, _calib(2), 4, per_token=False, per_consumer=True, rule=rule)
+    assert float(st[(0, "mlp_out")]["abs"].abs().max()) == 0.0
+    assert float(st[(0, "mlp_out")]["sq_grad"].min()) > 0.0
+    dense = attribution(model, _calib(2), 4, per_token=False, per_consumer=True)
+    assert float(dense[(0, "mlp_out")]["abs"].min()) > 0.0
+    monkeypatch.setattr(cc, "_CALIBRATORS", {})
+    monkeypatch.setattr(cc, "ATTR", {**cc.ATTR, "at_rule": 1})
+    for ratio, r in cc.calibrate_channels(model, _calib(), "attr_channel", [0.5]).items():
+        assert abs(r.meta["calibration_read_ratio"] - ratio) <= 0.01

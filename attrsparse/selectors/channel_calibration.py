@@ -16,6 +16,7 @@ The read ratio counts the decoder linears' weights (:mod:`attrsparse.core.accoun
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +43,12 @@ LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per 
 #: weights per channel it is divided by, and whether scores and fills are centred on E[x]; the
 #: defaults measured best on calibration-side text (docs/results/channels/README.md, variants)
 ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": True,
-        "allocation": "global"}
+        "allocation": "global", "at_rule": 0}
 #: per_consumer: True, False or a list of the sites (e.g. ["attn_in"]) whose consumers decide
 #: separately; allocation: "global" (one threshold over every stream), "uniform" (one kept fraction),
 #: "sensitivity" (channel_budget), "greedy" (TEAL's block-wise greedy path, every layer at the same
-#: sparsity), "greedy_global" (the global threshold's budget per layer, the greedy path's split inside it)
+#: sparsity), "greedy_global" (the global threshold's budget per layer, the greedy path's split inside it);
+#: at_rule: how many times the attribution is measured again under the ratio's rule (0: dense only)
 
 
 def attr_per_consumer(site: str) -> bool:
@@ -92,11 +94,11 @@ class Calibrator:
         self.streams = self._streams()
 
     # -- step 1 ------------------------------------------------------------------------------------
-    def _base_rules(self) -> dict[str, SiteRule]:
-        """Per site, a rule with everything but its thresholds."""
+    def _base_rules(self, rule: ChannelRuleSet | None = None) -> dict[str, SiteRule]:
+        """Per site, a rule with everything but its thresholds (attribution measured under ``rule``)."""
         out = {}
-        stats = attribution(self.model, self.sequences, self.batch_size, ATTR["per_token"], ATTR["per_consumer"] is not False) \
-            if self.selector == "attr_channel" else {}
+        stats = attribution(self.model, self.sequences, self.batch_size, ATTR["per_token"], ATTR["per_consumer"] is not False,
+                            rule) if self.selector == "attr_channel" else {}
         modes = self._modes() if self.selector == "scap" else {}
         for l, layer in enumerate(self.smap.layers):
             for name in SITE_NAMES:
@@ -157,6 +159,13 @@ class Calibrator:
             counts = torch.zeros(x.shape[1], bins).scatter_add_(1, idx.t(), torch.ones_like(idx.t(), dtype=torch.float))
             modes[key] = lo + counts.argmax(1).float() * width / (bins - 1)
         return modes
+
+    def at_rule(self, rule: ChannelRuleSet) -> "Calibrator":
+        """This calibrator with ``attr_channel``'s attribution measured under ``rule`` (the sparse
+        model it will run in) instead of the dense model; the same streams."""
+        other = copy.copy(self)
+        other.base = self._base_rules(rule.bind(self.model))
+        return other
 
     # -- step 2 ------------------------------------------------------------------------------------
     def _streams(self) -> list[Stream]:
@@ -367,11 +376,18 @@ def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector
         else:
             keep = cal.uniform_keep(ratio)
         rule = cal.rule_from_keep(keep, dense, ratio)
-        for _ in range(refine):  # thresholds from the live (sparse upstream) distributions
-            live = cal.histograms(rule)
+        here = cal
+        for _ in range(ATTR["at_rule"] if selector == "attr_channel" else 0):  # attribution of the sparse model
+            here = cal.at_rule(rule)
+            live = here.histograms(rule)
             if allocation == "global":
-                keep = cal.global_keep(live, ratio)
-            rule = cal.rule_from_keep(keep, live, ratio)
+                keep = here.global_keep(live, ratio)
+            rule = here.rule_from_keep(keep, live, ratio)
+        for _ in range(refine):  # thresholds from the live (sparse upstream) distributions
+            live = here.histograms(rule)
+            if allocation == "global":
+                keep = here.global_keep(live, ratio)
+            rule = here.rule_from_keep(keep, live, ratio)
         rule.meta["calibration_read_ratio"] = measure_read(model, rule, cal.sequences)
         rule.meta["allocation"] = allocation
         if selector == "attr_channel":

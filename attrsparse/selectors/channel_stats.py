@@ -23,6 +23,7 @@ from torch import nn
 
 from ..core.architectures import model_device
 from ..core.attention import diagonal_gradient_attention
+from ..core.channel_hooks import ChannelHooks
 from ..core.sites import SITE_NAMES, site_map
 from ..core.trace import to_ids, token_losses
 
@@ -140,14 +141,17 @@ def leading_batch(sequences: list[torch.Tensor], tokens: int) -> torch.Tensor:
 
 
 def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int = 4,
-                per_token: bool = True, per_consumer: bool = False) -> dict:
+                per_token: bool = True, per_consumer: bool = False, rule=None) -> dict:
     """Per site input ``(layer, site)``: ``{"abs_grad": E|g_j|, "sq_grad": E[g_j^2], "mean": E[x_j],
     "abs": E|x_j|}`` over every predicting position of the calibration text (float64, CPU).
 
     ``per_token``: ``g`` at position t is the gradient of token t's own loss (decoding's view, the
     one-pass attention); else of every later token's loss too (a plain backward: what a channel
     dropped at position t costs through the keys and values later tokens read). ``per_consumer``:
-    keys ``(layer, site, c)`` too, the gradient through consumer c alone."""
+    keys ``(layer, site, c)`` too, the gradient through consumer c alone. ``rule`` (a bound
+    :class:`~.channels.ChannelRuleSet`): the passes run under it, and ``x`` and ``g`` are those of the
+    input each consumer really sees (dropped channels at their fill; their gradient is still
+    ``W[:, j]^T dL/dy``: what restoring them would change)."""
     device = model_device(model)
     sums: dict = {}
     tokens = 0
@@ -158,7 +162,10 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
             embeds = embed(ids[:, :-1])
         embeds.requires_grad_(True)
         attention = diagonal_gradient_attention(model) if per_token else nullcontext()
-        with site_inputs(model, per_consumer) as cap, attention, torch.enable_grad():
+        # the rule's hooks first, so that site_inputs captures what they pass on
+        hooks = ChannelHooks(model, rule) if rule is not None else nullcontext()
+        live = rule.live_state(model) if rule is not None else nullcontext()
+        with hooks, live, site_inputs(model, per_consumer) as cap, attention, torch.enable_grad():
             logits = model(inputs_embeds=embeds, use_cache=False).logits
             loss = sum(token_losses(logits[b:b + 1], ids[b, 1:]).sum() for b in range(ids.shape[0]))
             keys = list(cap)
