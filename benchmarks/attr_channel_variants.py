@@ -52,11 +52,9 @@ def share_greedy_path():
     if cc.ATTR["allocation"] not in ("greedy", "greedy_global"):
         return
     for other in ("greedy", "greedy_global"):
-        key = lambda a: ("attr_channel", cc.model_key(model), cc.stable_hash([cc.to_ids(s).tolist() for s in seqs]),
-                         cc.stable_hash(a))
-        found = cc._CALIBRATORS.get(key({**cc.ATTR, "allocation": other}))
+        found = cc._CALIBRATORS.get(cc.calibrator_key(model, seqs, "attr_channel", {**cc.ATTR, "allocation": other}))
         if found is not None:
-            cc._CALIBRATORS[key(cc.ATTR)] = found
+            cc._CALIBRATORS[cc.calibrator_key(model, seqs, "attr_channel")] = found
 
 
 default_seqs = seqs

@@ -288,11 +288,7 @@ class Calibrator:
             t = 2.0 ** log_t
             return sum(w * hist.kept(i, t) for i, w in enumerate(weights))
 
-        lo, hi = -40.0, 24.0  # log2 threshold; read() decreases in it
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if read(mid) > target else (lo, mid)
-        t = 2.0 ** hi
+        t = 2.0 ** log_threshold_for(read, target, 60)
         return [hist.kept(i, t) for i in range(len(self.streams))]
 
     def layer_sparsity(self, keep: list[float]) -> list[float]:
@@ -315,11 +311,17 @@ class Calibrator:
             t = 2.0 ** log_t
             return path.keep_for(self.layer_sparsity([hist.kept(i, t) for i in range(len(weights))]))
 
-        lo, hi = -40.0, 24.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if self.read_ratio(keep_at(mid)) > ratio else (lo, mid)
-        return keep_at(hi)
+        return keep_at(log_threshold_for(lambda log_t: self.read_ratio(keep_at(log_t)), ratio, 40))
+
+
+def log_threshold_for(read, target: float, steps: int) -> float:
+    """The log2 threshold (bisection over [-40, 24] in ``steps`` halvings) at which ``read``,
+    decreasing in it, comes down to ``target``: the upper end of the last bracket."""
+    lo, hi = -40.0, 24.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if read(mid) > target else (lo, mid)
+    return hi
 
 
 def measure_read(model: nn.Module, rule: ChannelRuleSet, sequences: list[torch.Tensor], batch_size: int = 4) -> float:
@@ -338,9 +340,15 @@ def measure_read(model: nn.Module, rule: ChannelRuleSet, sequences: list[torch.T
 _CALIBRATORS: dict = {}  # (selector, model key, calibration hash) -> (Calibrator, dense histograms, greedy path)
 
 
+def calibrator_key(model: nn.Module, sequences: list[torch.Tensor], selector: str, attr: dict | None = None) -> tuple:
+    """The key of :data:`_CALIBRATORS` for this model, text and selector (``attr``: attr_channel's
+    options, default :data:`ATTR`)."""
+    return (selector, model_key(model), stable_hash([to_ids(s).tolist() for s in sequences]),
+            stable_hash(ATTR if attr is None else attr) if selector == "attr_channel" else None)
+
+
 def _calibrator(model: nn.Module, sequences: list[torch.Tensor], selector: str, progress=None):
-    key = (selector, model_key(model), stable_hash([to_ids(s).tolist() for s in sequences]),
-           stable_hash(ATTR) if selector == "attr_channel" else None)
+    key = calibrator_key(model, sequences, selector)
     if key not in _CALIBRATORS:
         cal = Calibrator(model, sequences, selector, progress=progress)
         dense = cal.histograms()
@@ -376,18 +384,20 @@ def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector
         else:
             keep = cal.uniform_keep(ratio)
         rule = cal.rule_from_keep(keep, dense, ratio)
+
+        def refit(here: Calibrator, rule: ChannelRuleSet, keep: list[float]):
+            """Thresholds (and global budgets) from the live (sparse upstream) distributions under ``rule``."""
+            live = here.histograms(rule)
+            if allocation == "global":
+                keep = here.global_keep(live, ratio)
+            return here.rule_from_keep(keep, live, ratio), keep
+
         here = cal
         for _ in range(ATTR["at_rule"] if selector == "attr_channel" else 0):  # attribution of the sparse model
             here = cal.at_rule(rule)
-            live = here.histograms(rule)
-            if allocation == "global":
-                keep = here.global_keep(live, ratio)
-            rule = here.rule_from_keep(keep, live, ratio)
-        for _ in range(refine):  # thresholds from the live (sparse upstream) distributions
-            live = here.histograms(rule)
-            if allocation == "global":
-                keep = here.global_keep(live, ratio)
-            rule = here.rule_from_keep(keep, live, ratio)
+            rule, keep = refit(here, rule, keep)
+        for _ in range(refine):
+            rule, keep = refit(here, rule, keep)
         rule.meta["calibration_read_ratio"] = measure_read(model, rule, cal.sequences)
         rule.meta["allocation"] = allocation
         if selector == "attr_channel":
