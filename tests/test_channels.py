@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import json
+
 from attrsparse.cli.main import main
 from attrsparse.core.channel_hooks import ChannelHooks
 from attrsparse.core.errors import UserError
 from attrsparse.core.models import load_model
 from attrsparse.core.sites import site_map
 from attrsparse.policies import make_policy
+from attrsparse.policies.channel import read_channels
 from attrsparse.selectors import channel_calibration as cc
 from attrsparse.selectors.channel_stats import attribution
 from attrsparse.selectors.channels import ChannelRuleSet, SiteRule, site_key
@@ -249,3 +252,79 @@ def test_attribution_under_a_rule_sees_what_the_consumers_see(make_tiny, monkeyp
     monkeypatch.setattr(cc, "ATTR", {**cc.ATTR, "at_rule": 1})
     for ratio, r in cc.calibrate_channels(model, _calib(), "attr_channel", [0.5]).items():
         assert abs(r.meta["calibration_read_ratio"] - ratio) <= 0.01
+
+
+def test_attribution_statistics_against_a_plain_backward(make_tiny):
+    """E[x^2], E[g^2] and E[(x g)^2] at the input of one down projection equal those of a plain
+    backward of the summed next-token loss with the input captured by a hook (and the "xrms"
+    scale is sqrt(E[(x g)^2] / E[x^2]), the least-squares s in |x g| ~ s |x|)."""
+    model = make_tiny("llama")
+    seq = _calib(1)[0]
+    st = attribution(model, [seq], 4, per_token=False, per_consumer=False)[(0, "mlp_out")]
+    seen = {}
+
+    def grab(_m, args):
+        args[0].retain_grad()
+        seen["x"] = args[0]
+
+    down = site_map(model).layers[0]["mlp_out"].modules[0]
+    handle = down.register_forward_pre_hook(grab)
+    try:
+        embeds = model.get_input_embeddings()(seq[:-1].view(1, -1)).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, use_cache=False).logits[0]
+        torch.nn.functional.cross_entropy(logits.float(), seq[1:], reduction="sum").backward()
+    finally:
+        handle.remove()
+    x, g = seen["x"].detach()[0].double(), seen["x"].grad[0].double()
+    torch.testing.assert_close(st["sq"], (x * x).mean(0), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(st["sq_grad"], (g * g).mean(0), rtol=1e-4, atol=1e-14)
+    torch.testing.assert_close(st["sq_xg"], ((x * g) ** 2).mean(0), rtol=1e-4, atol=1e-16)
+
+
+def test_attr_options_are_checked_and_restored(make_tiny, monkeypatch):
+    monkeypatch.setattr(cc, "ATTR", dict(cc.ATTR))
+    before = dict(cc.ATTR)
+    for bad, match in (({"bogus": 1}, "unknown attr_channel option 'bogus'"), ({"statistic": "max"}, "abs, rms, xrms"),
+                       ({"per_consumer": ["attn"]}, "list of sites"), ({"grad_power": -1}, ">= 0"),
+                       ({"at_rule": 1.5}, "integer"), ({"center": "yes"}, "true or false")):
+        with pytest.raises(UserError, match=match):
+            with cc.attr_options(bad):
+                pass
+    with pytest.raises(RuntimeError):
+        with cc.attr_options({"statistic": "xrms", "per_consumer": False}) as now:
+            assert cc.ATTR == now and now["statistic"] == "xrms" and now["per_consumer"] is False
+            raise RuntimeError
+    assert cc.ATTR == before
+
+
+def test_calibrate_attr_options_on_the_command_line(tmp_path, llama_dir, capsys, monkeypatch):
+    """`--attr per_consumer=false` gives shared decisions (one scale row per site) and is recorded;
+    the same folder is refused for other options; bad options fail with one line, nothing written."""
+    monkeypatch.setattr(cc, "_CALIBRATORS", {})
+
+    def calibrate(out, *attr):
+        return main(["calibrate", "--model", llama_dir, "--selector", "attr_channel", "--ratios", "0.6",
+                     "--n-seq", "4", "--seq-len", "24", "--calib", str(_text_file(tmp_path)), "--out", str(out),
+                     *[a for kv in attr for a in ("--attr", kv)]])
+
+    out = tmp_path / "shared"
+    assert calibrate(out, "per_consumer=false", "statistic=xrms") == 0
+    capsys.readouterr()
+    model, _ = load_model(llama_dir)
+    make_policy(str(out), 0.6).prepare(model)  # it loads
+    _, tensors = read_channels(out)
+    scales = [v for k, v in tensors.items() if k.endswith(".scale")]
+    assert scales and all(v.dim() == 1 for v in scales)  # one decision per shared input
+    doc = json.loads((out / "channels.json").read_text())
+    assert doc["ratios"]["0.6"]["attr"]["per_consumer"] is False and doc["ratios"]["0.6"]["attr"]["statistic"] == "xrms"
+    assert cc.ATTR["per_consumer"] is True and cc.ATTR["statistic"] == "rms"  # restored
+    code = calibrate(out)  # the default options into a folder of other options
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "other options" in err[0]
+    assert json.loads((out / "channels.json").read_text())["ratios"]["0.6"]["attr"]["per_consumer"] is False
+    for bad in (["bogus=1"], ["statistic=max"], ["novalue"]):
+        folder = tmp_path / f"bad-{bad[0]}"
+        code = calibrate(folder, *bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("attrsparse: error: ")
+        assert not folder.exists() or not any(folder.iterdir())

@@ -23,6 +23,7 @@ from ..evaluation.evaluate import evaluate_task
 from ..policies import DensePolicy, load_predictor_policy
 from ..policies.predictor import REPORT_NAME
 from ..policies.static import JSON_NAME, TENSORS_NAME, load_static_policy
+from ..selectors.channel_calibration import check_attr
 from ..selectors.channels import CHANNEL_RULES
 from .args import add_device_arg, add_model_args, add_truncate_arg, comma_floats, comma_list
 
@@ -69,6 +70,8 @@ def cmd_calibrate(args) -> int:
     ratios = _ratios(args.ratios)
     if args.selector in CHANNEL_RULES:
         return _calibrate_channels(args, ratios)
+    if args.attr:
+        raise UserError("--attr sets options of attr_channel, not of static masks")
     if args.selector != "static":
         raise UserError(f"--selector must be static or a channel rule ({', '.join(CHANNEL_RULES)}), "
                         f"got '{args.selector}'")
@@ -86,14 +89,32 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _attr_options(items: list[str] | None) -> dict:
+    """``--attr KEY=VALUE`` items as a dict; each VALUE is read as JSON (true, 0.5, ["attn_in"]),
+    else as a string."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--attr takes KEY=VALUE, got '{item}'")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def _calibrate_channels(args, ratios) -> int:
     _positive(args.n_seq, "--n-seq")
     if args.seq_len < 2:
         raise UserError("--seq-len must be at least 2")
+    attr = check_attr(_attr_options(args.attr))  # bad options fail before the model loads
+    if attr and args.selector != "attr_channel":
+        raise UserError(f"--attr sets options of attr_channel, not of '{args.selector}'")
     model, tok = load_model(args.model, dtype=args.dtype, device=init_distributed(args.device).device)
     doc = run_channel_calibration(model, tok, args.out, selector=args.selector, ratios=ratios, calib=args.calib,
                                   n_sequences=args.n_seq, seq_len=args.seq_len, data=args.data, spec=args.model,
-                                  overwrite=getattr(args, "overwrite", False))
+                                  overwrite=getattr(args, "overwrite", False), attr=attr)
     print(f"{'ratio':>6} {'read on calibration':>20}  allocation")
     for key, entry in doc["ratios"].items():
         print(f"{key:>6} {entry['calibration_read_ratio']:20.4f}  {entry['allocation']}")
@@ -269,6 +290,11 @@ def register_deploy_commands(sub) -> None:
                    help="static (unit masks from --metric, default) or a channel rule: " + ", ".join(CHANNEL_RULES))
     _add_calibration_args(p)
     add_device_arg(p)
+    p.add_argument("--attr", action="append", metavar="KEY=VALUE",
+                   help="an attr_channel option over its default, repeatable: per_consumer=false (one decision "
+                        "per shared input), statistic=abs|rms|xrms, param_power=0.5, grad_power=1, center=true, "
+                        "allocation=global|uniform|sensitivity|greedy|greedy_global, at_rule=0 "
+                        "(docs/results/channels/README.md measures each)")
     p.add_argument("--out", required=True, help="sparsity directory (static.json + static.safetensors)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the masks of another model, metric or calibration in --out (default: refuse)")

@@ -29,7 +29,7 @@ from ..policies.channel import ratio_prefix, read_channels
 from ..policies.static import FORMAT, JSON_NAME, TENSORS_NAME, ratio_key, read_static, read_static_json
 from ..selectors.base import get_selector
 from ..selectors.budget import HEAD_POWER
-from ..selectors.channel_calibration import calibrate_channels
+from ..selectors.channel_calibration import attr_options, calibrate_channels
 from ..selectors.static import CalibratedScores, calibrate, static_masks
 
 
@@ -126,25 +126,34 @@ def run_calibration(model: nn.Module, tokenizer, out: str | Path, *, ratios, met
 def run_channel_calibration(model: nn.Module, tokenizer, out: str | Path, *, selector: str, ratios,
                             calib: str = "wikitext2", n_sequences: int = 16, seq_len: int = 128,
                             data: str | None = None, spec: str | None = None, overwrite: bool = False,
-                            progress: bool = True) -> dict:
+                            progress: bool = True, attr: dict | None = None) -> dict:
     """Calibrate the channel rule ``selector`` at every read ratio and write the channel directory
     ``out`` (:mod:`attrsparse.policies.channel`): tensors, then ``channels.json``, then the manifest.
-    A directory holding another model's or selector's rules is refused unless ``overwrite``."""
+    ``attr``: options of ``attr_channel`` over its defaults (:func:`~attrsparse.selectors.channel_calibration.attr_options`).
+    A directory holding another model's or selector's rules, or ``attr_channel`` rules with other
+    options, is refused unless ``overwrite``."""
     out = Path(out)
     fingerprint = model_fingerprint(model)
-    if (out / CHANNEL_JSON).exists() and not overwrite:
-        try:
-            old, _ = read_channels(out)
-        except UserError:
-            old = None
-        if old is None or old.get("selector") != selector or old.get("model", {}).get("fingerprint") != fingerprint:
-            raise UserError(f"{out} holds channel rules of another model or selector; choose another --out, "
-                            "or pass --overwrite to replace them")
-    seqs = calibration_sequences(tokenizer, calib, n_sequences, seq_len, data=data)
-    bar = tqdm(total=len(unit_map(model).layer_modules), desc=f"calibrating {selector}", unit="layer",
-               disable=not progress or selector not in ("teal", "wina"))
-    rules = calibrate_channels(model, seqs, selector, ratios, progress=lambda _l: bar.update(1))
-    bar.close()
+    if attr and selector != "attr_channel":
+        raise UserError(f"attr_channel options were given for the selector '{selector}'")
+    with attr_options(attr) as options:
+        if (out / CHANNEL_JSON).exists() and not overwrite:
+            try:
+                old, _ = read_channels(out)
+            except UserError:
+                old = None
+            if old is None or old.get("selector") != selector or old.get("model", {}).get("fingerprint") != fingerprint:
+                raise UserError(f"{out} holds channel rules of another model or selector; choose another --out, "
+                                "or pass --overwrite to replace them")
+            olds = [e.get("attr") for e in old.get("ratios", {}).values()]
+            if selector == "attr_channel" and any(o is not None and o != options for o in olds):
+                raise UserError(f"{out} holds attr_channel rules calibrated with other options; choose another "
+                                "--out, or pass --overwrite to replace them")
+        seqs = calibration_sequences(tokenizer, calib, n_sequences, seq_len, data=data)
+        bar = tqdm(total=len(unit_map(model).layer_modules), desc=f"calibrating {selector}", unit="layer",
+                   disable=not progress or selector not in ("teal", "wina"))
+        rules = calibrate_channels(model, seqs, selector, ratios, progress=lambda _l: bar.update(1))
+        bar.close()
     tensors, entries = {}, {}
     for ratio, rule in rules.items():
         tensors.update({ratio_prefix(ratio) + k: v for k, v in rule.tensors().items()})

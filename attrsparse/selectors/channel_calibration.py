@@ -17,6 +17,8 @@ The read ratio counts the decoder linears' weights (:mod:`attrsparse.core.accoun
 from __future__ import annotations
 
 import copy
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +45,56 @@ LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per 
 #: weights per channel it is divided by, and whether scores and fills are centred on E[x]; the
 #: defaults measured best on calibration-side text (docs/results/channels/README.md, variants)
 ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": True,
-        "allocation": "global", "at_rule": 0}
+        "allocation": "global", "at_rule": 0, "grad_power": 1.0}
 #: per_consumer: True, False or a list of the sites (e.g. ["attn_in"]) whose consumers decide
 #: separately; allocation: "global" (one threshold over every stream), "uniform" (one kept fraction),
 #: "sensitivity" (channel_budget), "greedy" (TEAL's block-wise greedy path, every layer at the same
 #: sparsity), "greedy_global" (the global threshold's budget per layer, the greedy path's split inside it);
-#: at_rule: how many times the attribution is measured again under the ratio's rule (0: dense only)
+#: at_rule: how many times the attribution is measured again under the ratio's rule (0: dense only);
+#: statistic "xrms": sqrt(E[(x g)^2] / E[x^2]), the least-squares s_j in |x_j g_j| ~ s_j |x_j|;
+#: grad_power: the scale is the statistic to this power (0: |x| alone, over p^param_power)
+
+
+ATTR_CHOICES = {"statistic": ("abs", "rms", "xrms"),
+                "allocation": ("global", "uniform", "sensitivity", "greedy", "greedy_global")}
+
+
+def check_attr(options: dict) -> dict:
+    """``options`` for :data:`ATTR`, checked: a :class:`UserError` names the first bad key or value."""
+    out = {}
+    for key, value in options.items():
+        bad = f"attr_channel option {key}={value!r}"
+        if key not in ATTR:
+            raise UserError(f"unknown attr_channel option '{key}' (available: {', '.join(ATTR)})")
+        if key in ATTR_CHOICES:
+            if value not in ATTR_CHOICES[key]:
+                raise UserError(f"{bad}: use one of {', '.join(ATTR_CHOICES[key])}")
+        elif key in ("per_token", "center"):
+            if not isinstance(value, bool):
+                raise UserError(f"{bad}: use true or false")
+        elif key == "per_consumer":
+            if not isinstance(value, bool) and not (isinstance(value, list) and set(value) <= set(SITE_NAMES)):
+                raise UserError(f"{bad}: use true, false or a list of sites ({', '.join(SITE_NAMES)})")
+        elif key == "at_rule":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5:
+                raise UserError(f"{bad}: use an integer from 0 to 5")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise UserError(f"{bad}: use a finite number >= 0")
+        out[key] = value
+    return out
+
+
+@contextmanager
+def attr_options(options: dict | None):
+    """:data:`ATTR` updated with ``options`` (checked by :func:`check_attr`) inside the block."""
+    checked = check_attr(options or {})
+    saved = dict(ATTR)
+    ATTR.update(checked)
+    try:
+        yield dict(ATTR)
+    finally:
+        ATTR.clear()
+        ATTR.update(saved)
 
 
 def attr_per_consumer(site: str) -> bool:
@@ -128,12 +174,16 @@ class Calibrator:
         site = self.smap.layers[layer][name]
 
         def stat(st):
-            return st["abs_grad"] if ATTR["statistic"] == "abs" else st["sq_grad"].sqrt()
+            if ATTR["statistic"] == "abs":
+                return st["abs_grad"]
+            if ATTR["statistic"] == "xrms":  # least-squares fit of |x_j g_j| by s_j |x_j|
+                return (st["sq_xg"] / st["sq"].clamp_min(1e-30)).sqrt()
+            return st["sq_grad"].sqrt()
 
         if attr_per_consumer(name):
-            return torch.stack([stat(stats[(layer, name, c)]) / out ** ATTR["param_power"]
+            return torch.stack([stat(stats[(layer, name, c)]) ** ATTR["grad_power"] / out ** ATTR["param_power"]
                                 for c, out in enumerate(site.out_features)]).float()
-        return (stat(stats[(layer, name)]) / site.params_per_channel ** ATTR["param_power"]).float()
+        return (stat(stats[(layer, name)]) ** ATTR["grad_power"] / site.params_per_channel ** ATTR["param_power"]).float()
 
     def _svd(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         w = as_out_in(module)
