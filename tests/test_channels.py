@@ -295,6 +295,9 @@ def test_attr_options_are_checked_and_restored(make_tiny, monkeypatch):
             assert cc.ATTR == now and now["statistic"] == "xrms" and now["per_consumer"] is False
             raise RuntimeError
     assert cc.ATTR == before
+    recorded = {k: v for k, v in before.items() if k != "grad_power"}  # a rule from before the key existed
+    assert cc.same_attr(recorded, before) and not cc.same_attr(recorded, {**before, "grad_power": 0.5})
+    assert not cc.same_attr({k: v for k, v in before.items() if k != "per_consumer"}, before)  # was shared
 
 
 def test_calibrate_attr_options_on_the_command_line(tmp_path, llama_dir, capsys, monkeypatch):

@@ -29,7 +29,7 @@ from ..policies.channel import ratio_prefix, read_channels
 from ..policies.static import FORMAT, JSON_NAME, TENSORS_NAME, ratio_key, read_static, read_static_json
 from ..selectors.base import get_selector
 from ..selectors.budget import HEAD_POWER
-from ..selectors.channel_calibration import attr_options, calibrate_channels
+from ..selectors.channel_calibration import attr_options, calibrate_channels, same_attr
 from ..selectors.static import CalibratedScores, calibrate, static_masks
 
 
@@ -146,7 +146,7 @@ def run_channel_calibration(model: nn.Module, tokenizer, out: str | Path, *, sel
                 raise UserError(f"{out} holds channel rules of another model or selector; choose another --out, "
                                 "or pass --overwrite to replace them")
             olds = [e.get("attr") for e in old.get("ratios", {}).values()]
-            if selector == "attr_channel" and any(o is not None and o != options for o in olds):
+            if selector == "attr_channel" and any(o is not None and not same_attr(o, options) for o in olds):
                 raise UserError(f"{out} holds attr_channel rules calibrated with other options; choose another "
                                 "--out, or pass --overwrite to replace them")
         seqs = calibration_sequences(tokenizer, calib, n_sequences, seq_len, data=data)

@@ -55,6 +55,15 @@ ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": Fa
 #: grad_power: the scale is the statistic to this power (0: |x| alone, over p^param_power)
 
 
+#: what a rule recorded before a key existed did (records that lack the key are read with these)
+ATTR_BEFORE = {"per_consumer": False, "allocation": "global", "at_rule": 0, "grad_power": 1.0}
+
+
+def same_attr(recorded: dict, options: dict) -> bool:
+    """Whether a rule's recorded ``meta["attr"]`` is the same configuration as ``options``."""
+    return {**ATTR_BEFORE, **recorded} == options
+
+
 ATTR_CHOICES = {"statistic": ("abs", "rms", "xrms"),
                 "allocation": ("global", "uniform", "sensitivity", "greedy", "greedy_global")}
 
