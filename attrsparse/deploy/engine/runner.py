@@ -184,7 +184,8 @@ class Engine:
         return m
 
     def _floats(self, values) -> int:
-        buf = array("f", [float(v) for v in as_list(values)])
+        """The address of ``values`` as float32 (a float32 array is used as it is, not copied)."""
+        buf = values if isinstance(values, array) and values.typecode == "f" else array("f", [float(v) for v in as_list(values)])
         self._rule_buffers.append(buf)
         return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
 
@@ -212,7 +213,7 @@ class Engine:
                 for proj in SITE_PROJECTIONS[site]:
                     threshold, scale = rule.projection_test(proj)
                     tests.append((threshold, None if scale is None or threshold is None
-                                  else [float(v) for v in as_list(scale)]))
+                                  else scale if isinstance(scale, array) else array("f", [float(v) for v in as_list(scale)])))
                 if all(test == tests[0] for test in tests):  # one decision for the site
                     threshold, scale = tests[0]
                     if threshold is not None:

@@ -30,6 +30,10 @@ iterable); nothing here imports numpy or torch.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import sys
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,7 +155,29 @@ def physical_bias(rule: SiteRule, site: str, config: dict) -> list[float] | None
     return flat
 
 
-RULES_FORMAT = 2  # 2: per-projection thresholds and scales (format 1 files read the same)
+RULES_FORMAT = 3  # 2: per-projection thresholds and scales; 3: vectors as base64 float32 (1 and 2 read the same)
+
+
+def _b64(values) -> str:
+    """A vector as base64 of its little-endian float32 bytes (exact for the engine, which reads
+    float32; a worker decodes it without one Python float per value)."""
+    buf = array("f", [float(v) for v in as_list(values)])
+    if sys.byteorder != "little":
+        buf.byteswap()
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def _floats(values) -> array | None:
+    """A vector of a rules file (base64 float32, or a JSON list in formats 1 and 2) as float32."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        buf = array("f")
+        buf.frombytes(base64.b64decode(values, validate=True))
+        if sys.byteorder != "little":
+            buf.byteswap()
+        return buf
+    return array("f", values)
 
 
 def rules_to_json(rules: ChannelRules) -> dict:
@@ -163,26 +189,30 @@ def rules_to_json(rules: ChannelRules) -> dict:
             entry["threshold"] = float(r.threshold)
         for name in ("scale", "center"):
             if getattr(r, name) is not None:
-                entry[name] = [float(v) for v in as_list(getattr(r, name))]
+                entry[name] = _b64(getattr(r, name))
         if r.keep is not None:
             entry["keep"] = [bool(v) for v in as_list(r.keep)]
         if r.bias:
-            entry["bias"] = {p: [float(v) for v in as_list(b)] for p, b in r.bias.items()}
+            entry["bias"] = {p: _b64(b) for p, b in r.bias.items()}
         if r.thresholds:
             entry["thresholds"] = {p: float(t) for p, t in r.thresholds.items()}
         if r.scales:
-            entry["scales"] = {p: [float(v) for v in as_list(a)] for p, a in r.scales.items()}
+            entry["scales"] = {p: _b64(a) for p, a in r.scales.items()}
         out.append(entry)
     return {"format": RULES_FORMAT, "sites": out}
 
 
 def rules_from_json(data: dict) -> ChannelRules:
+    """The rules of :func:`rules_to_json`'s dict; vectors held as float32 arrays (what the engine
+    receives), keep-masks as byte arrays."""
     try:
-        if data.get("format", 1) not in (1, RULES_FORMAT):
-            raise ValueError(f"format {data.get('format')!r}; this attrsparse reads 1 and {RULES_FORMAT}")
+        if data.get("format", 1) not in (1, 2, RULES_FORMAT):
+            raise ValueError(f"format {data.get('format')!r}; this attrsparse reads 1 to {RULES_FORMAT}")
         return ChannelRules({(int(e["layer"]), str(e["site"])): SiteRule(
-            threshold=e.get("threshold"), scale=e.get("scale"), center=e.get("center"), keep=e.get("keep"),
-            bias=e.get("bias", {}), thresholds=e.get("thresholds", {}), scales=e.get("scales", {}))
+            threshold=e.get("threshold"), scale=_floats(e.get("scale")), center=_floats(e.get("center")),
+            keep=None if e.get("keep") is None else array("B", [1 if k else 0 for k in e["keep"]]),
+            bias={p: _floats(b) for p, b in e.get("bias", {}).items()}, thresholds=e.get("thresholds", {}),
+            scales={p: _floats(a) for p, a in e.get("scales", {}).items()})
             for e in data["sites"]})
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise UserError(f"not a channel-rules file: {exc}") from None
