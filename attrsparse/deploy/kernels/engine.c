@@ -115,7 +115,7 @@ EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uin
     ok = ok && s->kc && s->vc && s->att && s->gu && s->mact && s->logits && s->upper && s->kept && s->pairs;
     for (int t = 0; t < threads && ok; t++) {
         Thr* T = &s->th[t];
-        /* idx / val: one kept list per projection of a site (site_select_proj), n + 16 entries each */
+        /* idx / val: one kept list per projection of a site (site_select), n + 16 entries each */
         T->h = zalloc(d * 4); T->xn = zalloc(wide * 4); T->val = zalloc(MAX_PROJ * wide * 4); T->tmp = zalloc(wide * 4);
         T->sc = zalloc(max_ctx * 4); T->cs = zalloc(hd * 4); T->sn = zalloc(hd * 4); T->idx = zalloc(MAX_PROJ * wide * 4);
         T->kcur = zalloc(hd * 4); T->vcur = zalloc(hd * 4);
@@ -193,12 +193,11 @@ static int64_t site_parts(const EngModel* m, const EngLayer* L, int site, Thr* T
     const EngSite* st = &L->site[site];
     int64_t P = cols[np], stride = n + 16, nk[MAX_PROJ], c0[MAX_PROJ], c1[MAX_PROJ], reads = 0;
     int nr;
+    site_select(st, np, x, n, T->idx, T->val, stride, nk);
     if (st->rule == RULE_PER_PROJ) {
-        site_select_proj(st, np, x, n, T->idx, T->val, stride, nk);
         nr = np;
         for (int r = 0; r < np; r++) { c0[r] = cols[r]; c1[r] = cols[r + 1]; }
     } else {
-        nk[0] = site_select(st, x, n, T->idx, T->val);
         nr = 1; c0[0] = 0; c1[0] = P;
     }
     int S = (nt + 1) / 2, g = 0;

@@ -6,8 +6,8 @@
  *         vector and tail paths use the same operations (masked AVX-512 for a partial chunk).
  * dot_*:  one row of the (output-major) LM head with h: a fixed blocked order, shared by the
  *         full head and the exact rows of the screened head, so both give bit-identical logits.
- * select: the site rule, compressed to (idx, val) lists (site_select: one list for the site;
- *         site_select_proj: one list per projection under a per-projection rule).
+ * select: the site rule, compressed to (idx, val) lists (site_select: one list for the site, or
+ *         one per projection under a per-projection rule; both through select_lists).
  */
 #ifndef ATTRSPARSE_ENGINE_KERN_H
 #define ATTRSPARSE_ENGINE_KERN_H
@@ -182,61 +182,18 @@ static inline float head_row(int32_t ht, const void* W, const float* scale, int6
     return dot_i8((const int8_t*)W + v * d, h, d) * scale[v];
 }
 
-/* The site rule: fills idx/val with the kept channels (val = x_j - m_j), returns how many.
- * Buffers need n + 16 entries. With no rule, no mask and no center, returns -1 (dense: the
- * caller passes idx = NULL and val = x). */
-static int64_t site_select(const EngSite* s, const float* x, int64_t n, int32_t* idx, float* val) {
-    if (!s->rule && !s->keep && !s->center) return -1;
-    const float* a = s->scale;
-    const float* m = s->center;
-    const uint8_t* keep = s->keep;
-    float t = s->threshold;
-    int64_t k = 0, j = 0;
-#ifdef __AVX512F__
-    const __m512 tv = _mm512_set1_ps(t), one = _mm512_set1_ps(1.0f);
-    const __m512i step = _mm512_set1_epi32(16);
-    __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (; j + 16 <= n; j += 16, iv = _mm512_add_epi32(iv, step)) {
-        __m512 v = _mm512_loadu_ps(x + j);
-        if (m) v = _mm512_sub_ps(v, _mm512_loadu_ps(m + j));
-        __mmask16 sel = 0xFFFF;
-        if (s->rule) {
-            __m512 mag = _mm512_abs_ps(v);
-            mag = _mm512_mul_ps(mag, a ? _mm512_loadu_ps(a + j) : one);
-            sel = _mm512_cmp_ps_mask(mag, tv, _CMP_GT_OQ);
-        }
-        if (keep) {
-            __m128i kb = _mm_loadu_si128((const __m128i*)(keep + j));
-            sel &= _mm_test_epi8_mask(kb, kb);
-        }
-        _mm512_storeu_si512((void*)(idx + k), _mm512_maskz_compress_epi32(sel, iv));
-        _mm512_storeu_ps(val + k, _mm512_maskz_compress_ps(sel, v));
-        k += __builtin_popcount((unsigned)sel);
-    }
-#endif
-    for (; j < n; j++) {
-        float v = m ? x[j] - m[j] : x[j];
-        int ok = 1;
-        if (s->rule) ok = fabsf(v) * (a ? a[j] : 1.0f) > t;
-        if (keep) ok &= keep[j] != 0;
-        idx[k] = (int32_t)j;
-        val[k] = v;
-        k += ok;
-    }
-    return k;
-}
-
-/* A per-projection rule (rule 2): list p (idx + p * stride, val + p * stride; stride >= n + 16)
- * gets the channels projection p keeps, nk[p] their count; nk[p] = -1 when projection p keeps every
- * channel unshifted (no test, no mask, no center: the caller runs it dense). One pass over x: the
- * shifted value and its magnitude are computed once, the test once per projection. */
-static void site_select_proj(const EngSite* s, int np, const float* x, int64_t n, int32_t* idx, float* val,
-                             int64_t stride, int64_t* nk) {
-    const float* m = s->center;
-    const uint8_t* keep = s->keep;
+/* The one selection of kept channels: list p (idx + p * stride, val + p * stride; stride >= n + 16)
+ * gets the channels that test p keeps (val = x_j - m_j), nk[p] their count. Channel j passes test p
+ * iff (keep == NULL || keep[j]) and (!rule[p] || |x_j - m_j| * (scale[p] ? scale[p][j] : 1) >
+ * threshold[p]); nk[p] = -1 when test p keeps every channel unshifted (no rule, no mask, no center:
+ * the caller runs it dense). One pass over x: the shifted value and its magnitude are computed
+ * once, the test once per list. */
+static void select_lists(int np, const int32_t* rule, const float* const* scale, const float* threshold,
+                         const float* m, const uint8_t* keep, const float* x, int64_t n, int32_t* idx,
+                         float* val, int64_t stride, int64_t* nk) {
     int64_t k[MAX_PROJ] = {0, 0, 0}, j = 0;
     int dense[MAX_PROJ] = {0, 0, 0}, any = 0;
-    for (int p = 0; p < np; p++) { dense[p] = !s->prule[p] && !keep && !m; any |= !dense[p]; }
+    for (int p = 0; p < np; p++) { dense[p] = !rule[p] && !keep && !m; any |= !dense[p]; }
     if (!any) { for (int p = 0; p < np; p++) nk[p] = -1; return; }
 #ifdef __AVX512F__
     const __m512i step = _mm512_set1_epi32(16);
@@ -253,10 +210,10 @@ static void site_select_proj(const EngSite* s, int np, const float* x, int64_t n
         for (int p = 0; p < np; p++) {
             if (dense[p]) continue;
             __mmask16 sel = base;
-            if (s->prule[p]) {
-                const float* a = s->pscale[p];
+            if (rule[p]) {
+                const float* a = scale[p];
                 __m512 sc = a ? _mm512_mul_ps(mag, _mm512_loadu_ps(a + j)) : mag;
-                sel &= _mm512_cmp_ps_mask(sc, _mm512_set1_ps(s->pthreshold[p]), _CMP_GT_OQ);
+                sel &= _mm512_cmp_ps_mask(sc, _mm512_set1_ps(threshold[p]), _CMP_GT_OQ);
             }
             _mm512_storeu_si512((void*)(idx + p * stride + k[p]), _mm512_maskz_compress_epi32(sel, iv));
             _mm512_storeu_ps(val + p * stride + k[p], _mm512_maskz_compress_ps(sel, v));
@@ -270,12 +227,24 @@ static void site_select_proj(const EngSite* s, int np, const float* x, int64_t n
         for (int p = 0; p < np; p++) {
             if (dense[p]) continue;
             int ok = base;
-            if (s->prule[p]) ok &= fabsf(v) * (s->pscale[p] ? s->pscale[p][j] : 1.0f) > s->pthreshold[p];
+            if (rule[p]) ok &= fabsf(v) * (scale[p] ? scale[p][j] : 1.0f) > threshold[p];
             idx[p * stride + k[p]] = (int32_t)j;
             val[p * stride + k[p]] = v;
             k[p] += ok;
         }
     }
     for (int p = 0; p < np; p++) nk[p] = dense[p] ? -1 : k[p];
+}
+
+/* The site's kept channels under its rule: one list for the site (rule 0 or 1), or one per
+ * projection (rule 2, np lists); see select_lists. */
+static void site_select(const EngSite* s, int np, const float* x, int64_t n, int32_t* idx, float* val,
+                        int64_t stride, int64_t* nk) {
+    if (s->rule == RULE_PER_PROJ) {
+        select_lists(np, s->prule, s->pscale, s->pthreshold, s->center, s->keep, x, n, idx, val, stride, nk);
+    } else {
+        const int32_t rule = s->rule != 0;
+        select_lists(1, &rule, &s->scale, &s->threshold, s->center, s->keep, x, n, idx, val, stride, nk);
+    }
 }
 #endif
