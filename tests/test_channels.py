@@ -256,8 +256,8 @@ def test_attribution_under_a_rule_sees_what_the_consumers_see(make_tiny, monkeyp
 
 def test_attribution_statistics_against_a_plain_backward(make_tiny):
     """E[x^2], E[g^2] and E[(x g)^2] at the input of one down projection equal those of a plain
-    backward of the summed next-token loss with the input captured by a hook (and the "xrms"
-    scale is sqrt(E[(x g)^2] / E[x^2]), the least-squares s in |x g| ~ s |x|)."""
+    backward of the summed next-token loss with the input captured by a hook (the "xrms" scale is
+    sqrt(E[(x g)^2] / E[x^2]))."""
     model = make_tiny("llama")
     seq = _calib(1)[0]
     st = attribution(model, [seq], 4, per_token=False, per_consumer=False)[(0, "mlp_out")]

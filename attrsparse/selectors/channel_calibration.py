@@ -51,7 +51,7 @@ ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": Fa
 #: "sensitivity" (channel_budget), "greedy" (TEAL's block-wise greedy path, every layer at the same
 #: sparsity), "greedy_global" (the global threshold's budget per layer, the greedy path's split inside it);
 #: at_rule: how many times the attribution is measured again under the ratio's rule (0: dense only);
-#: statistic "xrms": sqrt(E[(x g)^2] / E[x^2]), the least-squares s_j in |x_j g_j| ~ s_j |x_j|;
+#: statistic "xrms": sqrt(E[(x g)^2] / E[x^2]), the x^2-weighted RMS of g (E[(s_j x_j)^2] = E[(x_j g_j)^2]);
 #: grad_power: the scale is the statistic to this power (0: |x| alone, over p^param_power)
 
 
@@ -185,7 +185,7 @@ class Calibrator:
         def stat(st):
             if ATTR["statistic"] == "abs":
                 return st["abs_grad"]
-            if ATTR["statistic"] == "xrms":  # least-squares fit of |x_j g_j| by s_j |x_j|
+            if ATTR["statistic"] == "xrms":  # E[(s x)^2] = E[(x g)^2]: the x^2-weighted RMS of g
                 return (st["sq_xg"] / st["sq"].clamp_min(1e-30)).sqrt()
             return st["sq_grad"].sqrt()
 
