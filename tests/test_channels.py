@@ -162,8 +162,15 @@ def test_calibrated_read_ratio_is_the_requested_one(make_tiny, selector, monkeyp
     calib = _calib()
     ratios = [0.75] if selector == "cats" else [0.5, 0.7]  # CATS reads attention and the gate in full
     rules = cc.calibrate_channels(model, calib, selector, ratios)
+    cal = cc._CALIBRATORS[cc.calibrator_key(model, calib, selector)][0]
+    weights, decoder = cal.stream_weights(), site_map(model).decoder_params
     for ratio, rule in rules.items():
         assert abs(rule.meta["calibration_read_ratio"] - ratio) <= 0.01, (selector, ratio, rule.meta)
+        kept = rule.meta["kept_fraction"]  # per stream, the budgets of the allocation
+        assert list(kept) == cal.stream_names() and all(0.0 <= k <= 1.0 for k in kept.values())
+        assert abs((sum(w * k for w, k in zip(weights, kept.values())) + cal.fixed_read()) / decoder - ratio) <= 0.02
+    if selector in ("teal", "attr_channel"):  # a stream per projection
+        assert {n.rsplit(".", 1)[-1] for n in kept if n.count(".") == 2} >= {"q_proj", "k_proj", "gate_proj"}
     # on tasks through the policy: the same rule, reads accounted per position
     policy = make_policy(selector, ratios[0])
     policy.prepare(model, calib)

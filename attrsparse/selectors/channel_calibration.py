@@ -272,6 +272,13 @@ class Calibrator:
                     hist.add(index[(l, name, -1)], rule.score(x, 0))
 
     # -- step 3-4 ----------------------------------------------------------------------------------
+    def stream_names(self) -> list[str]:
+        """Per stream, ``layer.site`` or, for a consumer's own stream, ``layer.site.projection``."""
+        names = {m: n.rsplit(".", 1)[-1] for n, m in self.model.named_modules()}
+        return [f"{s.layer}.{s.site}" if s.consumer < 0 else
+                f"{s.layer}.{s.site}.{names.get(self.smap.layers[s.layer][s.site].modules[s.consumer], s.consumer)}"
+                for s in self.streams]
+
     def stream_weights(self) -> list[float]:
         """Weights one kept channel of each stream costs (a shared stream: all its consumers;
         CATS: a kept unit's down column and, gated, its up row)."""
@@ -458,6 +465,7 @@ def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector
         for _ in range(refine):
             rule, keep = refit(here, rule, keep)
         rule.meta["calibration_read_ratio"] = measure_read(model, rule, cal.sequences)
+        rule.meta["kept_fraction"] = {n: round(float(k), 4) for n, k in zip(cal.stream_names(), keep)}
         rule.meta["allocation"] = allocation
         if selector == "attr_channel":
             rule.meta["attr"] = dict(ATTR)
