@@ -262,9 +262,9 @@ def test_attribution_under_a_rule_sees_what_the_consumers_see(make_tiny, monkeyp
 
 
 def test_attribution_statistics_against_a_plain_backward(make_tiny):
-    """E[x^2], E[g^2] and E[(x g)^2] at the input of one down projection equal those of a plain
-    backward of the summed next-token loss with the input captured by a hook (the "xrms" scale is
-    sqrt(E[(x g)^2] / E[x^2]))."""
+    """E[g^2] and the |x|^p-weighted moments E|x|^p, E[|x|^p g^2] at the input of one down
+    projection equal those of a plain backward of the summed next-token loss with the input
+    captured by a hook (x_weight p's scale is sqrt(E[|x|^p g^2] / E|x|^p))."""
     model = make_tiny("llama")
     seq = _calib(1)[0]
     st = attribution(model, [seq], 4, per_token=False, per_consumer=False)[(0, "mlp_out")]
@@ -283,23 +283,24 @@ def test_attribution_statistics_against_a_plain_backward(make_tiny):
     finally:
         handle.remove()
     x, g = seen["x"].detach()[0].double(), seen["x"].grad[0].double()
-    torch.testing.assert_close(st["sq"], (x * x).mean(0), rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(st["sq_grad"], (g * g).mean(0), rtol=1e-4, atol=1e-14)
-    torch.testing.assert_close(st["sq_xg"], ((x * g) ** 2).mean(0), rtol=1e-4, atol=1e-16)
+    for p in (1, 2, 4):
+        torch.testing.assert_close(st[f"x{p}"], (x.abs() ** p).mean(0), rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(st[f"x{p}_sq_grad"], (x.abs() ** p * g * g).mean(0), rtol=1e-4, atol=1e-16)
 
 
 def test_attr_options_are_checked_and_restored(make_tiny, monkeypatch):
     monkeypatch.setattr(cc, "ATTR", dict(cc.ATTR))
     before = dict(cc.ATTR)
-    for bad, match in (({"bogus": 1}, "unknown attr_channel option 'bogus'"), ({"statistic": "max"}, "abs, rms, xrms"),
+    for bad, match in (({"bogus": 1}, "unknown attr_channel option 'bogus'"), ({"statistic": "max"}, "abs, rms"), ({"x_weight": 3}, "0, 1, 2, 4"),
                        ({"per_consumer": ["attn"]}, "list of sites"), ({"grad_power": -1}, ">= 0"),
                        ({"at_rule": 1.5}, "integer"), ({"center": "yes"}, "true or false")):
         with pytest.raises(UserError, match=match):
             with cc.attr_options(bad):
                 pass
     with pytest.raises(RuntimeError):
-        with cc.attr_options({"statistic": "xrms", "per_consumer": False}) as now:
-            assert cc.ATTR == now and now["statistic"] == "xrms" and now["per_consumer"] is False
+        with cc.attr_options({"x_weight": 2, "per_consumer": False}) as now:
+            assert cc.ATTR == now and now["x_weight"] == 2 and now["per_consumer"] is False
             raise RuntimeError
     assert cc.ATTR == before
     recorded = {k: v for k, v in before.items() if k != "grad_power"}  # a rule from before the key existed
@@ -318,7 +319,7 @@ def test_calibrate_attr_options_on_the_command_line(tmp_path, llama_dir, capsys,
                      *[a for kv in attr for a in ("--attr", kv)]])
 
     out = tmp_path / "shared"
-    assert calibrate(out, "per_consumer=false", "statistic=xrms") == 0
+    assert calibrate(out, "per_consumer=false", "x_weight=2") == 0
     capsys.readouterr()
     model, _ = load_model(llama_dir)
     make_policy(str(out), 0.6).prepare(model)  # it loads
@@ -326,8 +327,8 @@ def test_calibrate_attr_options_on_the_command_line(tmp_path, llama_dir, capsys,
     scales = [v for k, v in tensors.items() if k.endswith(".scale")]
     assert scales and all(v.dim() == 1 for v in scales)  # one decision per shared input
     doc = json.loads((out / "channels.json").read_text())
-    assert doc["ratios"]["0.6"]["attr"]["per_consumer"] is False and doc["ratios"]["0.6"]["attr"]["statistic"] == "xrms"
-    assert cc.ATTR["per_consumer"] is True and cc.ATTR["statistic"] == "rms"  # restored
+    assert doc["ratios"]["0.6"]["attr"]["per_consumer"] is False and doc["ratios"]["0.6"]["attr"]["x_weight"] == 2
+    assert cc.ATTR["per_consumer"] is True and cc.ATTR["x_weight"] == 0  # restored
     code = calibrate(out)  # the default options into a folder of other options
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "other options" in err[0]

@@ -35,7 +35,7 @@ from ..core.units import unit_map
 from .base import Selector, register_selector
 from .channel_budget import SensitivityCurves
 from .channel_greedy import GreedyPath, greedy_keep
-from .channel_stats import LogHistogram, attribution, batches, site_inputs
+from .channel_stats import X_WEIGHTS, LogHistogram, attribution, batches, site_inputs
 from .channels import CHANNEL_RULES, ChannelRuleSet, SiteRule, site_key
 
 GREEDY_MAX_ATTR = 0.9  # attr_channel's greedy allocations: the path reaches this layer sparsity
@@ -45,18 +45,19 @@ LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per 
 #: weights per channel it is divided by, and whether scores and fills are centred on E[x]; the
 #: defaults measured best on calibration-side text (docs/results/channels/README.md, variants)
 ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": True,
-        "allocation": "global", "at_rule": 0, "grad_power": 1.0}
+        "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 0}
 #: per_consumer: True, False or a list of the sites (e.g. ["attn_in"]) whose consumers decide
 #: separately; allocation: "global" (one threshold over every stream), "uniform" (one kept fraction),
 #: "sensitivity" (channel_budget), "greedy" (TEAL's block-wise greedy path, every layer at the same
 #: sparsity), "greedy_global" (the global threshold's budget per layer, the greedy path's split inside it);
 #: at_rule: how many times the attribution is measured again under the ratio's rule (0: dense only);
-#: statistic "xrms": sqrt(E[(x g)^2] / E[x^2]), the x^2-weighted RMS of g (E[(s_j x_j)^2] = E[(x_j g_j)^2]);
+#: x_weight p (statistic "rms"): sqrt(E[|x|^p g^2] / E[|x|^p]), the RMS of g weighted by |x|^p
+#: (p = 2: E[(s_j x_j)^2] = E[(x_j g_j)^2]; one of 0 and channel_stats.X_WEIGHTS);
 #: grad_power: the scale is the statistic to this power (0: |x| alone, over p^param_power)
 
 
 #: what a rule recorded before a key existed did (records that lack the key are read with these)
-ATTR_BEFORE = {"per_consumer": False, "allocation": "global", "at_rule": 0, "grad_power": 1.0}
+ATTR_BEFORE = {"per_consumer": False, "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 0}
 
 
 def same_attr(recorded: dict, options: dict) -> bool:
@@ -64,7 +65,7 @@ def same_attr(recorded: dict, options: dict) -> bool:
     return {**ATTR_BEFORE, **recorded} == options
 
 
-ATTR_CHOICES = {"statistic": ("abs", "rms", "xrms"),
+ATTR_CHOICES = {"statistic": ("abs", "rms"), "x_weight": (0, *X_WEIGHTS),
                 "allocation": ("global", "uniform", "sensitivity", "greedy", "greedy_global")}
 
 
@@ -76,8 +77,8 @@ def check_attr(options: dict) -> dict:
         if key not in ATTR:
             raise UserError(f"unknown attr_channel option '{key}' (available: {', '.join(ATTR)})")
         if key in ATTR_CHOICES:
-            if value not in ATTR_CHOICES[key]:
-                raise UserError(f"{bad}: use one of {', '.join(ATTR_CHOICES[key])}")
+            if isinstance(value, bool) or value not in ATTR_CHOICES[key]:
+                raise UserError(f"{bad}: use one of {', '.join(map(str, ATTR_CHOICES[key]))}")
         elif key in ("per_token", "center"):
             if not isinstance(value, bool):
                 raise UserError(f"{bad}: use true or false")
@@ -185,8 +186,9 @@ class Calibrator:
         def stat(st):
             if ATTR["statistic"] == "abs":
                 return st["abs_grad"]
-            if ATTR["statistic"] == "xrms":  # E[(s x)^2] = E[(x g)^2]: the x^2-weighted RMS of g
-                return (st["sq_xg"] / st["sq"].clamp_min(1e-30)).sqrt()
+            p = ATTR["x_weight"]
+            if p:  # the |x|^p-weighted RMS of g
+                return (st[f"x{p}_sq_grad"] / st[f"x{p}"].clamp_min(1e-30)).sqrt()
             return st["sq_grad"].sqrt()
 
         if attr_per_consumer(name):

@@ -140,10 +140,14 @@ def leading_batch(sequences: list[torch.Tensor], tokens: int) -> torch.Tensor:
     return next(batches(seqs, len(seqs)))
 
 
+X_WEIGHTS = (1, 2, 4)  # powers p of the |x|^p-weighted gradient moments attribution() also sums
+
+
 def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int = 4,
                 per_token: bool = True, per_consumer: bool = False, rule=None) -> dict:
     """Per site input ``(layer, site)``: ``{"abs_grad": E|g_j|, "sq_grad": E[g_j^2], "mean": E[x_j],
-    "abs": E|x_j|, "sq": E[x_j^2], "sq_xg": E[(x_j g_j)^2]}`` over every predicting position of the calibration text (float64, CPU).
+    "abs": E|x_j|}`` and, for p in :data:`X_WEIGHTS`, ``"x{p}": E|x_j|^p`` and ``"x{p}_sq_grad":
+    E[|x_j|^p g_j^2]`` over every predicting position of the calibration text (float64, CPU).
 
     ``per_token``: ``g`` at position t is the gradient of token t's own loss (decoding's view, the
     one-pass attention); else of every later token's loss too (a plain backward: what a channel
@@ -183,8 +187,10 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
         for key, g in pairs:
             x = cap[key].detach().double().reshape(-1, g.shape[-1])
             g = g.detach().double().reshape(-1, g.shape[-1])
-            part = {"abs_grad": g.abs().sum(0), "sq_grad": (g * g).sum(0), "mean": x.sum(0), "abs": x.abs().sum(0),
-                    "sq": (x * x).sum(0), "sq_xg": (x * g).square().sum(0)}
+            part = {"abs_grad": g.abs().sum(0), "sq_grad": (g * g).sum(0), "mean": x.sum(0), "abs": x.abs().sum(0)}
+            for power in X_WEIGHTS:  # the |x|^power-weighted moments of g
+                w = x.abs() ** power
+                part[f"x{power}"], part[f"x{power}_sq_grad"] = w.sum(0), (w * g * g).sum(0)
             acc = sums.setdefault(key, {k: torch.zeros_like(v, device="cpu") for k, v in part.items()})
             for k, v in part.items():
                 acc[k] += v.cpu()
