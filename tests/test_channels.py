@@ -319,7 +319,7 @@ def test_calibrate_attr_options_on_the_command_line(tmp_path, llama_dir, capsys,
                      *[a for kv in attr for a in ("--attr", kv)]])
 
     out = tmp_path / "shared"
-    assert calibrate(out, "per_consumer=false", "x_weight=2") == 0
+    assert calibrate(out, "per_consumer=false", "x_weight=1") == 0
     capsys.readouterr()
     model, _ = load_model(llama_dir)
     make_policy(str(out), 0.6).prepare(model)  # it loads
@@ -327,8 +327,8 @@ def test_calibrate_attr_options_on_the_command_line(tmp_path, llama_dir, capsys,
     scales = [v for k, v in tensors.items() if k.endswith(".scale")]
     assert scales and all(v.dim() == 1 for v in scales)  # one decision per shared input
     doc = json.loads((out / "channels.json").read_text())
-    assert doc["ratios"]["0.6"]["attr"]["per_consumer"] is False and doc["ratios"]["0.6"]["attr"]["x_weight"] == 2
-    assert cc.ATTR["per_consumer"] is True and cc.ATTR["x_weight"] == 0  # restored
+    assert doc["ratios"]["0.6"]["attr"]["per_consumer"] is False and doc["ratios"]["0.6"]["attr"]["x_weight"] == 1
+    assert cc.ATTR["per_consumer"] is True and cc.ATTR["x_weight"] == 2  # restored
     code = calibrate(out)  # the default options into a folder of other options
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "other options" in err[0]

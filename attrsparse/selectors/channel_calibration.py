@@ -45,7 +45,7 @@ LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per 
 #: weights per channel it is divided by, and whether scores and fills are centred on E[x]; the
 #: defaults measured best on calibration-side text (docs/results/channels/README.md, variants)
 ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": True,
-        "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 0}
+        "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 2}
 #: per_consumer: True, False or a list of the sites (e.g. ["attn_in"]) whose consumers decide
 #: separately; allocation: "global" (one threshold over every stream), "uniform" (one kept fraction),
 #: "sensitivity" (channel_budget), "greedy" (TEAL's block-wise greedy path, every layer at the same
@@ -503,6 +503,6 @@ _channel_selector("cats", "baseline (CATS): |act(gate x)| of the MLP units; gate
 _channel_selector("r_sparse", "baseline (R-Sparse): |x_j| on every linear, dropped channels through a "
                               "rank-min(in,out)/16 SVD path (counted as read)")
 _channel_selector("scap", "baseline (SCAP): |x_j - mode_j| on every linear, the mode folded into a bias")
-_channel_selector("attr_channel", "ours: |x_j| * RMS(dL/dx_j) (per projection: the gradient through it of the whole "
-                                  "calibration window's loss) / sqrt(weights of the channel), one threshold over "
-                                  "every linear of every layer", kind="selector")
+_channel_selector("attr_channel", "ours: |x_j| * g_cj / sqrt(outputs of projection c), g_cj the x^2-weighted RMS of "
+                                  "dL/dx_j through projection c (the whole calibration window's loss), one threshold "
+                                  "over every linear of every layer", kind="selector")

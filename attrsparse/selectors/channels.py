@@ -17,10 +17,11 @@ rule          score and calibration                          site rules
 ``r_sparse``  ``|x_j|``, dropped part through a rank-``r``   uniform sparsity; the low-rank factors'
               SVD of ``W`` (``adds_output``)                 weights count as read
 ``scap``      ``|x_j - mode_j|``, mode folded into a bias    uniform sparsity per site
-``attr_channel``  ``|x_j| * g_j / p_site``: ``g_j`` the      one threshold over every site of every
-              calibrated ``E|dL/dx_j|``, ``p_site`` the      layer (a first-order estimate of the loss
-              weights one channel costs                      per parameter saved); shared inputs decided
-                                                             once; compensation as calibrated
+``attr_channel``  ``|x_j| * g_cj / sqrt(p_c)``: ``g_cj``     one threshold over every projection of
+              ``= sqrt(E[x_j^2 g_j^2] / E[x_j^2])``, ``g``   every layer (score^2: a first-order
+              the gradient through projection ``c``,         estimate of the loss per weight saved);
+              ``p_c`` its outputs (options:                  each projection decides on its own
+              ``channel_calibration.ATTR``)
 ============  =============================================  ==========================================
 
 The weights a token reads are counted by the rule itself (:meth:`ChannelRuleSet.transform`), so
