@@ -49,9 +49,9 @@ variants = json.loads(sys.argv[2])
 print(json.dumps({"variant": "dense", "ppl_valid_end": ppl(None)[0]}), flush=True)
 def share_greedy_path():
     """A greedy path is the same for "greedy" and "greedy_global": reuse one already computed."""
-    if cc.ATTR["allocation"] not in ("greedy", "greedy_global"):
+    if cc.ATTR["allocation"] not in cc.GREEDY_ALLOCATIONS:
         return
-    for other in ("greedy", "greedy_global"):
+    for other in cc.GREEDY_ALLOCATIONS:
         found = cc._CALIBRATORS.get(cc.calibrator_key(model, seqs, "attr_channel", {**cc.ATTR, "allocation": other}))
         if found is not None:
             cc._CALIBRATORS[cc.calibrator_key(model, seqs, "attr_channel")] = found

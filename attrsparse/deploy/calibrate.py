@@ -29,7 +29,7 @@ from ..policies.channel import ratio_prefix, read_channels
 from ..policies.static import FORMAT, JSON_NAME, TENSORS_NAME, ratio_key, read_static, read_static_json
 from ..selectors.base import get_selector
 from ..selectors.budget import HEAD_POWER
-from ..selectors.channel_calibration import attr_options, calibrate_channels, same_attr
+from ..selectors.channel_calibration import GREEDY_ALLOCATIONS, attr_options, calibrate_channels, same_attr
 from ..selectors.static import CalibratedScores, calibrate, static_masks
 
 
@@ -150,10 +150,14 @@ def run_channel_calibration(model: nn.Module, tokenizer, out: str | Path, *, sel
                 raise UserError(f"{out} holds attr_channel rules calibrated with other options; choose another "
                                 "--out, or pass --overwrite to replace them")
         seqs = calibration_sequences(tokenizer, calib, n_sequences, seq_len, data=data)
-        bar = tqdm(total=len(unit_map(model).layer_modules), desc=f"calibrating {selector}", unit="layer",
-                   disable=not progress or selector not in ("teal", "wina"))
-        rules = calibrate_channels(model, seqs, selector, ratios, progress=lambda _l: bar.update(1))
-        bar.close()
+        if selector in ("teal", "wina") or (selector == "attr_channel" and options["allocation"] in GREEDY_ALLOCATIONS):
+            with tqdm(total=len(unit_map(model).layer_modules), desc=f"calibrating {selector}", unit="layer",
+                      disable=not progress) as bar:  # the greedy search, layer by layer
+                rules = calibrate_channels(model, seqs, selector, ratios, progress=lambda _l: bar.update(1))
+        else:  # ratio by ratio (the first also measures what every ratio shares)
+            rules = {}
+            for ratio in tqdm(ratios, desc=f"calibrating {selector}", unit="ratio", disable=not progress):
+                rules.update(calibrate_channels(model, seqs, selector, [ratio]))
     tensors, entries = {}, {}
     for ratio, rule in rules.items():
         tensors.update({ratio_prefix(ratio) + k: v for k, v in rule.tensors().items()})

@@ -38,6 +38,7 @@ from .channel_greedy import GreedyPath, greedy_keep
 from .channel_stats import X_WEIGHTS, LogHistogram, attribution, batches, site_inputs
 from .channels import CHANNEL_RULES, ChannelRuleSet, SiteRule, site_key
 
+GREEDY_ALLOCATIONS = ("greedy", "greedy_global")  # attr_channel allocations that search TEAL's greedy path
 GREEDY_MAX_ATTR = 0.9  # attr_channel's greedy allocations: the path reaches this layer sparsity
 LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per linear
 #: attr_channel: which gradient (per_token: token t's own loss; else every later token's too), its
@@ -66,7 +67,7 @@ def same_attr(recorded: dict, options: dict) -> bool:
 
 
 ATTR_CHOICES = {"statistic": ("abs", "rms"), "x_weight": (0, *X_WEIGHTS),
-                "allocation": ("global", "uniform", "sensitivity", "greedy", "greedy_global")}
+                "allocation": ("global", "uniform", "sensitivity", *GREEDY_ALLOCATIONS)}
 
 
 def check_attr(options: dict) -> dict:
@@ -422,7 +423,7 @@ def _calibrator(model: nn.Module, sequences: list[torch.Tensor], selector: str, 
         dense = cal.histograms()
         if selector in ("teal", "wina"):
             path = greedy_keep(cal, dense)
-        elif selector == "attr_channel" and ATTR["allocation"] in ("greedy", "greedy_global"):
+        elif selector == "attr_channel" and ATTR["allocation"] in GREEDY_ALLOCATIONS:
             path = greedy_keep(cal, dense, GREEDY_MAX_ATTR)
         elif selector == "attr_channel" and ATTR["allocation"] == "sensitivity":
             path = SensitivityCurves(cal, dense)
