@@ -339,3 +339,30 @@ def test_calibrate_attr_options_on_the_command_line(tmp_path, llama_dir, capsys,
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("attrsparse: error: ")
         assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_calibrating_more_ratios_extends_a_channel_folder(tmp_path, llama_dir, capsys, monkeypatch):
+    """A second calibration of the same configuration adds its ratios and keeps the others bit for
+    bit; one on other text (another number of windows) is refused with one line, the folder intact."""
+    monkeypatch.setattr(cc, "_CALIBRATORS", {})
+
+    def calibrate(ratios, n_seq="4"):
+        return main(["calibrate", "--model", llama_dir, "--selector", "attr_channel", "--ratios", ratios,
+                     "--n-seq", n_seq, "--seq-len", "24", "--calib", str(_text_file(tmp_path)), "--out", str(out)])
+
+    out = tmp_path / "chan"
+    assert calibrate("0.6") == 0
+    _, first = read_channels(out)
+    assert calibrate("0.5,0.7") == 0
+    doc, both = read_channels(out)
+    assert list(doc["ratios"]) == ["0.5", "0.6", "0.7"]
+    assert all(torch.equal(both[k], v) for k, v in first.items())
+    model, _ = load_model(llama_dir)
+    for ratio in (0.5, 0.6, 0.7):
+        make_policy(str(out), ratio).prepare(model)
+    capsys.readouterr()
+    before = (out / "channels.json").read_bytes()
+    assert calibrate("0.4", n_seq="3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other text" in err[0]
+    assert (out / "channels.json").read_bytes() == before

@@ -123,6 +123,30 @@ def run_calibration(model: nn.Module, tokenizer, out: str | Path, *, ratios, met
 
 # -- input-channel rules: the channel file ----------------------------------------------------------
 
+def _channel_folder_to_extend(out: Path, selector: str, fingerprint: str, calibration: dict,
+                             options: dict) -> tuple[dict, dict]:
+    """``(json, tensors)`` of the channel directory ``out`` when a new calibration may add ratios to
+    it (same model, selector, calibration text and, for ``attr_channel``, options), ``({}, {})``
+    when it holds none; another configuration's rules are refused with one line."""
+    if not (out / CHANNEL_JSON).exists():
+        return {}, {}
+    try:
+        old, tensors = read_channels(out)
+    except UserError:
+        old, tensors = None, {}
+    if old is None or old.get("selector") != selector or old.get("model", {}).get("fingerprint") != fingerprint:
+        raise UserError(f"{out} holds channel rules of another model or selector; choose another --out, "
+                        "or pass --overwrite to replace them")
+    olds = [e.get("attr") for e in old.get("ratios", {}).values()]
+    if selector == "attr_channel" and any(o is not None and not same_attr(o, options) for o in olds):
+        raise UserError(f"{out} holds attr_channel rules calibrated with other options; choose another "
+                        "--out, or pass --overwrite to replace them")
+    if old.get("calibration") != calibration:
+        raise UserError(f"{out} holds rules calibrated on other text (or another number or length of windows); "
+                        "choose another --out, or pass --overwrite to replace them")
+    return old, tensors
+
+
 def run_channel_calibration(model: nn.Module, tokenizer, out: str | Path, *, selector: str, ratios,
                             calib: str = "wikitext2", n_sequences: int = 16, seq_len: int = 128,
                             data: str | None = None, spec: str | None = None, overwrite: bool = False,
@@ -130,26 +154,19 @@ def run_channel_calibration(model: nn.Module, tokenizer, out: str | Path, *, sel
     """Calibrate the channel rule ``selector`` at every read ratio and write the channel directory
     ``out`` (:mod:`attrsparse.policies.channel`): tensors, then ``channels.json``, then the manifest.
     ``attr``: options of ``attr_channel`` over its defaults (:func:`~attrsparse.selectors.channel_calibration.attr_options`).
-    A directory holding another model's or selector's rules, or ``attr_channel`` rules with other
-    options, is refused unless ``overwrite``."""
+    A directory holding rules of the same configuration keeps its other ratios (a ratio calibrated
+    again is replaced); one holding another model's or selector's rules, rules calibrated on other
+    text, or ``attr_channel`` rules with other options is refused unless ``overwrite``."""
     out = Path(out)
     fingerprint = model_fingerprint(model)
     if attr and selector != "attr_channel":
         raise UserError(f"attr_channel options were given for the selector '{selector}'")
     with attr_options(attr) as options:
-        if (out / CHANNEL_JSON).exists() and not overwrite:
-            try:
-                old, _ = read_channels(out)
-            except UserError:
-                old = None
-            if old is None or old.get("selector") != selector or old.get("model", {}).get("fingerprint") != fingerprint:
-                raise UserError(f"{out} holds channel rules of another model or selector; choose another --out, "
-                                "or pass --overwrite to replace them")
-            olds = [e.get("attr") for e in old.get("ratios", {}).values()]
-            if selector == "attr_channel" and any(o is not None and not same_attr(o, options) for o in olds):
-                raise UserError(f"{out} holds attr_channel rules calibrated with other options; choose another "
-                                "--out, or pass --overwrite to replace them")
         seqs = calibration_sequences(tokenizer, calib, n_sequences, seq_len, data=data)
+        calibration = {"source": calib, "data": data, "n_sequences": len(seqs), "seq_len": seq_len,
+                       "tokens_hash": stable_hash([s.tolist() for s in seqs])}
+        kept_doc, kept_tensors = ({}, {}) if overwrite else _channel_folder_to_extend(
+            out, selector, fingerprint, calibration, options)
         if selector in ("teal", "wina") or (selector == "attr_channel" and options["allocation"] in GREEDY_ALLOCATIONS):
             with tqdm(total=len(unit_map(model).layer_modules), desc=f"calibrating {selector}", unit="layer",
                       disable=not progress) as bar:  # the greedy search, layer by layer
@@ -158,16 +175,17 @@ def run_channel_calibration(model: nn.Module, tokenizer, out: str | Path, *, sel
             rules = {}
             for ratio in tqdm(ratios, desc=f"calibrating {selector}", unit="ratio", disable=not progress):
                 rules.update(calibrate_channels(model, seqs, selector, [ratio]))
-    tensors, entries = {}, {}
+    new = {f"{ratio:g}" for ratio in rules}
+    tensors = {k: v for k, v in kept_tensors.items() if k.split("/", 1)[0][1:] not in new}
+    entries = {k: v for k, v in kept_doc.get("ratios", {}).items() if k not in new}
     for ratio, rule in rules.items():
         tensors.update({ratio_prefix(ratio) + k: v for k, v in rule.tensors().items()})
         entries[f"{ratio:g}"] = rule.meta
+    entries = dict(sorted(entries.items(), key=lambda kv: float(kv[0])))
     atomic_save_tensors(out / CHANNEL_TENSORS, tensors)
     doc = {"format": CHANNEL_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "selector": selector,
            "model": {"spec": spec, "fingerprint": fingerprint}, "units": unit_map(model).structure(),
-           "calibration": {"source": calib, "data": data, "n_sequences": len(seqs), "seq_len": seq_len,
-                           "tokens_hash": stable_hash([s.tolist() for s in seqs])},
-           "ratios": entries, "tensors_sha256": sha256_file(out / CHANNEL_TENSORS)}
+           "calibration": calibration, "ratios": entries, "tensors_sha256": sha256_file(out / CHANNEL_TENSORS)}
     atomic_write_json(out / CHANNEL_JSON, doc)
     write_manifest(out, "channel", model, spec, selector=selector)
     return doc
