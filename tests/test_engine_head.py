@@ -5,6 +5,7 @@ the top two rows the wrong way round, exact ties, many rows close to the maximum
 from __future__ import annotations
 
 import ctypes
+import os
 
 import pytest
 import torch
@@ -157,3 +158,54 @@ def test_screened_head_on_a_model(make_tiny, tmp_path):
     assert screened.tokens == full.tokens == checked.tokens == checked.checks
     assert screened.head_cost < full.head_cost == 1.0
     assert checked.head_cost == screened.head_cost
+
+
+def _head_vma_rss_kb(eng: Engine) -> tuple[int, int]:
+    """(number of mappings lying wholly inside the engine file's head, their resident kB), from
+    /proc/self/smaps: what of the head this process holds."""
+    lo = eng._base + eng.header["data_start"] + eng.header["tensors"]["head"]["offset"]
+    hi = lo + eng.lazy_bytes
+    inside, rss, cur = 0, 0, None
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            first = line.split()[0]
+            if "-" in first and ":" not in first:
+                a, b = (int(x, 16) for x in first.split("-"))
+                cur = lo <= a and b <= hi
+                inside += cur
+            elif line.startswith("Rss:") and cur:
+                rss += int(line.split()[1])
+    return inside, rss
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("tied", [False, True])
+def test_screened_head_is_read_with_pread_and_never_mapped(tied, tmp_path):
+    """A mapped file with a screen leaves its head unpopulated and reads the few exact rows (and a
+    tied embedding's rows) with pread: after greedy decoding the process holds no page of the head,
+    and the tokens equal those of the same file read into memory (load="copy"). A full-head step
+    then maps head pages (so the measure can see them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+    for precision in ("fp32", "bf16"):
+        path = pack(model, precision, directory=tmp_path)
+        with Engine(path, threads=2, max_ctx=64, load="copy") as copy:
+            want = copy.generate([1, 5, 9], 24, mode="full").tokens
+            assert copy.lazy_bytes == 0
+        with Engine(path, threads=2, max_ctx=64) as eng:
+            assert eng.lazy_bytes == 4096 * 32 * (4 if precision == "fp32" else 2)
+            got = eng.generate([1, 5, 9], 24)
+            assert got.tokens == want and got.head_cost < 1.0
+            inside, rss = _head_vma_rss_kb(eng)
+            assert inside >= 1 and rss == 0
+            assert eng.generate([1, 5, 9], 2, mode="full").tokens == want[:2]
+            assert _head_vma_rss_kb(eng)[1] > 0
+            fd = eng._head_fd
+        with pytest.raises(OSError):
+            os.fstat(fd)

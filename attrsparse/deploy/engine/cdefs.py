@@ -32,9 +32,10 @@ class EngModel(ctypes.Structure):
                 ("head_dim", c_int64), ("inter", c_int64), ("vocab", c_int64), ("wtype", c_int32),
                 ("head_type", c_int32), ("emb_type", c_int32), ("act", c_int32), ("eps", c_float),
                 ("emb_scale", c_float), ("attn_scale", c_float), ("attn_softcap", c_float),
-                ("final_softcap", c_float), ("reserved", c_int32), ("embed", c_void_p), ("embed_scale", c_void_p),
+                ("final_softcap", c_float), ("head_fd", c_int32), ("embed", c_void_p), ("embed_scale", c_void_p),
                 ("head", c_void_p), ("head_scale", c_void_p), ("screen", c_void_p), ("screen_scale", c_void_p),
-                ("screen_bound", c_void_p), ("final_norm", c_void_p), ("layers", c_void_p)]
+                ("screen_bound", c_void_p), ("final_norm", c_void_p), ("layers", c_void_p),
+                ("head_off", c_int64)]
 
 
 class EngStep(ctypes.Structure):
@@ -65,7 +66,7 @@ def engine_library() -> ctypes.CDLL:
         "eng_linear": (c_int64, [c_int32, c_void_p, c_void_p, c_int64, c_int64, c_void_p, POINTER(EngSite),
                                  c_int32, c_void_p, c_void_p, c_void_p, c_void_p, c_int32]),
         "eng_head": (c_int64, [POINTER(EngModel), c_void_p, c_void_p, POINTER(EngStep)]),
-        "eng_map": (c_void_p, [ctypes.c_char_p, POINTER(c_int64), c_int32]),
+        "eng_map": (c_void_p, [ctypes.c_char_p, POINTER(c_int64), c_int32, c_int64, c_int64]),
         "eng_unmap": (None, [c_void_p, c_int64, c_int32]),
         "eng_bandwidth": (c_double, [c_int64, c_int32, c_int32, c_int32]),
     }

@@ -113,7 +113,8 @@ class Engine:
     """A packed model mapped in memory with one decoding state (KV cache of ``max_ctx`` positions).
 
     ``load``: ``"mmap"`` maps the file (shared page cache), ``"copy"`` reads it into private
-    memory with transparent huge pages requested (fewer TLB misses; same resident size).
+    memory with transparent huge pages requested (fewer TLB misses). A mapped file with a head
+    screen does not populate the head (``lazy_bytes``; see ``_lazy_range``).
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, max_ctx: int = 512,
@@ -128,9 +129,11 @@ class Engine:
         self._lib = engine_library()
         self._load = LOAD_MODES[load]
         size = ctypes.c_int64(0)
-        self._base = self._lib.eng_map(str(self.path).encode(), ctypes.byref(size), self._load)
+        lazy_off, self.lazy_bytes = self._lazy_range() if self._load == LOAD_MODES["mmap"] else (0, 0)
+        self._base = self._lib.eng_map(str(self.path).encode(), ctypes.byref(size), self._load, lazy_off, self.lazy_bytes)
         if not self._base:
             raise UserError(f"cannot map engine file {self.path}")
+        self._head_fd = os.open(self.path, os.O_RDONLY) if self.lazy_bytes else -1
         self._size = size.value
         self._keep: list = []        # ctypes buffers the C side points at
         self._rule_buffers: list = []
@@ -168,6 +171,8 @@ class Engine:
             m.screen, m.screen_scale, m.screen_bound = (self._ptr("screen"), self._ptr("screen.scale"),
                                                         self._ptr("screen.bound"))
         m.final_norm = self._ptr("final_norm")
+        m.head_fd = self._head_fd  # -1: head rows read from the mapping
+        m.head_off = self.header["data_start"] + t["head"]["offset"]
         layers = (EngLayer * c["n_layers"])()
         for i, spec in enumerate(self.header["layers"]):
             L = layers[i]
@@ -182,6 +187,21 @@ class Engine:
         m.layers = ctypes.addressof(layers)
         self._layers = layers
         return m
+
+    def _lazy_range(self) -> tuple[int, int]:
+        """With a screen, greedy decoding reads a few exact head rows per token (docs/engine.md), so
+        a mapped file (``load="mmap"``) does not populate the head, and the engine reads those rows
+        (and a tied embedding's) with ``pread`` from its own descriptor: the process holds none of
+        the head. Modes that read the whole head (full, sample, check) map its pages as they read
+        them. ``(offset, length)`` of the head in the file, or ``(0, 0)`` without a screen."""
+        tensors = self.header["tensors"]
+        if "screen" not in tensors:
+            return 0, 0
+        head = tensors["head"]
+        size = DTYPE_BYTES[head["dtype"]]
+        for n in head["shape"]:
+            size *= n
+        return self.header["data_start"] + head["offset"], size
 
     def _floats(self, values) -> int:
         """The address of ``values`` as float32 (a float32 array is used as it is, not copied)."""
@@ -333,6 +353,9 @@ class Engine:
         if getattr(self, "_base", None):
             self._lib.eng_unmap(self._base, self._size, self._load)
             self._base = None
+        if getattr(self, "_head_fd", -1) >= 0:
+            os.close(self._head_fd)
+            self._head_fd = -1
 
     def __enter__(self) -> Self:
         return self

@@ -17,6 +17,7 @@
  */
 #include <fcntl.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,10 +40,10 @@ LAYOUT(EngModel, offsetof(EngModel, n_layers), offsetof(EngModel, hidden), offse
        offsetof(EngModel, vocab), offsetof(EngModel, wtype), offsetof(EngModel, head_type),
        offsetof(EngModel, emb_type), offsetof(EngModel, act), offsetof(EngModel, eps),
        offsetof(EngModel, emb_scale), offsetof(EngModel, attn_scale), offsetof(EngModel, attn_softcap),
-       offsetof(EngModel, final_softcap), offsetof(EngModel, reserved), offsetof(EngModel, embed),
+       offsetof(EngModel, final_softcap), offsetof(EngModel, head_fd), offsetof(EngModel, embed),
        offsetof(EngModel, embed_scale), offsetof(EngModel, head), offsetof(EngModel, head_scale),
        offsetof(EngModel, screen), offsetof(EngModel, screen_scale), offsetof(EngModel, screen_bound),
-       offsetof(EngModel, final_norm), offsetof(EngModel, layers))
+       offsetof(EngModel, final_norm), offsetof(EngModel, layers), offsetof(EngModel, head_off))
 LAYOUT(EngStep, offsetof(EngStep, token), offsetof(EngStep, threads), offsetof(EngStep, mode),
        offsetof(EngStep, temperature), offsetof(EngStep, top_p), offsetof(EngStep, logits),
        offsetof(EngStep, kept), offsetof(EngStep, next), offsetof(EngStep, linear_reads),
@@ -51,7 +52,7 @@ LAYOUT(EngStep, offsetof(EngStep, token), offsetof(EngStep, threads), offsetof(E
 #define MAXT 64
 
 typedef struct Thr {
-    float *h, *xn, *val, *tmp, *sc, *cs, *sn, *kcur, *vcur;
+    float *h, *xn, *val, *tmp, *sc, *cs, *sn, *kcur, *vcur, *row;
     int32_t* idx;
     const float* rope_src;   /* cos/sin table cache: (inv_freq, pos) */
     int64_t rope_pos;
@@ -88,7 +89,7 @@ void eng_state_free(EngState* s) {
     for (int t = 0; t < MAXT; t++) {
         Thr* T = &s->th[t];
         free(T->h); free(T->xn); free(T->val); free(T->tmp); free(T->sc); free(T->cs); free(T->sn); free(T->idx);
-        free(T->kcur); free(T->vcur);
+        free(T->kcur); free(T->vcur); free(T->row);
     }
     free(s);
 }
@@ -118,8 +119,8 @@ EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uin
         /* idx / val: one kept list per projection of a site (site_select), n + 16 entries each */
         T->h = zalloc(d * 4); T->xn = zalloc(wide * 4); T->val = zalloc(MAX_PROJ * wide * 4); T->tmp = zalloc(wide * 4);
         T->sc = zalloc(max_ctx * 4); T->cs = zalloc(hd * 4); T->sn = zalloc(hd * 4); T->idx = zalloc(MAX_PROJ * wide * 4);
-        T->kcur = zalloc(hd * 4); T->vcur = zalloc(hd * 4);
-        ok = T->h && T->xn && T->val && T->tmp && T->sc && T->cs && T->sn && T->idx && T->kcur && T->vcur;
+        T->kcur = zalloc(hd * 4); T->vcur = zalloc(hd * 4); T->row = zalloc(d * 4);
+        ok = T->h && T->xn && T->val && T->tmp && T->sc && T->cs && T->sn && T->idx && T->kcur && T->vcur && T->row;
     }
     if (!ok) { eng_state_free(s); return NULL; }
     return s;
@@ -154,11 +155,29 @@ static void range(int64_t n, int t, int nt, int64_t* a, int64_t* b) { *a = n * t
 
 static inline int64_t elt_size(int32_t wt) { return wt == ENG_F32 ? 4 : wt == ENG_BF16 ? 2 : 1; }
 
-static void embed_row(const EngModel* m, int64_t tok, float* h) {
-    int64_t d = m->hidden;
-    if (m->emb_type == ENG_F32) memcpy(h, (const float*)m->embed + tok * d, (size_t)d * 4);
-    else if (m->emb_type == ENG_BF16) { const uint16_t* r = (const uint16_t*)m->embed + tok * d; for (int64_t j = 0; j < d; j++) h[j] = bf16_to_f32(r[j]); }
-    else { const int8_t* r = (const int8_t*)m->embed + tok * d; float s = m->embed_scale[tok]; for (int64_t j = 0; j < d; j++) h[j] = (float)r[j] * s; }
+/* Row v (`n` bytes) of the head: its address in the mapping or, with head_fd > 0 (a mapped file
+ * whose head is left unpopulated when it has a screen: runner.py), a copy read into `buf` with pread,
+ * so the few rows a screened token reads do not map the head's pages into the process (a page
+ * fault maps up to 64 KB around the page). On a failed read, the mapping (the same bytes). */
+static const void* head_bytes(const EngModel* m, int64_t v, int64_t n, void* buf) {
+    const char* mapped = (const char*)m->head + v * n;
+    if (m->head_fd <= 0) return mapped;
+    int64_t done = 0;
+    while (done < n) {
+        ssize_t r = pread(m->head_fd, (char*)buf + done, (size_t)(n - done), (off_t)(m->head_off + v * n + done));
+        if (r <= 0) return mapped;
+        done += (int64_t)r;
+    }
+    return buf;
+}
+
+static void embed_row(const EngModel* m, int64_t tok, float* h, float* buf) {
+    int64_t d = m->hidden, n = d * elt_size(m->emb_type);
+    const void* r = m->embed == m->head && m->emb_type == m->head_type  /* tied: the head's row */
+        ? head_bytes(m, tok, n, buf) : (const char*)m->embed + tok * n;
+    if (m->emb_type == ENG_F32) memcpy(h, r, (size_t)n);
+    else if (m->emb_type == ENG_BF16) { const uint16_t* w = r; for (int64_t j = 0; j < d; j++) h[j] = bf16_to_f32(w[j]); }
+    else { const int8_t* w = r; float s = m->embed_scale[tok]; for (int64_t j = 0; j < d; j++) h[j] = (float)w[j] * s; }
     if (m->emb_scale != 1.0f) for (int64_t j = 0; j < d; j++) h[j] *= m->emb_scale;
 }
 
@@ -317,7 +336,8 @@ static void head_phase(const EngModel* m, EngState* s, EngStep* a, const float* 
     int64_t besti = -1, cand = 0;
     for (int64_t v = v0; v < v1; v++) {
         if (!(s->upper[v] >= best_lo)) continue;
-        float z = head_row(m->head_type, m->head, m->head_scale, v, h, d);
+        const void* row = head_bytes(m, v, d * elt_size(m->head_type), T->row);
+        float z = head_row(m->head_type, row, m->head_scale ? m->head_scale + v : NULL, 0, h, d);
         cand++;
         if (besti < 0 || z > best) { best = z; besti = v; }
     }
@@ -432,7 +452,7 @@ int64_t eng_step(const EngModel* m, EngState* s, EngStep* a) {
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         Thr* T = &s->th[t];
-        embed_row(m, a->token, T->h);
+        embed_row(m, a->token, T->h, T->row);
         for (int64_t l = 0; l < m->n_layers; l++) layer_forward(m, s, &m->layers[l], l, T, t, n, &reads);
         if (a->mode != MODE_NONE) {
             rmsnorm(T->h, m->final_norm, T->xn, m->hidden, m->eps);
@@ -499,9 +519,26 @@ int64_t eng_head(const EngModel* m, EngState* s, const float* h, EngStep* a) {
     return a->next;
 }
 
+/* Map pages [a, b) of a file mapping into this process (page tables filled from the page cache,
+ * reading the file where needed): MADV_POPULATE_READ, or one read per page where the kernel lacks it. */
+static void populate(char* p, int64_t a, int64_t b) {
+    if (b <= a) return;
+    int64_t page = (int64_t)sysconf(_SC_PAGESIZE);
+    int64_t a0 = a / page * page;
+#ifdef MADV_POPULATE_READ
+    if (madvise(p + a0, (size_t)(b - a0), MADV_POPULATE_READ) == 0) return;
+#endif
+    volatile char sink = 0;
+    for (int64_t i = a0; i < b; i += page) sink ^= p[i];
+    (void)sink;
+}
+
 /* Map an engine file: mode 0 mmap (read-only, populated), mode 1 a private copy in anonymous
- * memory with transparent huge pages requested. Returns NULL on failure. */
-void* eng_map(const char* path, int64_t* size, int32_t mode) {
+ * memory with transparent huge pages requested. Returns NULL on failure. Mode 0 leaves bytes
+ * [lazy_off, lazy_off + lazy_len) unpopulated and marked for random access (no fault-around or
+ * read-ahead: a read maps only its own page), for a tensor read a few rows at a time (the exact
+ * head rows of a screened head): the process then holds the rows it reads, not the tensor. */
+void* eng_map(const char* path, int64_t* size, int32_t mode, int64_t lazy_off, int64_t lazy_len) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) return NULL;
     struct stat st;
@@ -509,8 +546,18 @@ void* eng_map(const char* path, int64_t* size, int32_t mode) {
     *size = st.st_size;
     void* p = NULL;
     if (mode == 0) {
-        p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+        p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (p == MAP_FAILED) p = NULL;
+        if (p) {
+            int64_t page = (int64_t)sysconf(_SC_PAGESIZE), n = st.st_size;
+            int64_t a = lazy_len > 0 ? (lazy_off + page - 1) / page * page : n;  /* whole pages inside */
+            int64_t b = lazy_len > 0 ? (lazy_off + lazy_len) / page * page : n;
+            if (a > n) a = n;
+            if (b < a) b = a;
+            if (b > a) madvise((char*)p + a, (size_t)(b - a), MADV_RANDOM);
+            populate((char*)p, 0, a);
+            populate((char*)p, b, n);
+        }
     } else {
         size_t huge = 1u << 21, n = ((size_t)st.st_size + huge - 1) / huge * huge;
         if (posix_memalign(&p, huge, n) != 0) p = NULL;

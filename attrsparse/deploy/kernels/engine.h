@@ -65,7 +65,8 @@ typedef struct EngModel {
     int64_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab;
     int32_t wtype, head_type, emb_type, act;
     float eps, emb_scale, attn_scale, attn_softcap, final_softcap;
-    int32_t reserved;
+    int32_t head_fd;           /* > 0: read head rows from this file descriptor (runner.py); 0 (a
+                                * zeroed struct) or less: from `head` */
     const void* embed;         /* [vocab, hidden] row-major, emb_type */
     const float* embed_scale;  /* per row (int8) */
     const void* head;          /* [vocab, hidden] row-major, head_type */
@@ -75,6 +76,7 @@ typedef struct EngModel {
     const float* screen_bound; /* per row c_v: |exact_v - approx_v| <= c_v * ||h|| (see engine.c) */
     const float* final_norm;
     EngLayer* layers;
+    int64_t head_off;          /* with head_fd > 0: the head's offset in that file */
 } EngModel;
 
 typedef struct EngStep {
