@@ -11,9 +11,11 @@ Each variant sets every key of ``attrsparse.selectors.channel_calibration.ATTR``
 per variant and read ratio (0.5, 0.6) on stdout, the dense perplexity first. Variants that differ
 only in "greedy" / "greedy_global" allocation share one greedy path. A variant's "_calib": [n,
 length] calibrates on n windows of that many tokens instead of 16 x 128 (the first n*length
-tokens of valid; they must stay before the held-out last 4096).
+tokens of valid; they must stay before the held-out last 4096). A variant's "_selector": "teal" (or
+any channel rule) measures that rule instead, on the same data (its other keys are ignored).
+Threads: 2, or the THREADS environment variable.
 """
-import json, math, sys, time
+import json, math, os, sys, time
 import torch
 from attrsparse.core.models import load_model
 from attrsparse.core.channel_hooks import ChannelHooks
@@ -22,7 +24,7 @@ from attrsparse.data.calibration import calibration_sequences
 from attrsparse.data.tasks import load_wikitext
 import attrsparse.selectors.channel_calibration as cc
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("THREADS", 2)))
 model, tok = load_model(sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m")
 model.eval()
 seqs = calibration_sequences(tok, "wikitext2", 16, 128)
@@ -61,13 +63,15 @@ default_seqs = seqs
 for name, attr in variants.items():
     attr = dict(attr)
     n, length = attr.pop("_calib", (16, 128))  # calibration windows: count, tokens (same 2048 tokens at most)
+    selector = attr.pop("_selector", "attr_channel")
     seqs = default_seqs if (n, length) == (16, 128) else calibration_sequences(tok, "wikitext2", n, length)
     cc.ATTR.update(attr)
     share_greedy_path()
     t = time.time()
-    rules = cc.calibrate_channels(model, seqs, "attr_channel", [0.5, 0.6])
+    rules = cc.calibrate_channels(model, seqs, selector, [0.5, 0.6])
     for r, rule in rules.items():
         rule.bind(model)
         p, rd = ppl(rule)
-        print(json.dumps({"variant": name, "attr": dict(cc.ATTR), "calib": [n, length], "ratio": r, "ppl_valid_end": p, "read": rd,
+        print(json.dumps({"variant": name, "selector": selector,
+                          "attr": dict(cc.ATTR) if selector == "attr_channel" else None, "calib": [n, length], "ratio": r, "ppl_valid_end": p, "read": rd,
                           "cal_s": time.time() - t}), flush=True)
