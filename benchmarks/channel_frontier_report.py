@@ -6,7 +6,8 @@ and draw perplexity and accuracy against read ratio per model and rule (``fronti
 
 A run folder whose name ends in ``-per-consumer`` was made with ``ATTR["per_consumer"] = True``
 and is labelled ``attr_channel (per consumer)``; the runs of :data:`SHARED_RUNS` were made before
-per-projection decisions became the default (2026-12-07) and are labelled ``attr_channel (shared)``.
+per-projection decisions became the default (2026-12-07) and are labelled ``attr_channel (shared)``,
+those of :data:`C_RUNS` before X (``x_weight=2``) became the default, ``attr_channel C (x_weight 0)``.
 Records of runs no longer under ``--runs`` are kept from the existing ``records.jsonl``.
 """
 
@@ -25,14 +26,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PPL_TOP = 12.0  # perplexity axes end at this multiple of dense; higher points are drawn at the edge, named in the legend
 SHARED_RUNS = {"smollm2", "smollm2-ppl-hi", "smollm2-tasks", "gemma3", "gemma3-hi", "gemma3-arc", "qwen"}
+#: runs of per-projection attr_channel before X (x_weight=2) became the default (third session of 2026-12-07)
+C_RUNS = {"smollm2-pc", "smollm2-pc-arc", "smollm2-pc-sciq", "smollm2-tqa", "gemma3-pc", "qwen-pc"}
 METRIC = {"wikitext2": "ppl", "truthfulqa_gen": "bleu_vs_dense"}
 
 
 def label(run: str, rule: str | None) -> str | None:
-    if rule != "attr_channel":
+    if rule not in ("attr_channel", "attr_channel C (x_weight 0)"):
         return rule
     return ("attr_channel (per consumer)" if run.endswith("-per-consumer") else
-            "attr_channel (shared)" if run in SHARED_RUNS else rule)
+            "attr_channel (shared)" if run in SHARED_RUNS else
+            "attr_channel C (x_weight 0)" if run in C_RUNS else "attr_channel")
 
 
 def collect(runs: Path) -> list[dict]:
@@ -53,8 +57,7 @@ def merge(new: list[dict], old_file: Path) -> list[dict]:
         return new
     have = {r["run"] for r in new}
     old = [json.loads(line) for line in old_file.read_text().splitlines() if line.strip()]
-    kept = [{**r, "rule": label(r["run"], "attr_channel" if r["rule"] == "attr_channel" else r["rule"])}
-            for r in old if r["run"] not in have]
+    kept = [{**r, "rule": label(r["run"], r["rule"])} for r in old if r["run"] not in have]
     return sorted(kept + new, key=lambda r: (r["run"], r["task"] or "", r["rule"] or "", r["requested_ratio"] or 0))
 
 
