@@ -159,7 +159,7 @@ static inline int64_t elt_size(int32_t wt) { return wt == ENG_F32 ? 4 : wt == EN
  * whose head is left unpopulated when it has a screen: runner.py), a copy read into `buf` with pread,
  * so the few rows a screened token reads do not map the head's pages into the process (a page
  * fault maps up to 64 KB around the page). On a failed read, the mapping (the same bytes). */
-static const void* head_bytes(const EngModel* m, int64_t v, int64_t n, void* buf) {
+static const void* head_row_ptr(const EngModel* m, int64_t v, int64_t n, void* buf) {
     const char* mapped = (const char*)m->head + v * n;
     if (m->head_fd <= 0) return mapped;
     int64_t done = 0;
@@ -174,7 +174,7 @@ static const void* head_bytes(const EngModel* m, int64_t v, int64_t n, void* buf
 static void embed_row(const EngModel* m, int64_t tok, float* h, float* buf) {
     int64_t d = m->hidden, n = d * elt_size(m->emb_type);
     const void* r = m->embed == m->head && m->emb_type == m->head_type  /* tied: the head's row */
-        ? head_bytes(m, tok, n, buf) : (const char*)m->embed + tok * n;
+        ? head_row_ptr(m, tok, n, buf) : (const char*)m->embed + tok * n;
     if (m->emb_type == ENG_F32) memcpy(h, r, (size_t)n);
     else if (m->emb_type == ENG_BF16) { const uint16_t* w = r; for (int64_t j = 0; j < d; j++) h[j] = bf16_to_f32(w[j]); }
     else { const int8_t* w = r; float s = m->embed_scale[tok]; for (int64_t j = 0; j < d; j++) h[j] = (float)w[j] * s; }
@@ -336,7 +336,7 @@ static void head_phase(const EngModel* m, EngState* s, EngStep* a, const float* 
     int64_t besti = -1, cand = 0;
     for (int64_t v = v0; v < v1; v++) {
         if (!(s->upper[v] >= best_lo)) continue;
-        const void* row = head_bytes(m, v, d * elt_size(m->head_type), T->row);
+        const void* row = head_row_ptr(m, v, d * elt_size(m->head_type), T->row);
         float z = head_row(m->head_type, row, m->head_scale ? m->head_scale + v : NULL, 0, h, d);
         cand++;
         if (besti < 0 || z > best) { best = z; besti = v; }
