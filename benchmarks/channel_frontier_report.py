@@ -28,15 +28,16 @@ PPL_TOP = 12.0  # perplexity axes end at this multiple of dense; higher points a
 SHARED_RUNS = {"smollm2", "smollm2-ppl-hi", "smollm2-tasks", "gemma3", "gemma3-hi", "gemma3-arc", "qwen"}
 #: runs of per-projection attr_channel before X (x_weight=2) became the default (third session of 2026-12-07)
 C_RUNS = {"smollm2-pc", "smollm2-pc-arc", "smollm2-pc-sciq", "smollm2-tqa", "gemma3-pc", "qwen-pc"}
+C_LABEL = "attr_channel C (x_weight 0)"
 METRIC = {"wikitext2": "ppl", "truthfulqa_gen": "bleu_vs_dense"}
 
 
 def label(run: str, rule: str | None) -> str | None:
-    if rule not in ("attr_channel", "attr_channel C (x_weight 0)"):
+    if rule not in ("attr_channel", C_LABEL):
         return rule
     return ("attr_channel (per consumer)" if run.endswith("-per-consumer") else
             "attr_channel (shared)" if run in SHARED_RUNS else
-            "attr_channel C (x_weight 0)" if run in C_RUNS else "attr_channel")
+            C_LABEL if run in C_RUNS else "attr_channel")
 
 
 def collect(runs: Path) -> list[dict]:

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from attrsparse.deploy.engine import Engine, pack
 from attrsparse.deploy.engine.cdefs import (
@@ -185,8 +186,6 @@ def test_screened_head_is_read_with_pread_and_never_mapped(tied, tmp_path):
     tied embedding's rows) with pread: after greedy decoding the process holds no page of the head,
     and the tokens equal those of the same file read into memory (load="copy"). A full-head step
     then maps head pages (so the measure can see them)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import time
 from array import array
@@ -114,7 +115,7 @@ class Engine:
 
     ``load``: ``"mmap"`` maps the file (shared page cache), ``"copy"`` reads it into private
     memory with transparent huge pages requested (fewer TLB misses). A mapped file with a head
-    screen does not populate the head (``lazy_bytes``; see ``_lazy_range``).
+    screen does not populate the head (``lazy_bytes``; see ``_head_range``).
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, max_ctx: int = 512,
@@ -129,8 +130,10 @@ class Engine:
         self._lib = engine_library()
         self._load = LOAD_MODES[load]
         size = ctypes.c_int64(0)
-        lazy_off, self.lazy_bytes = self._lazy_range() if self._load == LOAD_MODES["mmap"] else (0, 0)
-        self._base = self._lib.eng_map(str(self.path).encode(), ctypes.byref(size), self._load, lazy_off, self.lazy_bytes)
+        self._head_off, head_bytes = self._head_range()
+        self.lazy_bytes = head_bytes if self._load == LOAD_MODES["mmap"] and "screen" in self.header["tensors"] else 0
+        self._base = self._lib.eng_map(str(self.path).encode(), ctypes.byref(size), self._load, self._head_off,
+                                       self.lazy_bytes)
         if not self._base:
             raise UserError(f"cannot map engine file {self.path}")
         self._head_fd = os.open(self.path, os.O_RDONLY) if self.lazy_bytes else -1
@@ -172,7 +175,7 @@ class Engine:
                                                         self._ptr("screen.bound"))
         m.final_norm = self._ptr("final_norm")
         m.head_fd = self._head_fd  # -1: head rows read from the mapping
-        m.head_off = self.header["data_start"] + t["head"]["offset"]
+        m.head_off = self._head_off
         layers = (EngLayer * c["n_layers"])()
         for i, spec in enumerate(self.header["layers"]):
             L = layers[i]
@@ -188,20 +191,14 @@ class Engine:
         self._layers = layers
         return m
 
-    def _lazy_range(self) -> tuple[int, int]:
-        """With a screen, greedy decoding reads a few exact head rows per token (docs/engine.md), so
-        a mapped file (``load="mmap"``) does not populate the head, and the engine reads those rows
-        (and a tied embedding's) with ``pread`` from its own descriptor: the process holds none of
-        the head. Modes that read the whole head (full, sample, check) map its pages as they read
-        them. ``(offset, length)`` of the head in the file, or ``(0, 0)`` without a screen."""
-        tensors = self.header["tensors"]
-        if "screen" not in tensors:
-            return 0, 0
-        head = tensors["head"]
-        size = DTYPE_BYTES[head["dtype"]]
-        for n in head["shape"]:
-            size *= n
-        return self.header["data_start"] + head["offset"], size
+    def _head_range(self) -> tuple[int, int]:
+        """``(offset, bytes)`` of the head in the file. With a screen, greedy decoding reads a few
+        exact head rows per token (docs/engine.md), so a mapped file (``load="mmap"``) does not
+        populate the head (``lazy_bytes``), and the engine reads those rows (and a tied embedding's)
+        with ``pread`` from its own descriptor: the process holds none of the head. Modes that read
+        the whole head (full, sample, check) map its pages as they read them."""
+        head = self.header["tensors"]["head"]
+        return self.header["data_start"] + head["offset"], math.prod(head["shape"]) * DTYPE_BYTES[head["dtype"]]
 
     def _floats(self, values) -> int:
         """The address of ``values`` as float32 (a float32 array is used as it is, not copied)."""
