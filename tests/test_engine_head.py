@@ -37,7 +37,7 @@ class Head:
                      screen=self.screen[0].data_ptr(), screen_scale=self.screen[1].data_ptr(),
                      screen_bound=self.screen[2].data_ptr())
         self.model = m
-        self.state = self.lib.eng_state_new(ctypes.byref(m), 1, threads, 0)
+        self.state = self.lib.eng_state_new(ctypes.byref(m), 1, threads, 0, 0)
         self.threads = threads
 
     def __call__(self, h: torch.Tensor, screened: bool, threads: int | None = None):

@@ -68,9 +68,10 @@ def hand_rules(model, seed: int = 0, per_projection: bool = False) -> ChannelRul
 
 def engine_run(path, rules, ids=IDS, threads=1):
     """Logits ``[T, V]``, kept channels per projection ``[T, L, 7]`` and linear weights read ``[T]``
-    per position."""
+    per position; with an fp32 KV cache at every precision, as ChannelHooks' transformers keeps
+    (the bf16 cache is tested in test_engine.py)."""
     logits, kept, reads = [], [], []
-    with Engine(path, threads=threads, max_ctx=32, rules=rules) as eng:
+    with Engine(path, threads=threads, max_ctx=32, rules=rules, kv_cache="fp32") as eng:
         for tok in ids:
             step = eng.step(tok, logits=True)
             logits.append(torch.frombuffer(bytearray(eng.last_logits), dtype=torch.float32))

@@ -143,7 +143,9 @@ def write_engine_bench_markdown(results: dict, out_dir: Path) -> Path:
              f"warm-up, the same {len(proto['prompt_ids'])} prompt tokens for all (prompt processing excluded); every "
              f"contender a fresh process, {proto['rounds']} rounds with the order rotated; medians [min-max]. "
              "Speed-ups: median over rounds of the ratio within each round. Ideal: dense bytes of weights read "
-             "per token / this contender's (same engine and precision). Floor: read bandwidth "
+             "per token / this contender's (same engine and precision). The native engine keeps its KV cache in "
+             "fp32 with fp32 weights and in bf16 with bf16 and int8 weights (`kv_cache` in bench.json). "
+             "Floor: read bandwidth "
              f"({_fmt(results['bandwidth_read_gbs'], 1)} GB/s at {proto['threads']} threads) / bytes read per token. "
              f"Quality ({task} accuracy on {cfg['task_items']} items, WikiText-2 perplexity on {cfg['ppl_tokens']} "
              "tokens): " + (results.get("quality_source") or "not measured") + ".", "",

@@ -456,6 +456,7 @@ class EngineBench:
                         "of_ideal": speedup / ideal if speedup is not None and ideal else None,
                         "peak_rss_mb": summary.get("peak_rss_mb"),
                         "weight_bytes": last.get("weight_bytes"),
+                        "kv_cache": last.get("kv_cache"),
                         "bytes_read_per_token": nbytes,
                         "floor_tokens_per_s": floor_tokens_per_s(nbytes, read_gbs) if nbytes else None,
                         "head_cost": last.get("head_cost"),

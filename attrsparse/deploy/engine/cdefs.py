@@ -58,7 +58,7 @@ def engine_library() -> ctypes.CDLL:
     for struct in (EngSite, EngLayer, EngModel, EngStep):
         check_layout(lib, struct)
     protos = {
-        "eng_state_new": (c_void_p, [POINTER(EngModel), c_int64, c_int32, c_uint64]),
+        "eng_state_new": (c_void_p, [POINTER(EngModel), c_int64, c_int32, c_uint64, c_int32]),
         "eng_state_free": (None, [c_void_p]),
         "eng_state_reset": (None, [c_void_p, c_uint64]),
         "eng_state_pos": (c_int64, [c_void_p]),

@@ -39,6 +39,14 @@ from .fmt import DTYPE_BYTES, DTYPE_CODE, PRECISION_DTYPE, dense_counts, read_he
 from .sites import PROJECTIONS, SITE_PROJECTIONS, SITES, ChannelRules, as_list, physical_bias
 
 LOAD_MODES = {"mmap": 0, "copy": 1}
+KV_CACHES = ("fp32", "bf16")
+
+
+def default_kv_cache(precision: str) -> str:
+    """The KV cache an engine file gets unless told: fp32 for fp32 weights (the engine then computes
+    transformers' logits), bf16 for bf16 and int8 weights (half the cache's memory; as llama.cpp
+    keeps its cache in F16 by default)."""
+    return "fp32" if precision == "fp32" else "bf16"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,15 +124,23 @@ class Engine:
     ``load``: ``"mmap"`` maps the file (shared page cache), ``"copy"`` reads it into private
     memory with transparent huge pages requested (fewer TLB misses). A mapped file with a head
     screen does not populate the head (``lazy_bytes``; see ``_head_range``).
+
+    ``kv_cache``: ``"fp32"`` or ``"bf16"`` storage of the past positions' keys and values
+    (:func:`default_kv_cache` when None); with bf16 each key and value is rounded to nearest even
+    when stored, and the current position attends to its own fp32 key and value.
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, max_ctx: int = 512,
-                 load: str = "mmap", seed: int = 0, rules: ChannelRules | None = None):
+                 load: str = "mmap", seed: int = 0, rules: ChannelRules | None = None,
+                 kv_cache: str | None = None):
         if load not in LOAD_MODES:
             raise UserError(f"load must be one of {', '.join(LOAD_MODES)}, got {load!r}")
+        if kv_cache is not None and kv_cache not in KV_CACHES:
+            raise UserError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         self.path = Path(path)
         self.header = read_header(self.path)
         self.config = self.header["config"]
+        self.kv_cache = kv_cache or default_kv_cache(self.config["precision"])
         self.threads = max(1, int(threads or os.cpu_count() or 1))
         self.max_ctx = int(max_ctx)
         self._lib = engine_library()
@@ -141,7 +157,8 @@ class Engine:
         self._keep: list = []        # ctypes buffers the C side points at
         self._rule_buffers: list = []
         self._model = self._build_model()
-        self._state = self._lib.eng_state_new(ctypes.byref(self._model), self.max_ctx, self.threads, seed)
+        self._state = self._lib.eng_state_new(ctypes.byref(self._model), self.max_ctx, self.threads, seed,
+                                              DTYPE_CODE[self.kv_cache])
         if not self._state:
             self.close()
             raise MemoryError("cannot allocate the engine state")

@@ -62,7 +62,7 @@ def run_native(spec: dict) -> dict:
         return {"tokens": g.tokens, "decode_tokens_per_s": g.decode_tokens_per_s, "prompt_s": g.prompt_s,
                 "read_ratio": g.ratio_stats(), "total_read_ratio": g.ratio_stats(total=True),
                 "head_cost": g.head_cost, "head_candidates": sum(g.candidates) / len(g.candidates),
-                "weight_bytes": eng.weight_bytes, "file_bytes": eng.file_bytes,
+                "weight_bytes": eng.weight_bytes, "file_bytes": eng.file_bytes, "kv_cache": eng.kv_cache,
                 "bytes_read_per_token": sum(lin * g.bytes_per_weight + h for lin, h in zip(g.linear_reads, g.head_bytes))
                 / len(g.tokens)}
 

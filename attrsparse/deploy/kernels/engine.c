@@ -1,5 +1,5 @@
 /* attrsparse native decode engine: one call per token (embedding, norms, RoPE, attention over an
- * fp32 KV cache, the seven input-sparse linears, LM head, greedy / screened greedy / sampling).
+ * fp32 or bf16 KV cache, the seven input-sparse linears, LM head, greedy / screened greedy / sampling).
  *
  * Threading: one OpenMP parallel region per token. Every thread keeps its own copy of the
  * residual stream and computes the norms and the site rules redundantly (same code, same
@@ -64,7 +64,9 @@ typedef struct Thr {
 typedef struct EngState {
     int64_t max_ctx, pos, n_threads;
     uint64_t rng;
-    float *kc, *vc, *att, *gu, *mact, *logits, *upper;
+    int32_t kv_type;         /* ENG_F32 or ENG_BF16: the stored past keys and values */
+    void *kc, *vc;           /* [n_layers][n_kv][max_ctx][hd] of kv_type */
+    float *att, *gu, *mact, *logits, *upper;
     float *pq[2], *po[2], *pg[2], *pd[2];   /* the two parts of each linear (engine_kern.h: PARTS) */
     int64_t* kept;           /* [n_layers * N_PROJ] of the last step */
     struct { float e; int32_t i; }* pairs;
@@ -94,15 +96,16 @@ void eng_state_free(EngState* s) {
     free(s);
 }
 
-EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uint64_t seed) {
+EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uint64_t seed, int32_t kv_type) {
     if (threads < 1) threads = 1;
+    if (kv_type != ENG_F32 && kv_type != ENG_BF16) return NULL;
     if (threads > MAXT) threads = MAXT;
     EngState* s = calloc(1, sizeof(EngState));
     if (!s) return NULL;
     int64_t d = m->hidden, hd = m->head_dim, A = m->n_heads * hd, P = (m->n_heads + 2 * m->n_kv) * hd;
-    int64_t cache = m->n_layers * m->n_kv * max_ctx * hd * (int64_t)sizeof(float);
+    int64_t cache = m->n_layers * m->n_kv * max_ctx * hd * (kv_type == ENG_BF16 ? 2 : 4);
     int64_t wide = max3(d, A, m->inter) + 16;
-    s->max_ctx = max_ctx; s->n_threads = threads; s->rng = seed;
+    s->max_ctx = max_ctx; s->n_threads = threads; s->rng = seed; s->kv_type = kv_type;
     s->kc = zalloc(cache); s->vc = zalloc(cache);
     s->att = zalloc(A * 4); s->gu = zalloc(2 * m->inter * 4); s->mact = zalloc(m->inter * 4);
     int ok = 1;
@@ -131,6 +134,22 @@ int64_t eng_state_pos(const EngState* s) { return s->pos; }
 const int64_t* eng_state_kept(const EngState* s) { return s->kept; }
 
 /* ---------------------------------------------------------------- small pieces */
+
+/* fp32 -> bf16, rounded to nearest even (as torch's .to(torch.bfloat16)); NaN stays NaN */
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } c = {f};
+    if ((c.u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((c.u >> 16) | 0x40u);
+    return (uint16_t)((c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* the KV cache: row `at` (an element offset) of a cache of `type` */
+static void kv_put(void* cache, int32_t type, int64_t at, const float* x, int64_t hd) {
+    if (type == ENG_BF16) for (int64_t c = 0; c < hd; c++) ((uint16_t*)cache)[at + c] = f32_to_bf16(x[c]);
+    else memcpy((float*)cache + at, x, (size_t)hd * 4);
+}
+static inline float kv_dot(const void* cache, int32_t type, int64_t at, const float* q, int64_t hd) {
+    return type == ENG_BF16 ? dot_bf16((const uint16_t*)cache + at, q, hd) : dot_f32((const float*)cache + at, q, hd);
+}
 
 static void rmsnorm(const float* x, const float* w, float* out, int64_t n, float eps) {
     double ss = 0.0;
@@ -386,19 +405,17 @@ static void layer_forward(const EngModel* m, EngState* s, const EngLayer* L, int
             have = g;
         }
         if (hq % group == 0) {
-            memcpy(s->kc + base + pos * hd, T->kcur, (size_t)hd * 4);
-            memcpy(s->vc + base + pos * hd, T->vcur, (size_t)hd * 4);
+            kv_put(s->kc, s->kv_type, base + pos * hd, T->kcur, hd);
+            kv_put(s->vc, s->kv_type, base + pos * hd, T->vcur, hd);
         }
         float* q = T->tmp;
         site_reduce(L, SITE_ATTN_IN, s->pq, hq * hd, (hq + 1) * hd, q);
         if (L->q_norm) rmsnorm(q, L->q_norm, q, hd, m->eps);
         rope_apply(T, q, L->inv_freq, L->rope_scale, hd, pos);
-        const float* K = s->kc + base + first * hd;
-        const float* Vc = s->vc + base + first * hd;
+        const int64_t past = base + first * hd;  /* the current position from this thread's fp32 copy */
         float* sc = T->sc, mx = -INFINITY, *o = s->att + hq * hd;
         for (int64_t i = 0; i < n; i++) {
-            const float* kr = i == n - 1 ? T->kcur : K + i * hd;   /* the current position from this thread's copy */
-            float z = dot_f32(kr, q, hd) * m->attn_scale;
+            float z = (i == n - 1 ? dot_f32(T->kcur, q, hd) : kv_dot(s->kc, s->kv_type, past + i * hd, q, hd)) * m->attn_scale;
             if (m->attn_softcap > 0.0f) z = tanhf(z / m->attn_softcap) * m->attn_softcap;
             sc[i] = z;
             if (z > mx) mx = z;
@@ -409,8 +426,14 @@ static void layer_forward(const EngModel* m, EngState* s, const EngLayer* L, int
         for (int64_t c = 0; c < hd; c++) o[c] = 0.0f;
         for (int64_t i = 0; i < n; i++) {
             float p = sc[i] * inv;
-            const float* vr = i == n - 1 ? T->vcur : Vc + i * hd;
-            for (int64_t c = 0; c < hd; c++) o[c] += p * vr[c];
+            if (i == n - 1) for (int64_t c = 0; c < hd; c++) o[c] += p * T->vcur[c];
+            else if (s->kv_type == ENG_BF16) {
+                const uint16_t* vr = (const uint16_t*)s->vc + past + i * hd;
+                for (int64_t c = 0; c < hd; c++) o[c] += p * bf16_to_f32(vr[c]);
+            } else {
+                const float* vr = (const float*)s->vc + past + i * hd;
+                for (int64_t c = 0; c < hd; c++) o[c] += p * vr[c];
+            }
         }
     }
 #pragma omp barrier
