@@ -340,6 +340,24 @@ def test_pack_reuses_checks_and_refuses(make_tiny, tmp_path):
         pack(model, "fp8", directory=tmp_path)
 
 
+def _rss_kb() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc/self/status")
+def test_unused_context_is_not_resident(make_tiny, tmp_path):
+    """A KV cache of a million positions (256 MB on this model, fp32) costs only the positions used:
+    the cache and the per-thread score rows are zero pages until written."""
+    path = pack(make_tiny("llama"), "fp32", directory=tmp_path)
+    before = _rss_kb()
+    with Engine(path, threads=2, max_ctx=1_000_000, kv_cache="fp32") as eng:
+        first = eng.generate(IDS[:3], 8).tokens
+        assert _rss_kb() - before < 16_000
+    with Engine(path, threads=2, max_ctx=32, kv_cache="fp32") as eng:
+        assert eng.generate(IDS[:3], 8).tokens == first
+
+
 def test_runner_errors(make_tiny, tmp_path):
     model = make_tiny("llama")
     path = pack(model, "fp32", directory=tmp_path)

@@ -81,16 +81,33 @@ static void* zalloc(int64_t n) {
     return p;
 }
 
+/* Large buffers that a run may touch only in part (the KV cache beyond the positions used, the
+ * screen's bounds without a screen, the sampler's pairs when greedy): anonymous pages, zero and
+ * not resident until written, so the process holds only what it uses. The mapping's size sits in
+ * its first 64 bytes. */
+static void* lazy_alloc(int64_t n) {
+    size_t size = (size_t)((n + 64 + 4095) / 4096 * 4096);
+    void* p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    *(size_t*)p = size;
+    return (char*)p + 64;
+}
+static void lazy_free(void* q) {
+    if (!q) return;
+    char* p = (char*)q - 64;
+    munmap(p, *(size_t*)p);
+}
+
 static int64_t max3(int64_t a, int64_t b, int64_t c) { int64_t m = a > b ? a : b; return m > c ? m : c; }
 
 void eng_state_free(EngState* s) {
     if (!s) return;
-    free(s->kc); free(s->vc); free(s->att); free(s->gu); free(s->mact);
-    free(s->logits); free(s->upper); free(s->kept); free(s->pairs);
+    lazy_free(s->kc); lazy_free(s->vc); free(s->att); free(s->gu); free(s->mact);
+    lazy_free(s->logits); lazy_free(s->upper); free(s->kept); lazy_free(s->pairs);
     for (int i = 0; i < 2; i++) { free(s->pq[i]); free(s->po[i]); free(s->pg[i]); free(s->pd[i]); }
     for (int t = 0; t < MAXT; t++) {
         Thr* T = &s->th[t];
-        free(T->h); free(T->xn); free(T->val); free(T->tmp); free(T->sc); free(T->cs); free(T->sn); free(T->idx);
+        free(T->h); free(T->xn); free(T->val); free(T->tmp); lazy_free(T->sc); free(T->cs); free(T->sn); free(T->idx);
         free(T->kcur); free(T->vcur); free(T->row);
     }
     free(s);
@@ -106,22 +123,22 @@ EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uin
     int64_t cache = m->n_layers * m->n_kv * max_ctx * hd * (kv_type == ENG_BF16 ? 2 : 4);
     int64_t wide = max3(d, A, m->inter) + 16;
     s->max_ctx = max_ctx; s->n_threads = threads; s->rng = seed; s->kv_type = kv_type;
-    s->kc = zalloc(cache); s->vc = zalloc(cache);
+    s->kc = lazy_alloc(cache); s->vc = lazy_alloc(cache);
     s->att = zalloc(A * 4); s->gu = zalloc(2 * m->inter * 4); s->mact = zalloc(m->inter * 4);
     int ok = 1;
     for (int i = 0; i < 2; i++) {
         s->pq[i] = zalloc(P * 4); s->po[i] = zalloc(d * 4); s->pg[i] = zalloc(2 * m->inter * 4); s->pd[i] = zalloc(d * 4);
         ok = ok && s->pq[i] && s->po[i] && s->pg[i] && s->pd[i];
     }
-    s->logits = zalloc(m->vocab * 4); s->upper = zalloc(m->vocab * 4);
+    s->logits = lazy_alloc(m->vocab * 4); s->upper = lazy_alloc(m->vocab * 4);
     s->kept = zalloc((m->n_layers + 1) * N_PROJ * 8);
-    s->pairs = zalloc(m->vocab * 8);
+    s->pairs = lazy_alloc(m->vocab * 8);
     ok = ok && s->kc && s->vc && s->att && s->gu && s->mact && s->logits && s->upper && s->kept && s->pairs;
     for (int t = 0; t < threads && ok; t++) {
         Thr* T = &s->th[t];
         /* idx / val: one kept list per projection of a site (site_select), n + 16 entries each */
         T->h = zalloc(d * 4); T->xn = zalloc(wide * 4); T->val = zalloc(MAX_PROJ * wide * 4); T->tmp = zalloc(wide * 4);
-        T->sc = zalloc(max_ctx * 4); T->cs = zalloc(hd * 4); T->sn = zalloc(hd * 4); T->idx = zalloc(MAX_PROJ * wide * 4);
+        T->sc = lazy_alloc(max_ctx * 4); T->cs = zalloc(hd * 4); T->sn = zalloc(hd * 4); T->idx = zalloc(MAX_PROJ * wide * 4);
         T->kcur = zalloc(hd * 4); T->vcur = zalloc(hd * 4); T->row = zalloc(d * 4);
         ok = T->h && T->xn && T->val && T->tmp && T->sc && T->cs && T->sn && T->idx && T->kcur && T->vcur && T->row;
     }
