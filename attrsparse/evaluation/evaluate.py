@@ -36,6 +36,29 @@ from ..policies import SparsityPolicy, account
 from ..policies.base import with_decision_cost
 
 
+def scored_windows(n: int, window: int, stride: int):
+    """The strided windows of a perplexity over ``n`` tokens: ``(begin, end, first)`` with the
+    window ``[begin, end)`` run and its tokens ``[first, end)`` scored (never scored before; token 0
+    never is). ``stride`` new tokens per window, the rest as context (clipped to ``window - 1``)."""
+    if n < 2:
+        raise UserError("perplexity needs at least 2 tokens of text")
+    stride = max(1, min(stride, window - 1))  # windows overlap: every token has context
+    prev_end = 1
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        yield begin, end, max(prev_end, begin + 1)
+        prev_end = end
+        if end == n:
+            break
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor, begin: int, end: int, first: int) -> float:
+    """Summed negative log-likelihood of tokens ``[first, end)`` from the logits ``[end - begin, V]``
+    of the window ``[begin, end)`` (position i predicts token i + 1)."""
+    logp = torch.log_softmax(logits, dim=-1)[first - begin - 1: end - begin - 1]
+    return -float(logp.gather(-1, ids[first:end].view(-1, 1).to(logp.device)).sum())
+
+
 class Evaluator:
     """Runs tasks on one (model, tokenizer) under a policy; accumulates :attr:`executed`.
 
@@ -135,24 +158,13 @@ class Evaluator:
     def perplexity(self, text: str, max_tokens: int = 4096, window: int = 512, stride: int = 256,
                    progress=None) -> dict:
         ids = self._encode(text, False)[:max_tokens]
-        if ids.numel() < 2:
-            raise UserError("perplexity needs at least 2 tokens of text")
-        window = min(window, self.max_seq_len)
-        stride = max(1, min(stride, window - 1))  # windows overlap: every token has context
-        nll, count, prev_end, n = 0.0, 0, 1, ids.numel()  # token 0 is never scored
-        for begin in range(0, n, stride):
-            end = min(begin + window, n)
+        nll, count = 0.0, 0
+        for begin, end, first in scored_windows(ids.numel(), min(window, self.max_seq_len), stride):
             logits, _ = self.logits([ids[begin:end]])
-            logp = torch.log_softmax(logits[0], dim=-1)
-            first = max(prev_end, begin + 1)  # score the tokens [first, end) not scored before
-            pred = logp[first - begin - 1: end - begin - 1]  # position i predicts token i + 1
-            nll -= float(pred.gather(-1, ids[first:end].view(-1, 1)).sum())
+            nll += window_nll(logits[0], ids, begin, end, first)
             count += end - first
-            prev_end = end
             if progress is not None:
                 progress.update(1)
-            if end == n:
-                break
         return {"ppl": math.exp(nll / count), "nll": nll / count, "n_tokens": count}
 
     def generation(self, items, max_new_tokens: int = 32, template: str = "auto", progress=None,
