@@ -67,21 +67,21 @@ static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* 
         float* yy = y + t0;                                                                        \
         int64_t k = k0, bytes = n * (int64_t)sizeof(T);                                            \
         const int short_rows = bytes <= SHORT_ROW;                                                 \
-        if (idx) /* scattered kept rows: ROWS per pass, ROWS short streams in flight */              \
-            for (; k + ROWS <= k1; k += ROWS) {                                                          \
-                const T* r8[ROWS];                                                                    \
-                __m512 x8[ROWS];                                                                      \
+        if (idx) /* scattered kept rows: ROWS per pass, ROWS short streams in flight */            \
+            for (; k + ROWS <= k1; k += ROWS) {                                                    \
+                const T* r8[ROWS];                                                                 \
+                __m512 x8[ROWS];                                                                   \
                 for (int i = 0; i < ROWS; i++) { r8[i] = W + idx[k + i] * ld + t0; x8[i] = _mm512_set1_ps(val[k + i]); } \
-                for (int i = 0; i < ROWS && k + ROWS + i < k1; i++) {                                   \
-                    const char* nx = (const char*)(W + idx[k + ROWS + i] * ld + t0);                  \
+                for (int i = 0; i < ROWS && k + ROWS + i < k1; i++) {                              \
+                    const char* nx = (const char*)(W + idx[k + ROWS + i] * ld + t0);               \
                     if (short_rows)                                                                \
-                        for (int64_t b = 0; b < bytes; b += 64) PREFETCH_L2(nx + b);                \
+                        for (int64_t b = 0; b < bytes; b += 64) PREFETCH_L2(nx + b);               \
                     else PREFETCH(nx);                                                             \
                 }                                                                                  \
                 int64_t c = 0;                                                                     \
                 for (; c + 16 <= n; c += 16) {                                                     \
                     __m512 a = _mm512_loadu_ps(yy + c);                                            \
-                    for (int i = 0; i < ROWS; i++) a = _mm512_fmadd_ps(x8[i], LD(r8[i] + c), a);      \
+                    for (int i = 0; i < ROWS; i++) a = _mm512_fmadd_ps(x8[i], LD(r8[i] + c), a);   \
                     _mm512_storeu_ps(yy + c, a);                                                   \
                 }                                                                                  \
                 if (c < n) {                                                                       \
