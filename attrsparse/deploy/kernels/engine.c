@@ -98,6 +98,7 @@ static void lazy_free(void* q) {
     munmap(p, *(size_t*)p);
 }
 
+static inline int64_t elt_size(int32_t wt) { return wt == ENG_F32 ? 4 : wt == ENG_BF16 ? 2 : 1; }
 static int64_t max3(int64_t a, int64_t b, int64_t c) { int64_t m = a > b ? a : b; return m > c ? m : c; }
 
 void eng_state_free(EngState* s) {
@@ -120,7 +121,7 @@ EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uin
     EngState* s = calloc(1, sizeof(EngState));
     if (!s) return NULL;
     int64_t d = m->hidden, hd = m->head_dim, A = m->n_heads * hd, P = (m->n_heads + 2 * m->n_kv) * hd;
-    int64_t cache = m->n_layers * m->n_kv * max_ctx * hd * (kv_type == ENG_BF16 ? 2 : 4);
+    int64_t cache = m->n_layers * m->n_kv * max_ctx * hd * elt_size(kv_type);
     int64_t wide = max3(d, A, m->inter) + 16;
     s->max_ctx = max_ctx; s->n_threads = threads; s->rng = seed; s->kv_type = kv_type;
     s->kc = lazy_alloc(cache); s->vc = lazy_alloc(cache);
@@ -167,6 +168,11 @@ static void kv_put(void* cache, int32_t type, int64_t at, const float* x, int64_
 static inline float kv_dot(const void* cache, int32_t type, int64_t at, const float* q, int64_t hd) {
     return type == ENG_BF16 ? dot_bf16((const uint16_t*)cache + at, q, hd) : dot_f32((const float*)cache + at, q, hd);
 }
+/* o += p * row `at` of the cache */
+static inline void kv_axpy(float* o, float p, const void* cache, int32_t type, int64_t at, int64_t hd) {
+    if (type == ENG_BF16) { const uint16_t* r = (const uint16_t*)cache + at; for (int64_t c = 0; c < hd; c++) o[c] += p * bf16_to_f32(r[c]); }
+    else { const float* r = (const float*)cache + at; for (int64_t c = 0; c < hd; c++) o[c] += p * r[c]; }
+}
 
 static void rmsnorm(const float* x, const float* w, float* out, int64_t n, float eps) {
     double ss = 0.0;
@@ -189,7 +195,6 @@ static void slice16(int64_t P, int t, int nt, int64_t* p0, int64_t* p1) {
 
 static void range(int64_t n, int t, int nt, int64_t* a, int64_t* b) { *a = n * t / nt; *b = n * (t + 1) / nt; }
 
-static inline int64_t elt_size(int32_t wt) { return wt == ENG_F32 ? 4 : wt == ENG_BF16 ? 2 : 1; }
 
 /* Row v (`n` bytes) of the head: its address in the mapping or, with head_fd > 0 (a mapped file
  * whose head is left unpopulated when it has a screen: runner.py), a copy read into `buf` with pread,
@@ -444,13 +449,7 @@ static void layer_forward(const EngModel* m, EngState* s, const EngLayer* L, int
         for (int64_t i = 0; i < n; i++) {
             float p = sc[i] * inv;
             if (i == n - 1) for (int64_t c = 0; c < hd; c++) o[c] += p * T->vcur[c];
-            else if (s->kv_type == ENG_BF16) {
-                const uint16_t* vr = (const uint16_t*)s->vc + past + i * hd;
-                for (int64_t c = 0; c < hd; c++) o[c] += p * bf16_to_f32(vr[c]);
-            } else {
-                const float* vr = (const float*)s->vc + past + i * hd;
-                for (int64_t c = 0; c < hd; c++) o[c] += p * vr[c];
-            }
+            else kv_axpy(o, p, s->vc, s->kv_type, past + i * hd, hd);
         }
     }
 #pragma omp barrier
