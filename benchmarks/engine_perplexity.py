@@ -27,9 +27,9 @@ from attrsparse.core.io import atomic_write_json
 from attrsparse.core.models import load_model
 from attrsparse.data.tasks import load_task
 from attrsparse.deploy.engine import Engine, pack
-from attrsparse.deploy.engine.gguf_convert import dequantise_gguf, gguf_file_type, packaged_smollm2_gguf
+from attrsparse.deploy.engine.gguf_convert import packaged_smollm2_gguf
 from attrsparse.deploy.engine.sites import rules_from_json
-from attrsparse.evaluation.engine_bench import GGUF_TYPES, llamacpp_problem
+from attrsparse.evaluation.engine_bench import llamacpp_gguf, llamacpp_problem
 from attrsparse.evaluation.engine_quality import llamacpp_perplexity, native_perplexity
 
 
@@ -77,21 +77,21 @@ def main(argv: list[str]) -> int:
     for precision in args.precisions.split(","):
         path = pack(model, precision)
         with Engine(path, threads=args.threads, max_ctx=args.window) as eng:
-            record(("native", precision, "dense", 1.0),
-                   lambda: {**native_perplexity(eng, ids, args.window, args.stride), "kv_cache": eng.kv_cache})
+            def measure() -> dict:
+                return {**native_perplexity(eng, ids, args.window, args.stride), "kv_cache": eng.kv_cache}
+
+            record(("native", precision, "dense", 1.0), measure)
             for ratio in ratios:
                 rules = args.rules / f"{args.selector}@{ratio:g}.{precision}.json"
                 eng.set_rules(rules_from_json(json.loads(rules.read_text())))
-                record(("native", precision, args.selector, ratio),
-                       lambda: {**native_perplexity(eng, ids, args.window, args.stride), "kv_cache": eng.kv_cache})
+                record(("native", precision, args.selector, ratio), measure)
                 eng.set_rules(None)
     problem = "--no-llamacpp" if args.no_llamacpp else llamacpp_problem()
     if problem is None:
         llama_cpp = importlib.import_module("llama_cpp")  # the optional extra, present (llamacpp_problem)
         source = packaged_smollm2_gguf()
         for precision in args.precisions.split(","):
-            gguf = dequantise_gguf(source, GGUF_TYPES[precision]) if precision in GGUF_TYPES else source
-            label = GGUF_TYPES.get(precision) or gguf_file_type(source)
+            gguf, label = llamacpp_gguf(source, precision)
             llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=args.window, n_threads=args.threads,
                                   n_threads_batch=args.threads, logits_all=True, verbose=False)
             record(("llamacpp", label, "dense", 1.0), lambda: llamacpp_perplexity(llm, ids, args.window, args.stride))

@@ -152,6 +152,14 @@ def contender_name(engine: str, precision: str, selector: str, ratio: float) -> 
     return f"{engine}-{precision}-{selector}" + ("" if selector == "dense" else f"@{ratio:g}")
 
 
+def llamacpp_gguf(source: Path, precision: str) -> tuple[Path, str]:
+    """llama.cpp's file for ``precision`` and its weights label: the F32 or F16 conversion of the
+    GGUF ``source`` (made once), or ``source`` itself (its own type, e.g. Q4_1) for int8."""
+    if precision in GGUF_TYPES:
+        return dequantise_gguf(source, GGUF_TYPES[precision]), GGUF_TYPES[precision]
+    return source, gguf_file_type(source)
+
+
 def llamacpp_problem() -> str | None:
     """None when ``import llama_cpp`` works in a fresh interpreter, else its last error line."""
     if importlib.util.find_spec("llama_cpp") is None:
@@ -255,13 +263,7 @@ class EngineBench:
         if problem is not None:
             self.note(f"llamacpp skipped: {problem}")
             return {}, problem
-        files = {}
-        for p in cfg.precisions:
-            if p in GGUF_TYPES:
-                files[p] = (dequantise_gguf(source, GGUF_TYPES[p]), GGUF_TYPES[p])
-            else:
-                files[p] = (source, gguf_file_type(source))
-        return files, None
+        return {p: llamacpp_gguf(source, p) for p in cfg.precisions}, None
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> dict:

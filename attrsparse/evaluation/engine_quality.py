@@ -3,7 +3,7 @@
 The engine bench's quality columns come from fp32 transformers with the channel rule applied by
 hooks (the native engine computes the same logits at fp32), so they say nothing of bf16 or int8
 weights, a bf16 KV cache, or llama.cpp's quantised GGUF types. These functions score the same
-strided windows as :meth:`.evaluate.Evaluator.perplexity` (:func:`.evaluate.scored_windows`) with
+strided windows as :meth:`.evaluate.Evaluator.perplexity` (:func:`.evaluate.strided_perplexity`) with
 each engine's own logits:
 
 * :func:`native_perplexity`: a packed engine file (any precision, KV cache and channel rules), one
@@ -24,13 +24,13 @@ import torch
 
 from ..core.errors import UserError
 from ..deploy.engine import Engine
-from .evaluate import scored_windows, window_nll
+from .evaluate import strided_perplexity
 
 
-def _result(nll: float, count: int, what: str, read: float) -> dict:
-    if not math.isfinite(nll):
+def _checked(result: dict, what: str, read: float) -> dict:
+    if not math.isfinite(result["nll"]):
         raise UserError(f"non-finite log-likelihood from {what}: the run is stopped")
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "n_tokens": count, "read_ratio": read}
+    return {**result, "read_ratio": read}
 
 
 def native_perplexity(engine: Engine, ids: list[int], window: int = 512, stride: int = 256,
@@ -38,38 +38,32 @@ def native_perplexity(engine: Engine, ids: list[int], window: int = 512, stride:
     """Perplexity of ``ids`` on ``engine``'s logits (its rules, precision and KV cache as opened)."""
     if window > engine.max_ctx:
         raise UserError(f"window {window} exceeds the engine's context of {engine.max_ctx}")
-    tokens = torch.tensor(ids)
     vocab = engine.config["vocab"]
-    nll, count, reads, steps = 0.0, 0, 0, 0
-    for begin, end, first in scored_windows(len(ids), window, stride):
+    reads, steps = 0, 0
+
+    def window_logits(begin: int, end: int, first: int) -> tuple[torch.Tensor, int]:
+        nonlocal reads, steps
         engine.reset()
         rows = []
         for i in range(begin, end - 1):  # the last token of a window predicts nothing scored
             scored = i >= first - 1
-            step = engine.step(ids[i], mode=None, logits=scored)
-            reads += step.linear_reads
+            reads += engine.step(ids[i], mode=None, logits=scored).linear_reads
             steps += 1
             if scored:
                 rows.append(torch.frombuffer(bytearray(engine.last_logits), dtype=torch.float32, count=vocab))
-        logits = torch.stack(rows)  # positions first - 1 .. end - 2
-        nll += window_nll(logits, tokens, first - 1, end, first)
-        count += end - first
-        if progress is not None:
-            progress.update(1)
-    return _result(nll, count, f"the native engine ({engine.path.name})", reads / steps / engine.dense_linear)
+        return torch.stack(rows), first - 1
+
+    result = strided_perplexity(torch.tensor(ids), window, stride, window_logits, progress)
+    return _checked(result, f"the native engine ({engine.path.name})", reads / steps / engine.dense_linear)
 
 
 def llamacpp_perplexity(llm, ids: list[int], window: int = 512, stride: int = 256, progress=None) -> dict:
     """Perplexity of ``ids`` on a ``llama_cpp.Llama`` opened with ``logits_all=True`` and a context
     of at least ``window`` tokens."""
-    tokens = torch.tensor(ids)
-    nll, count = 0.0, 0
-    for begin, end, first in scored_windows(len(ids), window, stride):
+
+    def window_logits(begin: int, end: int, first: int) -> tuple[torch.Tensor, int]:
         llm.reset()
         llm.eval(ids[begin:end])
-        logits = torch.from_numpy(llm.scores[first - 1 - begin: end - 1 - begin].copy())
-        nll += window_nll(logits, tokens, first - 1, end, first)
-        count += end - first
-        if progress is not None:
-            progress.update(1)
-    return _result(nll, count, "llama.cpp", 1.0)
+        return torch.from_numpy(llm.scores[first - 1 - begin: end - 1 - begin].copy()), first - 1  # scored rows only
+
+    return _checked(strided_perplexity(torch.tensor(ids), window, stride, window_logits, progress), "llama.cpp", 1.0)

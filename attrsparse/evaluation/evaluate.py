@@ -52,11 +52,19 @@ def scored_windows(n: int, window: int, stride: int):
             break
 
 
-def window_nll(logits: torch.Tensor, ids: torch.Tensor, begin: int, end: int, first: int) -> float:
-    """Summed negative log-likelihood of tokens ``[first, end)`` from the logits ``[end - begin, V]``
-    of the window ``[begin, end)`` (position i predicts token i + 1)."""
-    logp = torch.log_softmax(logits, dim=-1)[first - begin - 1: end - begin - 1]
-    return -float(logp.gather(-1, ids[first:end].view(-1, 1).to(logp.device)).sum())
+def strided_perplexity(ids: torch.Tensor, window: int, stride: int, window_logits, progress=None) -> dict:
+    """``{"ppl", "nll", "n_tokens"}`` of ``ids`` over :func:`scored_windows`, whatever computes the
+    logits: ``window_logits(begin, end, first)`` returns ``(logits, start)``, the logits of positions
+    ``start, start + 1, ...`` (at least up to ``end - 2``; position i predicts token i + 1)."""
+    nll, count = 0.0, 0
+    for begin, end, first in scored_windows(ids.numel(), window, stride):
+        logits, start = window_logits(begin, end, first)
+        logp = torch.log_softmax(logits, dim=-1)[first - start - 1: end - start - 1]
+        nll -= float(logp.gather(-1, ids[first:end].view(-1, 1).to(logp.device)).sum())
+        count += end - first
+        if progress is not None:
+            progress.update(1)
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "n_tokens": count}
 
 
 class Evaluator:
@@ -158,14 +166,8 @@ class Evaluator:
     def perplexity(self, text: str, max_tokens: int = 4096, window: int = 512, stride: int = 256,
                    progress=None) -> dict:
         ids = self._encode(text, False)[:max_tokens]
-        nll, count = 0.0, 0
-        for begin, end, first in scored_windows(ids.numel(), min(window, self.max_seq_len), stride):
-            logits, _ = self.logits([ids[begin:end]])
-            nll += window_nll(logits[0], ids, begin, end, first)
-            count += end - first
-            if progress is not None:
-                progress.update(1)
-        return {"ppl": math.exp(nll / count), "nll": nll / count, "n_tokens": count}
+        return strided_perplexity(ids, min(window, self.max_seq_len), stride,
+                                  lambda begin, end, first: (self.logits([ids[begin:end]])[0][0], begin), progress)
 
     def generation(self, items, max_new_tokens: int = 32, template: str = "auto", progress=None,
                    truncate: str = "none") -> dict:
