@@ -51,9 +51,12 @@ static inline __m512 ldm_i8(const int8_t* p, __mmask16 m) {
  * first lines: at 50% kept it was no faster than dense). Both are the same FMA chain per output.
  * Each pass prefetches the next pass's rows: a short row (at most SHORT_ROW bytes in this tile:
  * int8 and bf16 rows of the 0.1-0.5B models) whole, into L2, because a scattered row of a few
- * lines is over before the hardware prefetchers lock on (on a 2-core AMD EPYC, int8 at 60% kept
- * went from 0.63-0.73x dense to 0.90-0.93x in the kernel, and +16% end to end); a longer row
- * only its first line (prefetching it whole was slower there: the hardware streams it). */
+ * lines is over before the hardware prefetchers lock on; the prefetches are paced with the column
+ * loop (the line at the current offset of each next row, every 64 bytes), because issued in one
+ * burst they filled the core's miss buffers and stalled it (on a 2-core AMD EPYC, 60% kept, 1
+ * thread, from memory: the burst took int8 from 0.63-0.73x dense to 0.86-0.93x, pacing took the
+ * short int8 and bf16 shapes of SmolLM2 a further 15-28% faster). A longer row gets only its
+ * first line (prefetching it whole was slower there: the hardware streams it). */
 #define SHORT_ROW 2048
 #define ROWS 8 /* kept rows per scattered pass; 16 was slower for int8 short rows (0.79-0.83x dense against 0.86-0.94x) */
 #define TILE 4096
@@ -72,18 +75,24 @@ static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* 
                 const T* r8[ROWS];                                                                 \
                 __m512 x8[ROWS];                                                                   \
                 for (int i = 0; i < ROWS; i++) { r8[i] = W + idx[k + i] * ld + t0; x8[i] = _mm512_set1_ps(val[k + i]); } \
-                for (int i = 0; i < ROWS && k + ROWS + i < k1; i++) {                              \
-                    const char* nx = (const char*)(W + idx[k + ROWS + i] * ld + t0);               \
-                    if (short_rows)                                                                \
-                        for (int64_t b = 0; b < bytes; b += 64) PREFETCH_L2(nx + b);               \
-                    else PREFETCH(nx);                                                             \
-                }                                                                                  \
+                const char* nx[ROWS];                                                              \
+                int nn = 0;                                                                        \
+                for (int i = 0; i < ROWS && k + ROWS + i < k1; i++)                                \
+                    nx[nn++] = (const char*)(W + idx[k + ROWS + i] * ld + t0);                     \
+                if (!short_rows) for (int i = 0; i < nn; i++) PREFETCH(nx[i]);                     \
                 int64_t c = 0;                                                                     \
                 for (; c + 16 <= n; c += 16) {                                                     \
+                    if (short_rows && ((c * (int64_t)sizeof(T)) & 63) == 0)                        \
+                        for (int i = 0; i < nn; i++) PREFETCH_L2(nx[i] + c * (int64_t)sizeof(T));  \
                     __m512 a = _mm512_loadu_ps(yy + c);                                            \
                     for (int i = 0; i < ROWS; i++) a = _mm512_fmadd_ps(x8[i], LD(r8[i] + c), a);   \
                     _mm512_storeu_ps(yy + c, a);                                                   \
                 }                                                                                  \
+                if (short_rows)                                                                    \
+                    for (int i = 0; i < nn; i++) {                                                 \
+                        if (c < n && ((c * (int64_t)sizeof(T)) & 63) == 0) PREFETCH_L2(nx[i] + c * (int64_t)sizeof(T)); \
+                        PREFETCH_L2(nx[i] + bytes - 1);                                            \
+                    }                                                                              \
                 if (c < n) {                                                                       \
                     __mmask16 m = (__mmask16)((1u << (n - c)) - 1u);                               \
                     __m512 a = _mm512_maskz_loadu_ps(m, yy + c);                                   \
