@@ -49,15 +49,13 @@ static inline __m512 ldm_i8(const int8_t* p, __mmask16 m) {
  * stream for the hardware prefetchers. Scattered kept rows (idx): eight rows per pass, so that
  * eight short streams are in flight (one row at a time leaves the core waiting on each row's
  * first lines: at 50% kept it was no faster than dense). Both are the same FMA chain per output.
- * Each pass prefetches the next pass's rows: a short row (at most SHORT_ROW bytes in this tile:
- * int8 and bf16 rows of the 0.1-0.5B models) whole, into L2, because a scattered row of a few
- * lines is over before the hardware prefetchers lock on; the prefetches are paced with the column
- * loop (the line at the current offset of each next row, every 64 bytes), because issued in one
- * burst they filled the core's miss buffers and stalled it (on a 2-core AMD EPYC, 60% kept, 1
- * thread, from memory: the burst took int8 from 0.63-0.73x dense to 0.86-0.93x, pacing took the
- * short int8 and bf16 shapes of SmolLM2 a further 15-28% faster). A longer row gets only its
- * first line (prefetching it whole was slower there: the hardware streams it). */
-#define SHORT_ROW 2048
+ * Each pass prefetches the next pass's rows whole, into L2, paced with the column loop (every 64
+ * bytes of columns, the line at that offset of each next row), because a scattered row of a few
+ * lines is over before the hardware prefetchers lock on, and because prefetches issued in one burst
+ * at the start of the pass filled the core's miss buffers and stalled it. On a 2-core AMD EPYC (60%
+ * kept at random, 1 thread, from memory) the burst took int8 from 0.63-0.73x dense to 0.86-0.93x;
+ * pacing took the SmolLM2 shapes of every precision a further 10-28% faster, rows longer than 2 KB
+ * included (prefetched as a burst, those had been slower than with the first line only). */
 #define ROWS 8 /* kept rows per scattered pass; 16 was slower for int8 short rows (0.79-0.83x dense against 0.86-0.94x) */
 #define TILE 4096
 #define DEFINE_LIN(NAME, T, LD, LDM)                                                               \
@@ -69,7 +67,6 @@ static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* 
         int64_t n = p1 - t0 < TILE ? p1 - t0 : TILE;                                               \
         float* yy = y + t0;                                                                        \
         int64_t k = k0, bytes = n * (int64_t)sizeof(T);                                            \
-        const int short_rows = bytes <= SHORT_ROW;                                                 \
         if (idx) /* scattered kept rows: ROWS per pass, ROWS short streams in flight */            \
             for (; k + ROWS <= k1; k += ROWS) {                                                    \
                 const T* r8[ROWS];                                                                 \
@@ -79,20 +76,18 @@ static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* 
                 int nn = 0;                                                                        \
                 for (int i = 0; i < ROWS && k + ROWS + i < k1; i++)                                \
                     nx[nn++] = (const char*)(W + idx[k + ROWS + i] * ld + t0);                     \
-                if (!short_rows) for (int i = 0; i < nn; i++) PREFETCH(nx[i]);                     \
                 int64_t c = 0;                                                                     \
                 for (; c + 16 <= n; c += 16) {                                                     \
-                    if (short_rows && ((c * (int64_t)sizeof(T)) & 63) == 0)                        \
+                    if (((c * (int64_t)sizeof(T)) & 63) == 0)                                      \
                         for (int i = 0; i < nn; i++) PREFETCH_L2(nx[i] + c * (int64_t)sizeof(T));  \
                     __m512 a = _mm512_loadu_ps(yy + c);                                            \
                     for (int i = 0; i < ROWS; i++) a = _mm512_fmadd_ps(x8[i], LD(r8[i] + c), a);   \
                     _mm512_storeu_ps(yy + c, a);                                                   \
                 }                                                                                  \
-                if (short_rows)                                                                    \
-                    for (int i = 0; i < nn; i++) {                                                 \
-                        if (c < n && ((c * (int64_t)sizeof(T)) & 63) == 0) PREFETCH_L2(nx[i] + c * (int64_t)sizeof(T)); \
-                        PREFETCH_L2(nx[i] + bytes - 1);                                            \
-                    }                                                                              \
+                for (int i = 0; i < nn; i++) {                                                     \
+                    if (c < n && ((c * (int64_t)sizeof(T)) & 63) == 0) PREFETCH_L2(nx[i] + c * (int64_t)sizeof(T)); \
+                    PREFETCH_L2(nx[i] + bytes - 1);                                                \
+                }                                                                                  \
                 if (c < n) {                                                                       \
                     __mmask16 m = (__mmask16)((1u << (n - c)) - 1u);                               \
                     __m512 a = _mm512_maskz_loadu_ps(m, yy + c);                                   \
