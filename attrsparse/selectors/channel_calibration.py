@@ -35,7 +35,7 @@ from ..core.units import unit_map
 from .base import Selector, register_selector
 from .channel_budget import SensitivityCurves
 from .channel_greedy import GreedyPath, greedy_keep
-from .channel_stats import X_WEIGHTS, LogHistogram, attribution, batches, site_inputs
+from .channel_stats import LABELS, X_WEIGHTS, LogHistogram, attribution, batches, site_inputs
 from .channels import CHANNEL_RULES, ChannelRuleSet, SiteRule, site_key
 
 GREEDY_ALLOCATIONS = ("greedy", "greedy_global")  # attr_channel allocations that search TEAL's greedy path
@@ -46,7 +46,7 @@ LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per 
 #: weights per channel it is divided by, and whether scores and fills are centred on E[x]; the
 #: defaults measured best on calibration-side text (docs/results/channels/README.md, variants)
 ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": True,
-        "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 2}
+        "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 2, "labels": "text"}
 #: per_consumer: True, False or a list of the sites (e.g. ["attn_in"]) whose consumers decide
 #: separately; allocation: "global" (one threshold over every stream), "uniform" (one kept fraction),
 #: "sensitivity" (channel_budget), "greedy" (TEAL's block-wise greedy path, every layer at the same
@@ -54,11 +54,15 @@ ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": Fa
 #: at_rule: how many times the attribution is measured again under the ratio's rule (0: dense only);
 #: x_weight p (statistic "rms"): sqrt(E[|x|^p g^2] / E[|x|^p]), the RMS of g weighted by |x|^p
 #: (p = 2: E[(s_j x_j)^2] = E[(x_j g_j)^2]; one of 0 and channel_stats.X_WEIGHTS);
-#: grad_power: the scale is the statistic to this power (0: |x| alone, over p^param_power)
+#: grad_power: the scale is the statistic to this power (0: |x| alone, over p^param_power);
+#: labels: the gradient of the text's next-token loss ("text", the empirical Fisher) or of the loss
+#: of one token sampled from the model's own prediction at each position ("sampled", the true Fisher:
+#: what the KL divergence from the dense model's predictions weighs)
 
 
 #: what a rule recorded before a key existed did (records that lack the key are read with these)
-ATTR_BEFORE = {"per_consumer": False, "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 0}
+ATTR_BEFORE = {"per_consumer": False, "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 0,
+               "labels": "text"}
 
 
 def same_attr(recorded: dict, options: dict) -> bool:
@@ -66,7 +70,7 @@ def same_attr(recorded: dict, options: dict) -> bool:
     return {**ATTR_BEFORE, **recorded} == options
 
 
-ATTR_CHOICES = {"statistic": ("abs", "rms"), "x_weight": (0, *X_WEIGHTS),
+ATTR_CHOICES = {"statistic": ("abs", "rms"), "x_weight": (0, *X_WEIGHTS), "labels": LABELS,
                 "allocation": ("global", "uniform", "sensitivity", *GREEDY_ALLOCATIONS)}
 
 
@@ -155,7 +159,7 @@ class Calibrator:
         """Per site, a rule with everything but its thresholds (attribution measured under ``rule``)."""
         out = {}
         stats = attribution(self.model, self.sequences, self.batch_size, ATTR["per_token"], ATTR["per_consumer"] is not False,
-                            rule) if self.selector == "attr_channel" else {}
+                            rule, labels=ATTR["labels"]) if self.selector == "attr_channel" else {}
         modes = self._modes() if self.selector == "scap" else {}
         for l, layer in enumerate(self.smap.layers):
             for name in SITE_NAMES:

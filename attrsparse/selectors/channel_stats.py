@@ -141,10 +141,12 @@ def leading_batch(sequences: list[torch.Tensor], tokens: int) -> torch.Tensor:
 
 
 X_WEIGHTS = (1, 2, 4)  # powers p of the |x|^p-weighted gradient moments attribution() also sums
+LABELS = ("text", "sampled")  # the targets of attribution()'s loss
 
 
 def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int = 4,
-                per_token: bool = True, per_consumer: bool = False, rule=None) -> dict:
+                per_token: bool = True, per_consumer: bool = False, rule=None, labels: str = "text",
+                seed: int = 0) -> dict:
     """Per site input ``(layer, site)``: ``{"abs_grad": E|g_j|, "sq_grad": E[g_j^2], "mean": E[x_j],
     "abs": E|x_j|}`` and, for p in :data:`X_WEIGHTS`, ``"x{p}": E|x_j|^p`` and ``"x{p}_sq_grad":
     E[|x_j|^p g_j^2]`` over every predicting position of the calibration text (float64, CPU).
@@ -155,7 +157,13 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
     keys ``(layer, site, c)`` too, the gradient through consumer c alone. ``rule`` (a bound
     :class:`~.channels.ChannelRuleSet`): the passes run under it, and ``x`` and ``g`` are those of the
     input each consumer really sees (dropped channels at their fill; their gradient is still
-    ``W[:, j]^T dL/dy``: what restoring them would change)."""
+    ``W[:, j]^T dL/dy``: what restoring them would change). ``labels``: the loss of the text's next
+    tokens ("text"), or of one token per position sampled from the model's own prediction there
+    ("sampled", seeded by ``seed``: E[g g^T] is then the true Fisher, the curvature of the KL divergence
+    from the model's predictions, instead of the empirical one)."""
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    generator = torch.Generator().manual_seed(seed)
     device = model_device(model)
     sums: dict = {}
     tokens = 0
@@ -171,7 +179,11 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
         live = rule.live_state(model) if rule is not None else nullcontext()
         with hooks, live, site_inputs(model, per_consumer) as cap, attention, torch.enable_grad():
             logits = model(inputs_embeds=embeds, use_cache=False).logits
-            loss = sum(token_losses(logits[b:b + 1], ids[b, 1:]).sum() for b in range(ids.shape[0]))
+            targets = ids[:, 1:]
+            if labels == "sampled":
+                probs = torch.softmax(logits.detach().double().cpu(), dim=-1).reshape(-1, logits.shape[-1])
+                targets = torch.multinomial(probs, 1, generator=generator).reshape(targets.shape).to(device)
+            loss = sum(token_losses(logits[b:b + 1], targets[b]).sum() for b in range(ids.shape[0]))
             keys = list(cap)
             grads = torch.autograd.grad(loss, [cap[k] for k in keys])
         n = ids.shape[0] * (ids.shape[1] - 1)
