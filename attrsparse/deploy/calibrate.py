@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.artifacts import write_manifest
 from ..core.errors import UserError
@@ -29,7 +28,7 @@ from ..policies.channel import ratio_prefix, read_channels
 from ..policies.static import FORMAT, JSON_NAME, TENSORS_NAME, ratio_key, read_static, read_static_json
 from ..selectors.base import get_selector
 from ..selectors.budget import HEAD_POWER
-from ..selectors.channel_calibration import GREEDY_ALLOCATIONS, attr_options, calibrate_channels, same_attr
+from ..selectors.channel_calibration import attr_options, calibrate_channels_shown, same_attr
 from ..selectors.static import CalibratedScores, calibrate, static_masks
 
 
@@ -167,14 +166,7 @@ def run_channel_calibration(model: nn.Module, tokenizer, out: str | Path, *, sel
                        "tokens_hash": stable_hash([s.tolist() for s in seqs])}
         kept_doc, kept_tensors = ({}, {}) if overwrite else _channel_folder_to_extend(
             out, selector, fingerprint, calibration, options)
-        if selector in ("teal", "wina") or (selector == "attr_channel" and options["allocation"] in GREEDY_ALLOCATIONS):
-            with tqdm(total=len(unit_map(model).layer_modules), desc=f"calibrating {selector}", unit="layer",
-                      disable=not progress) as bar:  # the greedy search, layer by layer
-                rules = calibrate_channels(model, seqs, selector, ratios, progress=lambda _l: bar.update(1))
-        else:  # ratio by ratio (the first also measures what every ratio shares)
-            rules = {}
-            for ratio in tqdm(ratios, desc=f"calibrating {selector}", unit="ratio", disable=not progress):
-                rules.update(calibrate_channels(model, seqs, selector, [ratio]))
+        rules = calibrate_channels_shown(model, seqs, selector, ratios, show=progress)
     new = {f"{ratio:g}" for ratio in rules}
     tensors = {k: v for k, v in kept_tensors.items() if k.split("/", 1)[0][1:] not in new}
     entries = {k: v for k, v in kept_doc.get("ratios", {}).items() if k not in new}

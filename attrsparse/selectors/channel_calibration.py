@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..core.architectures import find_arch, model_device
 from ..core.channel_hooks import ChannelHooks
@@ -480,6 +481,21 @@ def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector
     return out
 
 
+def calibrate_channels_shown(model: nn.Module, sequences: list[torch.Tensor], selector: str, ratios,
+                             show: bool = True) -> dict[float, ChannelRuleSet]:
+    """:func:`calibrate_channels` with a progress bar (ETA): layer by layer for the greedy searches
+    (TEAL's and WINA's, attr_channel's greedy allocations: the long ones), else ratio by ratio (the
+    first ratio also measures what every ratio shares)."""
+    if selector in ("teal", "wina") or (selector == "attr_channel" and ATTR["allocation"] in GREEDY_ALLOCATIONS):
+        with tqdm(total=site_map(model).num_layers, desc=f"calibrating {selector}", unit="layer",
+                  disable=not show) as bar:
+            return calibrate_channels(model, sequences, selector, ratios, progress=lambda _l: bar.update(1))
+    rules = {}
+    for ratio in tqdm(list(ratios), desc=f"calibrating {selector}", unit="ratio", disable=not show):
+        rules.update(calibrate_channels(model, sequences, selector, [ratio]))
+    return rules
+
+
 class ChannelSelector(Selector):
     """An input-channel rule by name: mode ``channel`` (it runs on tasks, not in the oracle sweep)."""
 
@@ -488,7 +504,7 @@ class ChannelSelector(Selector):
     needs_calibration = True
 
     def channel_rules(self, model, calibration, ratios) -> dict[float, ChannelRuleSet]:
-        return calibrate_channels(model, list(calibration), self.name, ratios)
+        return calibrate_channels_shown(model, list(calibration), self.name, ratios)
 
     def masks_for_many(self, scores, ratios, scope="per_layer", **context):
         raise UserError(f"{self.name} decides the input channels of every linear from the live input, not "
