@@ -7,6 +7,9 @@ installed). The same strided windows as ``attrsparse evaluate`` (512 tokens, 256
     .venv/bin/python benchmarks/engine_perplexity.py --rules runs/bench-x2/engine_rules --ratios 0.6,0.65 \
         --max-tokens 2048 --out docs/results/bench-engines-x2/perplexity.json
 
+or, instead of a bench run's rules, an ``attrsparse calibrate`` folder (``--channels DIR``), whose rule
+at each ratio is converted for each precision as the bench converts it (``convert_rules``).
+
 SmolLM2-135M only (the model whose GGUF the engine bench converts). Writes one JSON file
 (``command``, ``config``, ``records``: engine, weights, selector, ratio, ppl, nll, n_tokens,
 read_ratio, seconds) and prints one line per record; a record already in ``--out`` for the same
@@ -27,15 +30,18 @@ from attrsparse.core.io import atomic_write_json
 from attrsparse.core.models import load_model
 from attrsparse.data.tasks import load_task
 from attrsparse.deploy.engine import Engine, pack
+from attrsparse.deploy.engine.convert import convert_rules
 from attrsparse.deploy.engine.gguf_convert import packaged_smollm2_gguf
 from attrsparse.deploy.engine.sites import rules_from_json
 from attrsparse.evaluation.engine_bench import llamacpp_gguf, llamacpp_problem
 from attrsparse.evaluation.engine_quality import llamacpp_perplexity, native_perplexity
+from attrsparse.policies.channel import load_channel_policy
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rules", type=Path, help="engine_rules folder of an `attrsparse bench` run")
+    ap.add_argument("--channels", type=Path, help="an `attrsparse calibrate` folder (instead of --rules)")
     ap.add_argument("--selector", default="attr_channel")
     ap.add_argument("--ratios", default="0.6")
     ap.add_argument("--precisions", default="fp32,bf16,int8")
@@ -47,7 +53,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     config = {k: getattr(args, k) for k in ("selector", "ratios", "precisions", "max_tokens", "window", "stride")}
+    if args.rules and args.channels:
+        print("give --rules or --channels, not both", file=sys.stderr)
+        return 2
     config["rules"] = str(args.rules) if args.rules else None
+    if args.channels:
+        config["channels"] = str(args.channels)
     doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if doc and doc.get("config") != config:
         print(f"{args.out} holds another configuration's results; choose another --out", file=sys.stderr)
@@ -73,7 +84,7 @@ def main(argv: list[str]) -> int:
     model, tok = load_model("smollm2-135m")
     text = load_task("wikitext2", None, split="test")  # as `attrsparse evaluate` reads and encodes it
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:args.max_tokens].tolist()
-    ratios = [float(r) for r in args.ratios.split(",")] if args.rules else []
+    ratios = [float(r) for r in args.ratios.split(",")] if args.rules or args.channels else []
     for precision in args.precisions.split(","):
         path = pack(model, precision)
         with Engine(path, threads=args.threads, max_ctx=args.window) as eng:
@@ -82,8 +93,11 @@ def main(argv: list[str]) -> int:
 
             record(("native", precision, "dense", 1.0), measure)
             for ratio in ratios:
-                rules = args.rules / f"{args.selector}@{ratio:g}.{precision}.json"
-                eng.set_rules(rules_from_json(json.loads(rules.read_text())))
+                if args.channels:
+                    rules = convert_rules(load_channel_policy(args.channels, ratio).rule, model, precision)
+                else:
+                    rules = rules_from_json(json.loads((args.rules / f"{args.selector}@{ratio:g}.{precision}.json").read_text()))
+                eng.set_rules(rules)
                 record(("native", precision, args.selector, ratio), measure)
                 eng.set_rules(None)
     problem = "--no-llamacpp" if args.no_llamacpp else llamacpp_problem()
