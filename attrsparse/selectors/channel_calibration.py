@@ -421,15 +421,19 @@ def calibrator_key(model: nn.Module, sequences: list[torch.Tensor], selector: st
             stable_hash(ATTR if attr is None else attr) if selector == "attr_channel" else None)
 
 
+def searches_greedy(selector: str) -> bool:
+    """Whether calibrating ``selector`` searches TEAL's greedy path (TEAL, WINA, attr_channel's greedy
+    allocations): the long calibrations, whose progress is counted layer by layer."""
+    return selector in ("teal", "wina") or (selector == "attr_channel" and ATTR["allocation"] in GREEDY_ALLOCATIONS)
+
+
 def _calibrator(model: nn.Module, sequences: list[torch.Tensor], selector: str, progress=None):
     key = calibrator_key(model, sequences, selector)
     if key not in _CALIBRATORS:
         cal = Calibrator(model, sequences, selector, progress=progress)
         dense = cal.histograms()
-        if selector in ("teal", "wina"):
-            path = greedy_keep(cal, dense)
-        elif selector == "attr_channel" and ATTR["allocation"] in GREEDY_ALLOCATIONS:
-            path = greedy_keep(cal, dense, GREEDY_MAX_ATTR)
+        if searches_greedy(selector):
+            path = greedy_keep(cal, dense, GREEDY_MAX_ATTR) if selector == "attr_channel" else greedy_keep(cal, dense)
         elif selector == "attr_channel" and ATTR["allocation"] == "sensitivity":
             path = SensitivityCurves(cal, dense)
         else:
@@ -484,9 +488,9 @@ def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector
 def calibrate_channels_shown(model: nn.Module, sequences: list[torch.Tensor], selector: str, ratios,
                              show: bool = True) -> dict[float, ChannelRuleSet]:
     """:func:`calibrate_channels` with a progress bar (ETA): layer by layer for the greedy searches
-    (TEAL's and WINA's, attr_channel's greedy allocations: the long ones), else ratio by ratio (the
-    first ratio also measures what every ratio shares)."""
-    if selector in ("teal", "wina") or (selector == "attr_channel" and ATTR["allocation"] in GREEDY_ALLOCATIONS):
+    (:func:`searches_greedy`), else ratio by ratio (the first ratio also measures what every ratio
+    shares)."""
+    if searches_greedy(selector):
         with tqdm(total=site_map(model).num_layers, desc=f"calibrating {selector}", unit="layer",
                   disable=not show) as bar:
             return calibrate_channels(model, sequences, selector, ratios, progress=lambda _l: bar.update(1))
