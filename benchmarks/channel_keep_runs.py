@@ -5,8 +5,8 @@ projection of every layer on WikiText-2 text: each channel's keep frequency on t
 then on the *test* split the kept rows per token counted as runs of consecutive rows, in the
 stored order and with the rows sorted by that frequency (what a permutation of the weight rows
 would give the engine). Decisions are taken on the dense model's activations (each site's input
-as the dense forward computes it), with the engine's own test (``convert_rules``: |x_j - m_j|·a_j >
-t per projection).
+as the dense forward computes it) by the rule's own test (``ChannelRuleSet.keep``, which the
+native engine is tested to reproduce).
 
     .venv/bin/python benchmarks/channel_keep_runs.py --channels runs/chan-x --ratio 0.6 \\
         --tokens 512 --out docs/results/channel-keep-runs/keep_runs.json
@@ -29,7 +29,6 @@ from attrsparse.core.io import atomic_write_json
 from attrsparse.core.models import load_model
 from attrsparse.core.sites import site_map
 from attrsparse.data.tasks import load_task
-from attrsparse.deploy.engine.convert import convert_rules
 from attrsparse.deploy.engine.sites import SITE_PROJECTIONS
 from attrsparse.policies.channel import load_channel_policy
 
@@ -57,13 +56,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
-    rules = convert_rules(load_channel_policy(args.channels, args.ratio).rule, model, "fp32")
+    rules = load_channel_policy(args.channels, args.ratio).rule.bind(model)
     sites = site_map(model).layers
-    inputs: dict[tuple[int, str], np.ndarray] = {}
+    inputs: dict[tuple[int, str], torch.Tensor] = {}
     for l, layer in enumerate(sites):
         for name, site in layer.items():
             site.modules[0].register_forward_pre_hook(
-                lambda m, a, key=(l, name): inputs.__setitem__(key, a[0][0].detach().float().numpy()))
+                lambda m, a, key=(l, name): inputs.__setitem__(key, a[0][0].detach()))
 
     def decisions(split: str) -> dict[tuple[int, str], np.ndarray]:
         text = load_task("wikitext2", None, split=split)
@@ -72,15 +71,9 @@ def main(argv: list[str]) -> int:
             model(ids)
         out = {}
         for (l, name), x in inputs.items():
-            rule = rules.get(l, name)
-            centred = x - (np.asarray(rule.center, np.float32) if rule and rule.center is not None else 0)
-            for proj in SITE_PROJECTIONS[name]:
-                t, a = rule.projection_test(proj) if rule else (None, None)
-                keep = np.ones_like(x, bool) if t is None else np.abs(centred) * (
-                    1.0 if a is None else np.asarray(a, np.float32)) > t
-                if rule and rule.keep is not None:
-                    keep &= np.asarray(rule.keep, bool)
-                out[(l, proj)] = keep
+            for consumer, proj in enumerate(SITE_PROJECTIONS[name]):
+                keep = rules.keep(l, name, consumer, x)
+                out[(l, proj)] = (torch.ones_like(x, dtype=torch.bool) if keep is None else keep).numpy()
         return out
 
     calib, test = decisions("validation"), decisions("test")
