@@ -21,6 +21,7 @@ import torch
 from attrsparse.core.io import atomic_write_json
 from attrsparse.core.models import load_model
 from attrsparse.data.tasks import load_task
+from attrsparse.deploy.engine.pack import quantize
 
 
 def main(argv: list[str]) -> int:
@@ -31,9 +32,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
-    w = model.get_output_embeddings().weight.detach().double()
-    scale = w.abs().amax(1).clamp_min(1e-30) / 127
-    head = torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None]  # the int8 head's values
+    head = quantize(model.get_output_embeddings().weight, "int8", dim=0)[2].double()  # the int8 head's values
     text = load_task("wikitext2", None, split="test")
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :args.tokens]
     with torch.no_grad():
