@@ -17,7 +17,8 @@ from attrsparse.deploy.engine.cdefs import EngSite, engine_library
 from attrsparse.deploy.engine.fmt import DTYPE_CODE
 from attrsparse.deploy.engine.pack import quantize
 
-SHAPES = [(1, 1), (13, 37), (50, 129), (77, 1000), (64, 16), (300, 33), (576, 960)]
+SHAPES = [(1, 1), (13, 37), (50, 129), (77, 1000), (64, 16), (300, 33), (576, 960),
+          (21, 16411)]  # rows longer than 4 column tiles: the dense rows go eight per pass too (a head)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -66,6 +66,24 @@ def test_native_perplexity_runs_the_rules_and_refuses_a_short_context(make_tiny,
     assert math.isfinite(sparse["ppl"]) and dense["read_ratio"] == 1.0
 
 
+def test_native_perplexity_of_an_input_sparse_head(make_tiny, tmp_path):
+    """An input-major head: no rule gives the rows head's perplexity, agreement 1 and head read 1; a
+    rule lowers the head's read ratio and the agreement (the argmax match of its logits with the
+    full head's), and leaves the decoder linears' read ratio alone."""
+    model = make_tiny("gemma3_text")
+    with Engine(pack(model, "fp32", directory=tmp_path), threads=2, max_ctx=16) as eng:
+        rows = native_perplexity(eng, IDS, window=16, stride=8)
+    assert "top1_agreement" not in rows
+    with Engine(pack(model, "fp32", head_layout="input", directory=tmp_path), threads=2, max_ctx=16) as eng:
+        full = native_perplexity(eng, IDS, window=16, stride=8)
+        eng.set_rules(ChannelRules(head=SiteRule(threshold=0.9)))
+        sparse = native_perplexity(eng, IDS, window=16, stride=8)
+    assert full["ppl"] == pytest.approx(rows["ppl"], rel=1e-5)
+    assert full["top1_agreement"] == 1.0 and full["head_read_ratio"] == 1.0
+    assert 0.0 < sparse["head_read_ratio"] < 0.9 and sparse["top1_agreement"] < 1.0
+    assert sparse["ppl"] != full["ppl"] and sparse["read_ratio"] == 1.0
+
+
 class FakeLlama:
     """What llamacpp_perplexity uses of llama_cpp.Llama (reset, eval, scores), with a model's logits."""
 

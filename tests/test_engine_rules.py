@@ -15,7 +15,15 @@ from attrsparse.core.channel_hooks import ChannelHooks
 from attrsparse.core.errors import UserError
 from attrsparse.core.sites import SITE_NAMES, site_map
 from attrsparse.deploy.engine import Engine, convert_rules, pack
-from attrsparse.deploy.engine.sites import PROJECTIONS, SITE_PROJECTIONS, SITES, ChannelRules, rules_from_json, rules_to_json
+from attrsparse.deploy.engine.sites import (
+    PROJECTIONS,
+    RULES_FORMAT,
+    SITE_PROJECTIONS,
+    SITES,
+    ChannelRules,
+    rules_from_json,
+    rules_to_json,
+)
 from attrsparse.deploy.engine.sites import SiteRule as EngineRule
 from attrsparse.selectors import channel_calibration as cc
 from attrsparse.selectors.channels import ChannelRuleSet, SiteRule, site_key
@@ -246,19 +254,22 @@ def test_rules_the_engine_cannot_express_are_refused(make_tiny):
 
 
 def test_rules_file_vectors_are_exact_float32_and_old_formats_read():
-    """Format 3 writes vectors as base64 float32: reading gives the float32 values bit for bit;
-    format 2 files (JSON lists) read to the same rules; a corrupt vector is one clear error."""
+    """Vectors are written as base64 float32 (format 3 on): reading gives the float32 values bit for
+    bit, the head's rule included (format 4); format 2 files (JSON lists) read to the same rules; a
+    corrupt vector is one clear error."""
     values = [0.1, -2.5, 1e-30, 3.4e38, float(torch.tensor(1 / 3, dtype=torch.float32))]
     rules = ChannelRules({(0, "attn_in"): EngineRule(thresholds={"q": 0.5, "k": 1.0, "v": 2.0},
                                                      scales={"q": values, "k": values, "v": values}),
                           (1, "mlp_out"): EngineRule(threshold=0.25, scale=values, center=values,
-                                                     keep=[True, False, True, True, False], bias={"down": values})})
+                                                     keep=[True, False, True, True, False], bias={"down": values})},
+                         head=EngineRule(threshold=0.75, scale=values))
     data = rules_to_json(rules)
-    assert data["format"] == 3 and isinstance(data["sites"][0]["scales"]["q"], str)
+    assert data["format"] == RULES_FORMAT == 4 and isinstance(data["sites"][0]["scales"]["q"], str)
     again = rules_from_json(data)
     want = array("f", values)
+    assert again.head.threshold == 0.75 and rules_from_json(rules_to_json(ChannelRules())).head is None
     for got in (again.get(0, "attn_in").scales["q"], again.get(1, "mlp_out").scale, again.get(1, "mlp_out").center,
-                again.get(1, "mlp_out").bias["down"]):
+                again.get(1, "mlp_out").bias["down"], again.head.scale):
         assert got == want and got.tobytes() == want.tobytes()
     assert list(again.get(1, "mlp_out").keep) == [1, 0, 1, 1, 0] and again.get(0, "attn_in").thresholds["k"] == 1.0
     old = {"format": 2, "sites": [{"layer": 1, "site": "mlp_out", "threshold": 0.25, "scale": values, "center": values,

@@ -35,26 +35,38 @@ def _checked(result: dict, what: str, read: float) -> dict:
 
 def native_perplexity(engine: Engine, ids: list[int], window: int = 512, stride: int = 256,
                       progress=None) -> dict:
-    """Perplexity of ``ids`` on ``engine``'s logits (its rules, precision and KV cache as opened)."""
+    """Perplexity of ``ids`` on ``engine``'s logits (its rules, precision and KV cache as opened).
+
+    With an input-major head (:attr:`Engine.input_major_head`) also ``head_read_ratio`` (its kept
+    channels over the scored positions) and ``top1_agreement``: how often the argmax of its logits
+    under the head's rule equals that of the head with every channel kept, at the scored positions."""
     if window > engine.max_ctx:
         raise UserError(f"window {window} exceeds the engine's context of {engine.max_ctx}")
     vocab = engine.config["vocab"]
-    reads, steps = 0, 0
+    check = engine.input_major_head
+    reads, steps, agree, scored_n, head = 0, 0, 0, 0, 0.0
 
     def window_logits(begin: int, end: int, first: int) -> tuple[torch.Tensor, int]:
-        nonlocal reads, steps
+        nonlocal reads, steps, agree, scored_n, head
         engine.reset()
         rows = []
         for i in range(begin, end - 1):  # the last token of a window predicts nothing scored
             scored = i >= first - 1
-            reads += engine.step(ids[i], mode=None, logits=scored).linear_reads
+            a = engine.step(ids[i], mode="check" if scored and check else None, logits=scored)
+            reads += a.linear_reads
             steps += 1
             if scored:
                 rows.append(torch.frombuffer(bytearray(engine.last_logits), dtype=torch.float32, count=vocab))
+                scored_n += 1
+                agree += int(a.next == a.check)
+                head += a.head_bytes / engine.dense_head_bytes
         return torch.stack(rows), first - 1
 
     result = strided_perplexity(torch.tensor(ids), window, stride, window_logits, progress)
-    return _checked(result, f"the native engine ({engine.path.name})", reads / steps / engine.dense_linear)
+    result = _checked(result, f"the native engine ({engine.path.name})", reads / steps / engine.dense_linear)
+    if check:
+        result.update(head_read_ratio=head / scored_n, top1_agreement=agree / scored_n)
+    return result
 
 
 def llamacpp_perplexity(llm, ids: list[int], window: int = 512, stride: int = 256, progress=None) -> dict:

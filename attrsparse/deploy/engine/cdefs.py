@@ -35,7 +35,7 @@ class EngModel(ctypes.Structure):
                 ("final_softcap", c_float), ("head_fd", c_int32), ("embed", c_void_p), ("embed_scale", c_void_p),
                 ("head", c_void_p), ("head_scale", c_void_p), ("screen", c_void_p), ("screen_scale", c_void_p),
                 ("screen_bound", c_void_p), ("final_norm", c_void_p), ("layers", c_void_p),
-                ("head_off", c_int64)]
+                ("head_off", c_int64), ("head_lin", c_void_p)]
 
 
 class EngStep(ctypes.Structure):

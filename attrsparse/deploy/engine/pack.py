@@ -5,6 +5,10 @@ once (``key``: sha256 of the weights, precision, options and format version; wri
 temporary name, then renamed) and returns its path; a later call with the same weights returns
 the existing file after checking its header.
 
+``head_layout="input"`` stores the LM head input-major (``[hidden, vocab]``, like the linears), so
+that it runs as an input-sparse linear under a channel rule (``ChannelRules.head``); such a file has
+no screen. The default, ``"rows"``, stores it by vocabulary rows (the screened greedy head).
+
 Supported: Llama (SmolLM2), Qwen2 (q/k/v biases), Gemma 3 text. Anything else raises
 :class:`UnsupportedArchitectureError` (callers fall back to transformers with a note).
 """
@@ -36,6 +40,7 @@ from .fmt import (
 )
 
 ENGINE_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+HEAD_LAYOUTS = ("rows", "input")
 _UNIT = 2.0 ** -24  # fp32 unit roundoff
 
 
@@ -134,9 +139,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def fingerprint(model: nn.Module, precision: str, screen: bool) -> str:
+def fingerprint(model: nn.Module, precision: str, screen: bool, head_layout: str = "rows") -> str:
     """sha256 of the format version, precision, options, config and every parameter's bytes."""
-    digest = hashlib.sha256(f"{FORMAT_VERSION}|{precision}|{screen}|".encode())
+    options = f"{screen}" if head_layout == "rows" else f"{screen}|head={head_layout}"  # rows: the keys of before
+    digest = hashlib.sha256(f"{FORMAT_VERSION}|{precision}|{options}|".encode())
     digest.update(model.config.to_json_string(use_diff=False).encode())
     for name, p in model.named_parameters():
         digest.update(name.encode())
@@ -267,7 +273,7 @@ def _describe(model: nn.Module, kind: str, precision: str) -> dict:
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id}
 
 
-def _build_plan(model: nn.Module, precision: str, screen: bool) -> tuple[_Plan, dict, list[dict]]:
+def _build_plan(model: nn.Module, precision: str, screen: bool, head_layout: str = "rows") -> tuple[_Plan, dict, list[dict]]:
     kind = engine_arch(model)
     config = _describe(model, kind, precision)
     spec = find_arch(model.config.model_type)
@@ -284,7 +290,10 @@ def _build_plan(model: nn.Module, precision: str, screen: bool) -> tuple[_Plan, 
             head_cache["q"] = quantize(head_w, precision, dim=0)
         return head_cache["q"]
 
-    plan.add("head", dtype, [V, d], lambda: head_deq()[0])
+    if head_layout == "input":  # [d, V]: the same values and per-vocabulary scales, transposed
+        plan.add("head", dtype, [d, V], lambda: head_deq()[0].T.contiguous())
+    else:
+        plan.add("head", dtype, [V, d], lambda: head_deq()[0])
     if precision == "int8":
         plan.add("head.scale", "f32", [V], lambda: head_deq()[1])
     if screen:
@@ -306,7 +315,7 @@ def _build_plan(model: nn.Module, precision: str, screen: bool) -> tuple[_Plan, 
     rope_names: dict = {}
     layers = [_layer(plan, model, spec, i, layer, precision, kind, rope_names)
               for i, layer in enumerate(_get(model, spec.layers))]
-    config.update(head_dtype=dtype, embed_dtype=dtype, tied=tied)
+    config.update(head_dtype=dtype, embed_dtype=dtype, tied=tied, head_layout=head_layout)
     return plan, config, layers
 
 
@@ -316,26 +325,32 @@ def engine_dir(directory: str | os.PathLike | None = None) -> Path:
     return folder
 
 
-def pack(model: nn.Module, precision: str = "fp32", *, screen: bool | None = None,
+def pack(model: nn.Module, precision: str = "fp32", *, screen: bool | None = None, head_layout: str = "rows",
          directory: str | os.PathLike | None = None, source: dict | None = None) -> Path:
     """Write (once) and return the engine file of ``model`` in ``precision`` (module docstring).
 
     ``screen``: store the int8 screening copy of the head for the exact screened greedy argmax;
-    default: for fp32 and bf16 heads (an int8 head is as small as its screen would be)."""
+    default: for fp32 and bf16 heads stored by rows (an int8 head is as small as its screen would
+    be). ``head_layout``: ``"rows"`` or ``"input"`` (the input-sparse head; no screen)."""
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if head_layout not in HEAD_LAYOUTS:
+        raise UserError(f"head_layout must be one of {', '.join(HEAD_LAYOUTS)}, got {head_layout!r}")
+    if screen and head_layout == "input":
+        raise UserError("an input-major head has no screen (the screen bounds rows of a head stored by rows)")
     if screen is None:
-        screen = precision != "int8"
+        screen = precision != "int8" and head_layout == "rows"
     engine_arch(model)
-    key = fingerprint(model, precision, screen)
-    path = engine_dir(directory) / f"{model.config.model_type}-{precision}-{key[:16]}.aspe"
+    key = fingerprint(model, precision, screen, head_layout)
+    suffix = "" if head_layout == "rows" else "-hin"
+    path = engine_dir(directory) / f"{model.config.model_type}-{precision}{suffix}-{key[:16]}.aspe"
     if path.exists():
         try:
             if read_header(path).get("fingerprint") == key:
                 return path
         except UserError:
             pass  # stale or partial: rewrite below
-    plan, config, layers = _build_plan(model, precision, screen)
+    plan, config, layers = _build_plan(model, precision, screen, head_layout)
     tensors, data_bytes = plan.table()
     screen_names = {"screen", "screen.scale", "screen.bound"}
     seen, weight_bytes = set(), 0

@@ -36,7 +36,7 @@ from .cdefs import (
     engine_library,
 )
 from .fmt import DTYPE_BYTES, DTYPE_CODE, PRECISION_DTYPE, dense_counts, read_header
-from .sites import PROJECTIONS, SITE_PROJECTIONS, SITES, ChannelRules, as_list, physical_bias
+from .sites import HEAD_PROJECTION, PROJECTIONS, SITE_PROJECTIONS, SITES, ChannelRules, SiteRule, as_list, physical_bias
 
 LOAD_MODES = {"mmap": 0, "copy": 1}
 KV_CACHES = ("fp32", "bf16")
@@ -206,7 +206,18 @@ class Engine:
         self._keep.append(layers)
         m.layers = ctypes.addressof(layers)
         self._layers = layers
+        self._head_lin = None
+        if self.input_major_head:  # the head as an input-sparse linear (engine.h: head_lin)
+            self._head_lin = EngLayer()
+            self._head_lin.w[0], self._head_lin.wscale[0] = m.head, m.head_scale
+            m.head_lin = ctypes.addressof(self._head_lin)
         return m
+
+    @property
+    def input_major_head(self) -> bool:
+        """Whether the file stores the head input-major (``pack(..., head_layout="input")``): it
+        then runs as an input-sparse linear under :attr:`ChannelRules.head`, with no screen."""
+        return self.config.get("head_layout", "rows") == "input"
 
     def _head_range(self) -> tuple[int, int]:
         """``(offset, bytes)`` of the head in the file. With a screen, greedy decoding reads a few
@@ -231,47 +242,58 @@ class Engine:
         ``scales``) every projection of the site decides on its own and reads only its kept rows."""
         if rules is not None:
             rules.validate(self.config)
+            if rules.head is not None and not self.input_major_head:
+                raise UserError(f"the channel rules have a rule for the LM head, but {self.path.name} stores its "
+                                "head by vocabulary rows; pack it with head_layout='input' (bench: --head-ratio)")
         buffers_before = self._rule_buffers
         self._rule_buffers = []
         for layer in range(self.config["n_layers"]):
             for s, site in enumerate(SITES):
-                target = self._layers[layer].site[s]
                 rule = rules.get(layer, site) if rules is not None else None
-                target.scale = target.center = target.keep = target.bias = None
-                target.threshold, target.rule = 0.0, 0
-                for p in range(MAX_PROJ):
-                    target.pscale[p], target.pthreshold[p], target.prule[p] = None, 0.0, 0
-                if rule is None or rule.is_dense():
-                    continue
-                tests = []
-                for proj in SITE_PROJECTIONS[site]:
-                    threshold, scale = rule.projection_test(proj)
-                    tests.append((threshold, None if scale is None or threshold is None
-                                  else scale if isinstance(scale, array) else array("f", [float(v) for v in as_list(scale)])))
-                if all(test == tests[0] for test in tests):  # one decision for the site
-                    threshold, scale = tests[0]
-                    if threshold is not None:
-                        target.rule, target.threshold = RULE_SHARED, threshold
-                    if scale is not None:
-                        target.scale = self._floats(scale)
-                else:
-                    target.rule = RULE_PER_PROJECTION
-                    for p, (threshold, scale) in enumerate(tests):
-                        if threshold is not None:
-                            target.prule[p], target.pthreshold[p] = 1, threshold
-                        if scale is not None:
-                            target.pscale[p] = self._floats(scale)
-                if rule.center is not None:
-                    target.center = self._floats(rule.center)
-                if rule.keep is not None:
-                    keep = array("B", [1 if k else 0 for k in as_list(rule.keep)] + [0] * 16)
-                    self._rule_buffers.append(keep)
-                    target.keep = ctypes.addressof(ctypes.c_char.from_buffer(keep))
-                bias = physical_bias(rule, site, self.config)
-                if bias is not None:
-                    target.bias = self._floats(bias)
+                self._install(self._layers[layer].site[s], rule, SITE_PROJECTIONS[site],
+                              None if rule is None else physical_bias(rule, site, self.config))
+        if self._head_lin is not None:
+            head = rules.head if rules is not None else None
+            self._install(self._head_lin.site[0], head, (HEAD_PROJECTION,),
+                          None if head is None or not head.bias else head.bias[HEAD_PROJECTION])
         del buffers_before  # the C side no longer points at them
         self.rules = rules
+
+    def _install(self, target, rule: SiteRule | None, projections: tuple[str, ...], bias) -> None:
+        """Set the C site ``target`` to ``rule`` (None: dense) for a site feeding ``projections``;
+        ``bias``: its compensation in physical output order, or None."""
+        target.scale = target.center = target.keep = target.bias = None
+        target.threshold, target.rule = 0.0, 0
+        for p in range(MAX_PROJ):
+            target.pscale[p], target.pthreshold[p], target.prule[p] = None, 0.0, 0
+        if rule is None or rule.is_dense():
+            return
+        tests = []
+        for proj in projections:
+            threshold, scale = rule.projection_test(proj)
+            tests.append((threshold, None if scale is None or threshold is None
+                          else scale if isinstance(scale, array) else array("f", [float(v) for v in as_list(scale)])))
+        if all(test == tests[0] for test in tests):  # one decision for the site
+            threshold, scale = tests[0]
+            if threshold is not None:
+                target.rule, target.threshold = RULE_SHARED, threshold
+            if scale is not None:
+                target.scale = self._floats(scale)
+        else:
+            target.rule = RULE_PER_PROJECTION
+            for p, (threshold, scale) in enumerate(tests):
+                if threshold is not None:
+                    target.prule[p], target.pthreshold[p] = 1, threshold
+                if scale is not None:
+                    target.pscale[p] = self._floats(scale)
+        if rule.center is not None:
+            target.center = self._floats(rule.center)
+        if rule.keep is not None:
+            keep = array("B", [1 if k else 0 for k in as_list(rule.keep)] + [0] * 16)
+            self._rule_buffers.append(keep)
+            target.keep = ctypes.addressof(ctypes.c_char.from_buffer(keep))
+        if bias is not None:
+            target.bias = self._floats(bias)
 
     # ---------------------------------------------------------------- running
     def reset(self, seed: int = 0) -> None:
@@ -287,7 +309,10 @@ class Engine:
         """Run one token. ``mode``: None (no head: prompt tokens), ``"greedy"`` (screened when the
         file has a screen), ``"full"`` (greedy over the full head), ``"sample"``, ``"check"``
         (the screened token, and the full head's argmax in ``.check``: verification). With
-        ``logits`` the full head runs and ``self.last_logits`` holds them (a ctypes float array)."""
+        ``logits`` the full head runs and ``self.last_logits`` holds them (a ctypes float array).
+        With an input-major head (:attr:`input_major_head`) every mode runs the head under its
+        rule (:attr:`ChannelRules.head`; none: all channels), and ``"check"`` gives the argmax of
+        the head with every channel kept in ``.check``."""
         modes = {None: MODE_NONE, "greedy": MODE_GREEDY_SCREENED, "screened": MODE_GREEDY_SCREENED,
                  "full": MODE_GREEDY_FULL, "sample": MODE_SAMPLE, "check": MODE_GREEDY_CHECK}
         if mode not in modes:

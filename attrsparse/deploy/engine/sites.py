@@ -24,6 +24,10 @@ per site. Skipped channels read no weights: a projection reads ``kept_P * output
 Static unit masks are the same thing: MLP neuron ``i`` is channel ``i`` of ``mlp_out``; query head
 ``h`` is channels ``h*head_dim:(h+1)*head_dim`` of ``attn_out`` (:meth:`ChannelRules.from_unit_masks`).
 
+An engine file packed with an input-major head (``pack(..., head_layout="input")``) also runs the
+LM head as an input-sparse linear: :attr:`ChannelRules.head` is then the rule of its input (the
+final normed hidden state) with the one projection ``head`` (the vocabulary's logits).
+
 Vectors may be lists, tuples, numpy arrays or torch tensors (anything with ``tolist`` or
 iterable); nothing here imports numpy or torch.
 """
@@ -43,6 +47,7 @@ from ...core.errors import UserError
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 SITE_PROJECTIONS = {"attn_in": ("q", "k", "v"), "attn_out": ("o",), "mlp_in": ("gate", "up"),
                     "mlp_out": ("down",)}
+HEAD_PROJECTION = "head"  # the one projection of the head's input (ChannelRules.head)
 # every projection of a layer, in the order of the engine's kept counts (Engine.kept, EngStep.kept)
 PROJECTIONS = tuple(p for site in SITES for p in SITE_PROJECTIONS[site])
 
@@ -81,9 +86,11 @@ class SiteRule:
 
 @dataclass
 class ChannelRules:
-    """Rules per ``(layer, site)``; missing entries are dense."""
+    """Rules per ``(layer, site)``; missing entries are dense. ``head``: the rule of the LM head's
+    input (projection ``"head"``), for engine files whose head is stored input-major."""
 
     sites: dict[tuple[int, str], SiteRule] = field(default_factory=dict)
+    head: SiteRule | None = None
 
     def get(self, layer: int, site: str) -> SiteRule | None:
         return self.sites.get((layer, site))
@@ -114,25 +121,32 @@ class ChannelRules:
                 raise UserError(f"{where}: unknown site; sites are {', '.join(SITES)}")
             if not 0 <= layer < config["n_layers"]:
                 raise UserError(f"{where}: the model has {config['n_layers']} layers")
-            n_in, outs = dims[site]
-            for name in ("scale", "center", "keep"):
-                values = getattr(rule, name)
-                if values is not None and len(as_list(values)) != n_in:
-                    raise UserError(f"{where}: {name} has {len(as_list(values))} entries, the input has {n_in}")
-            for name in ("thresholds", "scales"):
-                for proj in getattr(rule, name):
-                    if proj not in outs:
-                        raise UserError(f"{where}: {name} for {proj!r}; this site feeds {', '.join(outs)}")
-            for proj, values in rule.scales.items():
-                if len(as_list(values)) != n_in:
-                    raise UserError(f"{where}: scales[{proj!r}] has {len(as_list(values))} entries, "
-                                    f"the input has {n_in}")
-            for proj, values in rule.bias.items():
-                if proj not in outs:
-                    raise UserError(f"{where}: bias for {proj!r}; this site feeds {', '.join(outs)}")
-                if len(as_list(values)) != outs[proj]:
-                    raise UserError(f"{where}: bias[{proj!r}] has {len(as_list(values))} entries, "
-                                    f"{proj} has {outs[proj]} outputs")
+            _check_rule(where, rule, *dims[site])
+        if self.head is not None:
+            _check_rule("the head's channel rule", self.head, config["hidden"], {HEAD_PROJECTION: config["vocab"]})
+
+
+def _check_rule(where: str, rule: SiteRule, n_in: int, outs: dict[str, int]) -> None:
+    """:class:`UserError` when ``rule``'s vectors do not fit an input of ``n_in`` channels feeding
+    the projections ``outs`` (name -> outputs)."""
+    for name in ("scale", "center", "keep"):
+        values = getattr(rule, name)
+        if values is not None and len(as_list(values)) != n_in:
+            raise UserError(f"{where}: {name} has {len(as_list(values))} entries, the input has {n_in}")
+    for name in ("thresholds", "scales"):
+        for proj in getattr(rule, name):
+            if proj not in outs:
+                raise UserError(f"{where}: {name} for {proj!r}; this site feeds {', '.join(outs)}")
+    for proj, values in rule.scales.items():
+        if len(as_list(values)) != n_in:
+            raise UserError(f"{where}: scales[{proj!r}] has {len(as_list(values))} entries, "
+                            f"the input has {n_in}")
+    for proj, values in rule.bias.items():
+        if proj not in outs:
+            raise UserError(f"{where}: bias for {proj!r}; this site feeds {', '.join(outs)}")
+        if len(as_list(values)) != outs[proj]:
+            raise UserError(f"{where}: bias[{proj!r}] has {len(as_list(values))} entries, "
+                            f"{proj} has {outs[proj]} outputs")
 
 
 def site_dims(config: dict) -> dict[str, tuple[int, dict[str, int]]]:
@@ -155,7 +169,7 @@ def physical_bias(rule: SiteRule, site: str, config: dict) -> list[float] | None
     return flat
 
 
-RULES_FORMAT = 3  # 2: per-projection thresholds and scales; 3: vectors as base64 float32 (1 and 2 read the same)
+RULES_FORMAT = 4  # 2: per-projection thresholds and scales; 3: vectors as base64 float32; 4: the head's rule (1 to 3 read the same)
 
 
 def _b64(values) -> str:
@@ -180,39 +194,47 @@ def _floats(values) -> array | None:
     return array("f", values)
 
 
+def _rule_json(r: SiteRule) -> dict:
+    entry: dict = {}
+    if r.threshold is not None:
+        entry["threshold"] = float(r.threshold)
+    for name in ("scale", "center"):
+        if getattr(r, name) is not None:
+            entry[name] = _b64(getattr(r, name))
+    if r.keep is not None:
+        entry["keep"] = [bool(v) for v in as_list(r.keep)]
+    if r.bias:
+        entry["bias"] = {p: _b64(b) for p, b in r.bias.items()}
+    if r.thresholds:
+        entry["thresholds"] = {p: float(t) for p, t in r.thresholds.items()}
+    if r.scales:
+        entry["scales"] = {p: _b64(a) for p, a in r.scales.items()}
+    return entry
+
+
+def _rule_from(e: dict) -> SiteRule:
+    return SiteRule(threshold=e.get("threshold"), scale=_floats(e.get("scale")), center=_floats(e.get("center")),
+                    keep=None if e.get("keep") is None else array("B", [1 if k else 0 for k in e["keep"]]),
+                    bias={p: _floats(b) for p, b in e.get("bias", {}).items()}, thresholds=e.get("thresholds", {}),
+                    scales={p: _floats(a) for p, a in e.get("scales", {}).items()})
+
+
 def rules_to_json(rules: ChannelRules) -> dict:
     """A JSON-able dict of ``rules`` (for files and worker processes); see :func:`rules_from_json`."""
-    out = []
-    for (layer, site), r in sorted(rules.sites.items()):
-        entry: dict = {"layer": layer, "site": site}
-        if r.threshold is not None:
-            entry["threshold"] = float(r.threshold)
-        for name in ("scale", "center"):
-            if getattr(r, name) is not None:
-                entry[name] = _b64(getattr(r, name))
-        if r.keep is not None:
-            entry["keep"] = [bool(v) for v in as_list(r.keep)]
-        if r.bias:
-            entry["bias"] = {p: _b64(b) for p, b in r.bias.items()}
-        if r.thresholds:
-            entry["thresholds"] = {p: float(t) for p, t in r.thresholds.items()}
-        if r.scales:
-            entry["scales"] = {p: _b64(a) for p, a in r.scales.items()}
-        out.append(entry)
-    return {"format": RULES_FORMAT, "sites": out}
+    out = {"format": RULES_FORMAT,
+           "sites": [{"layer": layer, "site": site, **_rule_json(r)} for (layer, site), r in sorted(rules.sites.items())]}
+    if rules.head is not None:
+        out["head"] = _rule_json(rules.head)
+    return out
 
 
 def rules_from_json(data: dict) -> ChannelRules:
     """The rules of :func:`rules_to_json`'s dict; vectors held as float32 arrays (what the engine
     receives), keep-masks as byte arrays."""
     try:
-        if data.get("format", 1) not in (1, 2, RULES_FORMAT):
+        if data.get("format", 1) not in (1, 2, 3, RULES_FORMAT):
             raise ValueError(f"format {data.get('format')!r}; this attrsparse reads 1 to {RULES_FORMAT}")
-        return ChannelRules({(int(e["layer"]), str(e["site"])): SiteRule(
-            threshold=e.get("threshold"), scale=_floats(e.get("scale")), center=_floats(e.get("center")),
-            keep=None if e.get("keep") is None else array("B", [1 if k else 0 for k in e["keep"]]),
-            bias={p: _floats(b) for p, b in e.get("bias", {}).items()}, thresholds=e.get("thresholds", {}),
-            scales={p: _floats(a) for p, a in e.get("scales", {}).items()})
-            for e in data["sites"]})
+        return ChannelRules({(int(e["layer"]), str(e["site"])): _rule_from(e) for e in data["sites"]},
+                            head=None if data.get("head") is None else _rule_from(data["head"]))
     except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise UserError(f"not a channel-rules file: {exc}") from None

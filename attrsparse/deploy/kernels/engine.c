@@ -43,7 +43,8 @@ LAYOUT(EngModel, offsetof(EngModel, n_layers), offsetof(EngModel, hidden), offse
        offsetof(EngModel, final_softcap), offsetof(EngModel, head_fd), offsetof(EngModel, embed),
        offsetof(EngModel, embed_scale), offsetof(EngModel, head), offsetof(EngModel, head_scale),
        offsetof(EngModel, screen), offsetof(EngModel, screen_scale), offsetof(EngModel, screen_bound),
-       offsetof(EngModel, final_norm), offsetof(EngModel, layers), offsetof(EngModel, head_off))
+       offsetof(EngModel, final_norm), offsetof(EngModel, layers), offsetof(EngModel, head_off),
+       offsetof(EngModel, head_lin))
 LAYOUT(EngStep, offsetof(EngStep, token), offsetof(EngStep, threads), offsetof(EngStep, mode),
        offsetof(EngStep, temperature), offsetof(EngStep, top_p), offsetof(EngStep, logits),
        offsetof(EngStep, kept), offsetof(EngStep, next), offsetof(EngStep, linear_reads),
@@ -68,6 +69,7 @@ typedef struct EngState {
     void *kc, *vc;           /* [n_layers][n_kv][max_ctx][hd] of kv_type */
     float *att, *gu, *mact, *logits, *upper;
     float *pq[2], *po[2], *pg[2], *pd[2];   /* the two parts of each linear (engine_kern.h: PARTS) */
+    float *ph[2];                           /* the input-sparse head's parts (lazy: touched only with one) */
     int64_t* kept;           /* [n_layers * N_PROJ] of the last step */
     struct { float e; int32_t i; }* pairs;
     Thr th[MAXT];
@@ -105,7 +107,7 @@ void eng_state_free(EngState* s) {
     if (!s) return;
     lazy_free(s->kc); lazy_free(s->vc); free(s->att); free(s->gu); free(s->mact);
     lazy_free(s->logits); lazy_free(s->upper); free(s->kept); lazy_free(s->pairs);
-    for (int i = 0; i < 2; i++) { free(s->pq[i]); free(s->po[i]); free(s->pg[i]); free(s->pd[i]); }
+    for (int i = 0; i < 2; i++) { free(s->pq[i]); free(s->po[i]); free(s->pg[i]); free(s->pd[i]); lazy_free(s->ph[i]); }
     for (int t = 0; t < MAXT; t++) {
         Thr* T = &s->th[t];
         free(T->h); free(T->xn); free(T->val); free(T->tmp); lazy_free(T->sc); free(T->cs); free(T->sn); free(T->idx);
@@ -129,7 +131,8 @@ EngState* eng_state_new(const EngModel* m, int64_t max_ctx, int32_t threads, uin
     int ok = 1;
     for (int i = 0; i < 2; i++) {
         s->pq[i] = zalloc(P * 4); s->po[i] = zalloc(d * 4); s->pg[i] = zalloc(2 * m->inter * 4); s->pd[i] = zalloc(d * 4);
-        ok = ok && s->pq[i] && s->po[i] && s->pg[i] && s->pd[i];
+        s->ph[i] = lazy_alloc(m->vocab * 4);
+        ok = ok && s->pq[i] && s->po[i] && s->pg[i] && s->pd[i] && s->ph[i];
     }
     s->logits = lazy_alloc(m->vocab * 4); s->upper = lazy_alloc(m->vocab * 4);
     s->kept = zalloc((m->n_layers + 1) * N_PROJ * 8);
@@ -213,7 +216,14 @@ static const void* head_row_ptr(const EngModel* m, int64_t v, int64_t n, void* b
 }
 
 static void embed_row(const EngModel* m, int64_t tok, float* h, float* buf) {
-    int64_t d = m->hidden, n = d * elt_size(m->emb_type);
+    int64_t d = m->hidden, n = d * elt_size(m->emb_type), V = m->vocab;
+    if (m->head_lin && m->embed == m->head) {  /* tied to an input-major head: its column tok */
+        if (m->emb_type == ENG_F32) { const float* w = m->head; for (int64_t j = 0; j < d; j++) h[j] = w[j * V + tok]; }
+        else if (m->emb_type == ENG_BF16) { const uint16_t* w = m->head; for (int64_t j = 0; j < d; j++) h[j] = bf16_to_f32(w[j * V + tok]); }
+        else { const int8_t* w = m->head; float sc = m->embed_scale[tok]; for (int64_t j = 0; j < d; j++) h[j] = (float)w[j * V + tok] * sc; }
+        if (m->emb_scale != 1.0f) for (int64_t j = 0; j < d; j++) h[j] *= m->emb_scale;
+        return;
+    }
     const void* r = m->embed == m->head && m->emb_type == m->head_type  /* tied: the head's row */
         ? head_row_ptr(m, tok, n, buf) : (const char*)m->embed + tok * n;
     if (m->emb_type == ENG_F32) memcpy(h, r, (size_t)n);
@@ -331,11 +341,48 @@ static int64_t sample(EngState* s, float* lg, int64_t V, float temp, float top_p
     return s->pairs[k - 1].i;
 }
 
+/* Logits of the input-major head over its channel rule `L->site[0]` into s->logits (all threads;
+ * ends with a barrier); returns the weight elements read. */
+static int64_t head_input_major(const EngModel* m, EngState* s, const EngLayer* L, const float* h, int t, int nt) {
+    int64_t V = m->vocab, cols[2] = {0, V}, nk[MAX_PROJ], p0, p1;
+    int64_t rd = site_parts(m, L, 0, &s->th[t], h, m->hidden, 1, cols, s->ph, t, nt, nk);
+#pragma omp barrier
+    slice16(V, t, nt, &p0, &p1);
+    site_reduce(L, 0, s->ph, p0, p1, s->logits + p0);
+    if (m->final_softcap > 0.0f)
+        for (int64_t v = p0; v < p1; v++) s->logits[v] = tanhf(s->logits[v] / m->final_softcap) * m->final_softcap;
+#pragma omp barrier
+    return rd;
+}
+
+/* The input-sparse head (EngModel.head_lin): the logits of its rule, argmax or sample; with
+ * MODE_GREEDY_CHECK first the head with every channel kept, whose argmax goes to a->check. */
+static void sparse_head_phase(const EngModel* m, EngState* s, EngStep* a, const float* h, int t, int nt) {
+    int64_t V = m->vocab;
+    if (a->mode == MODE_GREEDY_CHECK) {
+        EngLayer full = *m->head_lin;
+        memset(&full.site[0], 0, sizeof full.site[0]);
+        head_input_major(m, s, &full, h, t, nt);
+        if (t == 0) a->check = argmax_first(s->logits, V);
+#pragma omp barrier
+    }
+    int64_t rd = head_input_major(m, s, m->head_lin, h, t, nt);
+    if (t == 0) {
+        if (a->logits) memcpy(a->logits, s->logits, (size_t)V * 4);
+        a->next = a->mode == MODE_SAMPLE ? sample(s, s->logits, V, a->temperature, a->top_p)
+                                         : argmax_first(s->logits, V);
+        if (a->mode != MODE_GREEDY_CHECK) a->check = a->next;
+        a->head_bytes = rd * elt_size(m->wtype);
+        a->candidates = V;
+    }
+}
+
 /* Head phase inside the parallel region; h is this thread's normed hidden state. Thread 0 sets
  * a->next, a->head_bytes, a->candidates. */
 static void head_phase(const EngModel* m, EngState* s, EngStep* a, const float* h, int t, int nt) {
     int64_t V = m->vocab, d = m->hidden, v0, v1;
     Thr* T = &s->th[t];
+    if (m->head_lin) { sparse_head_phase(m, s, a, h, t, nt); return; }
     range(V, t, nt, &v0, &v1);
     int screened = (a->mode == MODE_GREEDY_SCREENED || a->mode == MODE_GREEDY_CHECK) && !a->logits && m->screen
                    && !(m->final_softcap > 0.0f);

@@ -77,6 +77,11 @@ typedef struct EngModel {
     const float* final_norm;
     EngLayer* layers;
     int64_t head_off;          /* with head_fd > 0: the head's offset in that file */
+    /* Input-sparse head, or NULL: the head is then stored input-major, [hidden, vocab] in `head`
+     * (= head_lin->w[0], wscale[0] = head_scale, per vocabulary entry for int8, of type wtype),
+     * and runs as a linear through head_lin->site[0] (its channel rule on the final normed hidden
+     * state); there is no screen. A tied embedding reads column `token` of it. */
+    EngLayer* head_lin;
 } EngModel;
 
 typedef struct EngStep {
@@ -92,9 +97,11 @@ typedef struct EngStep {
     int64_t next;            /* out: next token (-1 with MODE_NONE) */
     int64_t linear_reads;    /* out: weight elements read by the decoder linears:
                               * sum over projections of kept channels x the projection's outputs */
-    int64_t head_bytes;      /* out: bytes of LM-head weights read (screen copy + exact rows) */
-    int64_t candidates;      /* out: head rows computed exactly */
-    int64_t check;           /* out: with MODE_GREEDY_CHECK, the full head's argmax */
+    int64_t head_bytes;      /* out: bytes of LM-head weights read (screen copy + exact rows; input-sparse
+                              * head: kept channels x vocab) */
+    int64_t candidates;      /* out: head rows computed exactly (input-sparse head: the vocabulary) */
+    int64_t check;           /* out: with MODE_GREEDY_CHECK, the full head's argmax (input-sparse head:
+                              * of the head with every channel kept) */
 } EngStep;
 
 #endif

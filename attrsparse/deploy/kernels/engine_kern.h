@@ -56,6 +56,11 @@ static inline __m512 ldm_i8(const int8_t* p, __mmask16 m) {
  * kept at random, 1 thread, from memory) the burst took int8 from 0.63-0.73x dense to 0.86-0.93x;
  * pacing took the SmolLM2 shapes of every precision a further 10-28% faster, rows longer than 2 KB
  * included (prefetched as a burst, those had been slower than with the first line only). */
+/* Rows longer than 4 column tiles (an input-major LM head: 49,152 to 262,144 columns) are never one
+ * sequential stream (a row's tile is 4 KB to 16 KB, the next row's tile a whole row further), so
+ * their dense rows go eight per pass too: one row per pass loaded and stored the tile of y once per
+ * row, and the dense int8 SmolLM2 head (576 x 49152, 2 threads, from memory) took 2.06 ms against
+ * 0.94 ms eight per pass, the time of the head stored by rows. */
 #define ROWS 8 /* kept rows per scattered pass; 16 was slower for int8 short rows (0.79-0.83x dense against 0.86-0.94x) */
 #define TILE 4096
 #define DEFINE_LIN(NAME, T, LD, LDM)                                                               \
@@ -67,15 +72,15 @@ static void lin_##NAME(const T* W, int64_t ld, const int32_t* idx, const float* 
         int64_t n = p1 - t0 < TILE ? p1 - t0 : TILE;                                               \
         float* yy = y + t0;                                                                        \
         int64_t k = k0, bytes = n * (int64_t)sizeof(T);                                            \
-        if (idx) /* scattered kept rows: ROWS per pass, ROWS short streams in flight */            \
+        if (idx || ld > 4 * TILE) /* scattered kept rows: ROWS per pass, ROWS short streams in flight */            \
             for (; k + ROWS <= k1; k += ROWS) {                                                    \
                 const T* r8[ROWS];                                                                 \
                 __m512 x8[ROWS];                                                                   \
-                for (int i = 0; i < ROWS; i++) { r8[i] = W + idx[k + i] * ld + t0; x8[i] = _mm512_set1_ps(val[k + i]); } \
+                for (int i = 0; i < ROWS; i++) { r8[i] = W + (idx ? idx[k + i] : k + i) * ld + t0; x8[i] = _mm512_set1_ps(val[k + i]); } \
                 const char* nx[ROWS];                                                              \
                 int nn = 0;                                                                        \
                 for (int i = 0; i < ROWS && k + ROWS + i < k1; i++)                                \
-                    nx[nn++] = (const char*)(W + idx[k + ROWS + i] * ld + t0);                     \
+                    nx[nn++] = (const char*)(W + (idx ? idx[k + ROWS + i] : k + ROWS + i) * ld + t0);                     \
                 int64_t c = 0;                                                                     \
                 for (; c + 16 <= n; c += 16) {                                                     \
                     if (((c * (int64_t)sizeof(T)) & 63) == 0)                                      \
