@@ -1,7 +1,8 @@
 """The input-sparse LM head on the native engine: quality and speed against the head stored by rows.
 
 For each ``--head-ratios`` entry the head's rule is calibrated (``attrsparse/deploy/engine/head_rule.py``:
-attr_channel's score on the final normed hidden state) on WikiText-2 valid (``--calib-sequences``
+attr_channel's score on the final normed hidden state; ``--head-center``: centred with its
+compensation bias or not, by default chosen per ratio on the calibration text) on WikiText-2 valid (``--calib-sequences``
 windows of 128 tokens, as ``attrsparse calibrate``), and the engine file with the head stored
 input-major runs under it. The decoder linears run under the same rules in every contender: dense,
 or ``--channels DIR`` (an ``attrsparse calibrate`` folder) at ``--ratio``, converted as the bench
@@ -55,6 +56,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--channels", type=Path, help="an `attrsparse calibrate` folder for the decoder linears")
     ap.add_argument("--ratio", type=float, default=None, help="its read ratio (with --channels)")
     ap.add_argument("--head-ratios", default="0.85,0.7,0.5")
+    ap.add_argument("--head-center", default="auto", choices=["auto", "on", "off"],
+                    help="the head rule's centring: chosen per ratio on the calibration text (auto), or fixed")
     ap.add_argument("--calib-sequences", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=5)
@@ -70,6 +73,7 @@ def main(argv: list[str]) -> int:
     head_ratios = [float(r) for r in args.head_ratios.split(",")]
     config = {k: getattr(args, k) for k in ("model", "precision", "ratio", "calib_sequences", "max_tokens")}
     config["channels"] = str(args.channels) if args.channels else None
+    config["head_center"] = args.head_center
     doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if doc and doc.get("config") != config:
         print(f"{args.out} holds another configuration's results; choose another --out", file=sys.stderr)
@@ -79,7 +83,8 @@ def main(argv: list[str]) -> int:
     model, tok = load_model(args.model)
     linears = (convert_rules(load_channel_policy(args.channels, args.ratio).rule, model, args.precision)
                if args.channels else ChannelRules())
-    heads = calibrate_head(model, calibration_sequences(tok, n_sequences=args.calib_sequences), head_ratios)
+    heads = calibrate_head(model, calibration_sequences(tok, n_sequences=args.calib_sequences), head_ratios,
+                           center={"auto": None, "on": True, "off": False}[args.head_center], precision=args.precision)
     rows_path, input_path = pack(model, args.precision), pack(model, args.precision, head_layout="input")
     contenders = {"rows": (rows_path, linears)}
     for r in head_ratios:
@@ -96,7 +101,8 @@ def main(argv: list[str]) -> int:
             continue
         with Engine(path, threads=args.threads, max_ctx=512, rules=rules) as eng:
             q = native_perplexity(eng, ids, 512, 256)
-        quality[name] = {"contender": name, "head_ratio": None if name == "rows" else float(name[5:]), **q}
+        quality[name] = {"contender": name, "head_ratio": None if name == "rows" else float(name[5:]),
+                         "head_centred": None if name == "rows" else rules.head.center is not None, **q}
         print(json.dumps(quality[name]), flush=True)
         save(list(quality.values()))
     if args.skip_speed:

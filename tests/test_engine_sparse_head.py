@@ -20,6 +20,7 @@ from attrsparse.core.errors import UserError
 from attrsparse.deploy.engine import ChannelRules, Engine, SiteRule, pack
 from attrsparse.deploy.engine.fmt import read_header
 from attrsparse.deploy.engine.head_rule import calibrate_head, head_scale, head_statistics
+from attrsparse.deploy.engine.pack import quantize
 
 
 def head_rule(model, seed: int, keep: bool = False) -> SiteRule:
@@ -160,16 +161,17 @@ def test_head_calibration(make_tiny, tmp_path):
     model = make_tiny("llama")
     gen = torch.Generator().manual_seed(4)
     seqs = [torch.randint(3, model.config.vocab_size, (24,), generator=gen) for _ in range(6)]
-    h, g = head_statistics(model, seqs, batch_size=4)
+    h, g, targets = head_statistics(model, seqs, batch_size=4)
     assert h.shape == g.shape == (6 * 23, model.config.hidden_size)
     W = model.lm_head.weight.detach().double()
-    targets = torch.cat([s[1:] for s in seqs])
+    assert torch.equal(targets, torch.cat([s[1:] for s in seqs]))
     want = torch.softmax(h @ W.T, -1) - torch.nn.functional.one_hot(targets, W.shape[0]).double()
     torch.testing.assert_close(g, want @ W, atol=1e-5, rtol=1e-4)
     a = head_scale(h, g)
     j = 3
     assert float(a[j]) == pytest.approx(math.sqrt(float((h[:, j] ** 2 * g[:, j] ** 2).sum() / (h[:, j] ** 2).sum())))
-    rules = calibrate_head(model, seqs, [0.3, 0.6, 1.0])
+    rules = calibrate_head(model, seqs, [0.3, 0.6, 1.0], center=False)
+    assert rules[0.3].center is None and not rules[0.3].bias
     assert rules[1.0].is_dense()
     path = pack(model, "fp32", head_layout="input", directory=tmp_path)
     d = model.config.hidden_size
@@ -184,3 +186,53 @@ def test_head_calibration(make_tiny, tmp_path):
     for bad in (0.0, 1.5):
         with pytest.raises(UserError, match="head ratio must be in"):
             calibrate_head(model, seqs, [bad])
+
+
+def test_centred_head_calibration_compensates(make_tiny, tmp_path):
+    """``center=True``: the rule decides on h - E[h] and adds W E[h] (the head as stored, int8 here)
+    as its bias, so a token whose every channel is dropped gets the logits of the mean hidden
+    state; the engine still reads the requested fraction on the calibration tokens."""
+    model = make_tiny("gemma3_text")
+    gen = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(3, model.config.vocab_size, (20,), generator=gen) for _ in range(5)]
+    rule = calibrate_head(model, seqs, [0.5], center=True, precision="int8")[0.5]
+    mean = head_statistics(model, seqs)[0].mean(0).float()
+    assert rule.center is not None
+    torch.testing.assert_close(torch.tensor(rule.center), mean)
+    stored = quantize(model.get_output_embeddings().weight, "int8", dim=0)[2]
+    torch.testing.assert_close(torch.tensor(rule.bias["head"]), stored @ mean, atol=1e-5, rtol=1e-5)
+    path = pack(model, "int8", head_layout="input", directory=tmp_path)
+    kept = []
+    with Engine(path, threads=2, max_ctx=32, rules=ChannelRules(head=rule), kv_cache="fp32") as eng:
+        for s in seqs:
+            eng.reset()
+            for tok in s[:-1].tolist():
+                kept.append(eng.step(tok, mode="full").head_bytes / model.config.vocab_size)
+    assert sum(kept) / len(kept) / model.config.hidden_size == pytest.approx(0.5, abs=0.01)
+    dropped = SiteRule(threshold=1e30, scale=rule.scale, center=rule.center, bias=rule.bias)
+    got = engine_logits(path, rules=ChannelRules(head=dropped), kv_cache="fp32")
+    torch.testing.assert_close(got, (stored @ mean).expand_as(got), atol=1e-5, rtol=1e-5)
+
+
+def test_head_calibration_chooses_centring_on_held_out_calibration_text(make_tiny, tmp_path):
+    """By default each ratio gets the centred or the plain rule, whichever has the lower next-token
+    loss on the last quarter of the calibration sequences when fitted on the others (checked here
+    with the engine's own logits), and is then fitted on every sequence."""
+    model = make_tiny("llama")
+    gen = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(3, model.config.vocab_size, (16,), generator=gen) for _ in range(8)]
+    ratios = [0.3, 0.5, 0.7]
+    path = pack(model, "fp32", head_layout="input", directory=tmp_path)
+    auto = calibrate_head(model, seqs, ratios)
+    for ratio in ratios:
+        loss = {}
+        for center in (False, True):
+            rule = calibrate_head(model, seqs[:6], [ratio], center=center)[ratio]
+            nll = []
+            for s in seqs[6:]:
+                logits = engine_logits(path, ids=s[:-1].tolist(), rules=ChannelRules(head=rule), kv_cache="fp32")
+                nll.append(torch.nn.functional.cross_entropy(logits.double(), s[1:], reduction="none"))
+            loss[center] = float(torch.cat(nll).mean())
+        assert abs(loss[True] - loss[False]) > 1e-4  # a real choice
+        want = calibrate_head(model, seqs, [ratio], center=loss[True] < loss[False])[ratio]
+        assert auto[ratio] == want

@@ -244,7 +244,7 @@ class Engine:
             rules.validate(self.config)
             if rules.head is not None and not self.input_major_head:
                 raise UserError(f"the channel rules have a rule for the LM head, but {self.path.name} stores its "
-                                "head by vocabulary rows; pack it with head_layout='input' (bench: --head-ratio)")
+                                "head by vocabulary rows; pack it with head_layout='input'")
         buffers_before = self._rule_buffers
         self._rule_buffers = []
         for layer in range(self.config["n_layers"]):
