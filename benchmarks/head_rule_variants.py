@@ -28,8 +28,7 @@ from attrsparse.core.io import atomic_write_json
 from attrsparse.core.models import load_model
 from attrsparse.data.calibration import calibration_sequences
 from attrsparse.data.tasks import load_task
-from attrsparse.deploy.engine.head_rule import head_scale, head_statistics
-from attrsparse.selectors.thresholds import exact_thresholds
+from attrsparse.deploy.engine.head_rule import apply_rule, fit_thresholds, head_scale, head_statistics
 
 
 def main(argv: list[str]) -> int:
@@ -70,14 +69,12 @@ def main(argv: list[str]) -> int:
     rows = [{"score": "dense", "centred": False, "ratio": 1.0, "ppl": math.exp(dense_nll), "top1_agreement": 1.0}]
     print(rows[-1], flush=True)
     scales = {"magnitude": torch.ones(W.shape[1]), "wina": W.norm(dim=0), "attr": head_scale(hc.double(), gc).float()}
-    mean = hc.mean(0)
     for name, a in scales.items():
         for centred in (False, True):
-            c = mean if centred else torch.zeros_like(mean)
-            taus = exact_thresholds(lambda: [[((hc - c).abs() * a)]], ratios)
+            fits = fit_thresholds(hc, a, ratios, centred)
             for r in ratios:
-                kept = (ht - c).abs() * a > taus[r][0]
-                top, nll = run(torch.where(kept, ht - c, torch.zeros_like(ht)) + c)
+                x, kept = apply_rule(ht, fits[r][0], a, fits[r][1])
+                top, nll = run(x)
                 rows.append({"score": name, "centred": centred, "ratio": r, "read": float(kept.float().mean()),
                              "ppl": math.exp(nll), "ppl_vs_dense": math.exp(nll - dense_nll) - 1,
                              "top1_agreement": float((top == dense_top).float().mean())})

@@ -69,22 +69,33 @@ def head_scale(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return ((h2 * g * g).mean(0) / h2.mean(0).clamp_min(1e-300)).sqrt()
 
 
-def _fit(h: torch.Tensor, g: torch.Tensor, ratios: list[float], center: bool) -> dict[float, tuple]:
-    """``{ratio: (threshold, scale, mean or None)}`` fitted on ``(h, g)``."""
-    scale = head_scale(h, g)
+def fit_thresholds(h: torch.Tensor, scale: torch.Tensor, ratios: list[float], center: bool) -> dict[float, tuple]:
+    """``{ratio: (threshold, mean or None)}``: the threshold keeping that fraction of the values
+    ``|h - mean| * scale`` on ``h`` (mean: E[h] when ``center``, else none)."""
     mean = h.mean(0) if center else torch.zeros(h.shape[1], dtype=h.dtype)
     scores = ((h - mean).abs() * scale).float()
     taus = exact_thresholds(lambda: [[scores]], ratios)
-    return {r: (float(taus[r][0]), scale.float(), mean.float() if center else None) for r in ratios}
+    return {r: (float(taus[r][0]), mean.float() if center else None) for r in ratios}
+
+
+def apply_rule(h: torch.Tensor, threshold: float, scale: torch.Tensor, mean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, kept)``: what the head computes on under the rule, the slow way (the dropped channels
+    at ``mean``, or 0), and the kept mask."""
+    h = h.float()
+    m = mean if mean is not None else torch.zeros(h.shape[1])
+    kept = (h - m).abs() * scale.float() > threshold
+    return torch.where(kept, h - m, torch.zeros_like(h)) + m, kept
+
+
+def _fit(h: torch.Tensor, g: torch.Tensor, ratios: list[float], center: bool) -> dict[float, tuple]:
+    """``{ratio: (threshold, scale, mean or None)}`` fitted on ``(h, g)``."""
+    scale = head_scale(h, g)
+    return {r: (t, scale.float(), m) for r, (t, m) in fit_thresholds(h, scale, ratios, center).items()}
 
 
 def _held_out_nll(stored: torch.Tensor, h: torch.Tensor, targets: torch.Tensor, fit: tuple) -> float:
     """Mean next-token loss of the head ``stored`` [V, d] on ``h`` under the rule ``fit``."""
-    threshold, scale, mean = fit
-    h = h.float()
-    m = mean if mean is not None else torch.zeros(h.shape[1])
-    kept = (h - m).abs() * scale > threshold
-    x = torch.where(kept, h - m, torch.zeros_like(h)) + m  # the dropped channels at their mean (or 0)
+    x, _ = apply_rule(h, *fit)
     total = 0.0
     for s in range(0, len(x), 256):
         total += float(torch.nn.functional.cross_entropy(x[s:s + 256] @ stored.T, targets[s:s + 256], reduction="sum"))
