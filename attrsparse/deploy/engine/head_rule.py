@@ -87,15 +87,10 @@ def apply_rule(h: torch.Tensor, threshold: float, scale: torch.Tensor, mean: tor
     return torch.where(kept, h - m, torch.zeros_like(h)) + m, kept
 
 
-def _fit(h: torch.Tensor, g: torch.Tensor, ratios: list[float], center: bool) -> dict[float, tuple]:
-    """``{ratio: (threshold, scale, mean or None)}`` fitted on ``(h, g)``."""
-    scale = head_scale(h, g)
-    return {r: (t, scale.float(), m) for r, (t, m) in fit_thresholds(h, scale, ratios, center).items()}
-
-
-def _held_out_nll(stored: torch.Tensor, h: torch.Tensor, targets: torch.Tensor, fit: tuple) -> float:
-    """Mean next-token loss of the head ``stored`` [V, d] on ``h`` under the rule ``fit``."""
-    x, _ = apply_rule(h, *fit)
+def _held_out_nll(stored: torch.Tensor, h: torch.Tensor, targets: torch.Tensor, threshold: float,
+                  scale: torch.Tensor, mean: torch.Tensor | None) -> float:
+    """Mean next-token loss of the head ``stored`` [V, d] on ``h`` under the rule."""
+    x, _ = apply_rule(h, threshold, scale, mean)
     total = 0.0
     for s in range(0, len(x), 256):
         total += float(torch.nn.functional.cross_entropy(x[s:s + 256] @ stored.T, targets[s:s + 256], reduction="sum"))
@@ -114,28 +109,32 @@ def calibrate_head(model: nn.Module, sequences: list[torch.Tensor], ratios, *, c
     for r in ratios:
         if not 0.0 < r <= 1.0:
             raise UserError(f"a head ratio must be in (0, 1], got {r:g}")
-    stored = quantize(model.get_output_embeddings().weight.detach(), precision, dim=0)[2].float()  # [V, d] as stored
     sparse = [r for r in ratios if r < 1.0]
+    stored = None  # the head as stored [V, d]: for the held-out losses and the compensation bias
+    if center is not False and sparse:
+        stored = quantize(model.get_output_embeddings().weight.detach(), precision, dim=0)[2].float()
     choice = {r: bool(center) for r in sparse}
     held = len(sequences) // 4
     if center is None and held and sparse:
         h, g, _ = head_statistics(model, sequences[:-held], batch_size)
         h_out, g_out, targets = head_statistics(model, sequences[-held:], batch_size)
-        fits = {c: _fit(h, g, sparse, c) for c in (False, True)}
+        scale = head_scale(h, g)
+        fits = {c: fit_thresholds(h, scale, sparse, c) for c in (False, True)}
         for r in sparse:
-            losses = {c: _held_out_nll(stored, h_out, targets, fits[c][r]) for c in (False, True)}
+            losses = {c: _held_out_nll(stored, h_out, targets, fits[c][r][0], scale, fits[c][r][1]) for c in (False, True)}
             choice[r] = losses[True] < losses[False]
         h, g = torch.cat([h, h_out]), torch.cat([g, g_out])  # the rules: fitted on every sequence
     else:
         h, g, _ = head_statistics(model, sequences, batch_size)
-    fitted = {c: _fit(h, g, sparse, c) for c in set(choice.values())}
+    scale = head_scale(h, g)
+    fitted = {c: fit_thresholds(h, scale, sparse, c) for c in set(choice.values())}
     rules: dict[float, SiteRule] = {}
     for r in ratios:
         if r >= 1.0:
             rules[r] = SiteRule()
             continue
-        threshold, scale, mean = fitted[choice[r]][r]
-        rules[r] = SiteRule(threshold=threshold, scale=scale.tolist())
+        threshold, mean = fitted[choice[r]][r]
+        rules[r] = SiteRule(threshold=threshold, scale=scale.float().tolist())
         if mean is not None:
             rules[r].center = mean.tolist()
             rules[r].bias = {HEAD_PROJECTION: (stored.double() @ mean.double()).float().tolist()}
