@@ -82,6 +82,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def greedy_checkpoints(tmp_path_factory, monkeypatch):
+    """TEAL's greedy searches keep their checkpoints in a folder of this test's own, so that no
+    test reuses a search of an earlier run from the user's cache (channel_greedy.checkpoint_path)."""
+    from attrsparse.selectors import channel_greedy
+
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setattr(channel_greedy, "cache_root", lambda: folder)
+    return folder / "greedy"
+
+
 @pytest.fixture
 def make_tiny():
     """``make_tiny(name, seed=0, dtype=torch.float32)`` -> a fresh model."""

@@ -397,3 +397,42 @@ def test_calibrating_more_ratios_extends_a_channel_folder(tmp_path, llama_dir, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other text" in err[0]
     assert (out / "channels.json").read_bytes() == before
+
+
+def test_greedy_search_resumes_from_its_checkpoint(make_tiny, monkeypatch, greedy_checkpoints):
+    """TEAL's greedy search writes each finished layer to its checkpoint: a search interrupted
+    after layer 0 resumes at layer 1 and gives the uninterrupted search's rules exactly; a finished
+    one is reused without a single trial forward; another text is another checkpoint."""
+    from attrsparse.selectors import channel_greedy
+
+    model, calib = make_tiny("llama"), _calib()
+    trials = []
+    error = channel_greedy._error
+    monkeypatch.setattr(channel_greedy, "_error", lambda t, n: trials.append(1) or error(t, n))
+
+    def run(progress=None):
+        monkeypatch.setattr(cc, "_CALIBRATORS", {})
+        trials.clear()
+        rules = cc.calibrate_channels(model, calib, "teal", [0.5, 0.7], progress=progress)
+        return {r: {k: s.thresholds.tolist() for k, s in rule.sites.items()} for r, rule in rules.items()}, len(trials)
+
+    def stop_after_layer_0(layer):
+        if layer == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(stop_after_layer_0)
+    files = list(greedy_checkpoints.iterdir())
+    assert len(files) == 1
+    layers = json.loads(files[0].read_text())["layers"]
+    assert layers[0] and layers[1] is None  # layer 0 written before the interruption
+    resumed, resumed_trials = run()
+    reused, reused_trials = run()
+    for f in files:
+        f.unlink()
+    full, full_trials = run()
+    assert resumed == full and reused == full
+    assert 0 < resumed_trials < full_trials and reused_trials == 0
+    monkeypatch.setattr(cc, "_CALIBRATORS", {})
+    cc.calibrate_channels(model, _calib(4), "teal", [0.5])  # another calibration text
+    assert len(list(greedy_checkpoints.iterdir())) == 2

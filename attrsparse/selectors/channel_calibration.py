@@ -17,6 +17,7 @@ The read ratio counts the decoder linears' weights (:mod:`attrsparse.core.accoun
 from __future__ import annotations
 
 import copy
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from ..core.trace import to_ids
 from ..core.units import unit_map
 from .base import Selector, register_selector
 from .channel_budget import SensitivityCurves
-from .channel_greedy import GreedyPath, greedy_keep
+from .channel_greedy import MAX_SPARSITY, GreedyPath, greedy_keep
 from .channel_stats import LABELS, X_WEIGHTS, LogHistogram, attribution, batches, site_inputs
 from .channels import CHANNEL_RULES, ChannelRuleSet, SiteRule, site_key
 
@@ -433,7 +434,8 @@ def _calibrator(model: nn.Module, sequences: list[torch.Tensor], selector: str, 
         cal = Calibrator(model, sequences, selector, progress=progress)
         dense = cal.histograms()
         if searches_greedy(selector):
-            path = greedy_keep(cal, dense, GREEDY_MAX_ATTR) if selector == "attr_channel" else greedy_keep(cal, dense)
+            path = greedy_keep(cal, dense, GREEDY_MAX_ATTR if selector == "attr_channel" else MAX_SPARSITY,
+                               key=json.dumps(list(key)))
         elif selector == "attr_channel" and ATTR["allocation"] == "sensitivity":
             path = SensitivityCurves(cal, dense)
         else:
