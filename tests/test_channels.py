@@ -218,7 +218,7 @@ def test_channel_rules_are_not_units():
         make_policy("teal", 0.5).selector.masks_for(None, 0.5)
 
 
-@pytest.mark.parametrize("attr", [{"per_consumer": ["attn_in"]}, {"allocation": "greedy"},
+@pytest.mark.parametrize("attr", [{"per_consumer": ["attn_in"]}, {"allocation": "greedy"}, {"allocation": "layer"},
                                   {"allocation": "greedy_global"}, {"per_consumer": True, "allocation": "greedy_global"}])
 def test_attr_channel_variants_reach_the_requested_read_ratio(make_tiny, monkeypatch, attr):
     monkeypatch.setattr(cc, "_CALIBRATORS", {})
@@ -227,6 +227,11 @@ def test_attr_channel_variants_reach_the_requested_read_ratio(make_tiny, monkeyp
     rules = cc.calibrate_channels(model, _calib(), "attr_channel", [0.5, 0.7])
     for ratio, rule in rules.items():
         assert abs(rule.meta["calibration_read_ratio"] - ratio) <= 0.01, (attr, ratio, rule.meta)
+        if cc.ATTR["allocation"] == "layer":  # every layer's streams read the ratio of their weights
+            cal = cc._CALIBRATORS[cc.calibrator_key(model, _calib(), "attr_channel")][0]
+            kept = list(rule.meta["kept_fraction"].values())
+            for sparsity in cal.layer_sparsity(kept):
+                assert abs(1 - sparsity - ratio) <= 0.02
         per = [r.scale.dim() == 2 for k, r in sorted(rule.sites.items())]
         pc = cc.ATTR["per_consumer"]
         assert per == [pc is True or (pc and k.endswith("attn_in")) for k in sorted(rule.sites)]

@@ -50,7 +50,8 @@ LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per 
 ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": True,
         "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 2, "labels": "text"}
 #: per_consumer: True, False or a list of the sites (e.g. ["attn_in"]) whose consumers decide
-#: separately; allocation: "global" (one threshold over every stream), "uniform" (one kept fraction),
+#: separately; allocation: "global" (one threshold over every stream), "layer" (one threshold over the
+#: streams of each layer, every layer reading the same fraction), "uniform" (one kept fraction),
 #: "sensitivity" (channel_budget), "greedy" (TEAL's block-wise greedy path, every layer at the same
 #: sparsity), "greedy_global" (the global threshold's budget per layer, the greedy path's split inside it);
 #: at_rule: how many times the attribution is measured again under the ratio's rule (0: dense only);
@@ -73,7 +74,7 @@ def same_attr(recorded: dict, options: dict) -> bool:
 
 
 ATTR_CHOICES = {"statistic": ("abs", "rms"), "x_weight": (0, *X_WEIGHTS), "labels": LABELS,
-                "allocation": ("global", "uniform", "sensitivity", *GREEDY_ALLOCATIONS)}
+                "allocation": ("global", "layer", "uniform", "sensitivity", *GREEDY_ALLOCATIONS)}
 
 
 def check_attr(options: dict) -> dict:
@@ -366,6 +367,23 @@ class Calibrator:
         t = 2.0 ** log_threshold_for(read, target, 60)
         return [hist.kept(i, t) for i in range(len(self.streams))]
 
+    def layer_keep(self, hist: LogHistogram, ratio: float) -> list[float]:
+        """One threshold over the streams of each layer (scores comparable across its sites), set
+        so that every layer's streams read ``ratio`` of their weights (TEAL's equal sparsity per
+        layer, the split inside a layer by the scores)."""
+        weights = self.stream_weights()
+        keep = [1.0] * len(weights)
+        for l in range(len(self.smap.layers)):
+            idx = [i for i, s in enumerate(self.streams) if s.layer == l]
+
+            def read(log_t: float) -> float:
+                return sum(weights[i] * hist.kept(i, 2.0 ** log_t) for i in idx)
+
+            t = 2.0 ** log_threshold_for(read, ratio * sum(weights[i] for i in idx), 60)
+            for i in idx:
+                keep[i] = hist.kept(i, t)
+        return keep
+
     def layer_sparsity(self, keep: list[float]) -> list[float]:
         """Effective (weight-weighted) sparsity of every layer's streams under ``keep``."""
         weights = self.stream_weights()
@@ -461,6 +479,8 @@ def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector
             keep = path.keep_for(ratio)
         elif allocation == "global":
             keep = cal.global_keep(dense, ratio)
+        elif allocation == "layer":
+            keep = cal.layer_keep(dense, ratio)
         else:
             keep = cal.uniform_keep(ratio)
         rule = cal.rule_from_keep(keep, dense, ratio)
@@ -470,6 +490,8 @@ def calibrate_channels(model: nn.Module, sequences: list[torch.Tensor], selector
             live = here.histograms(rule)
             if allocation == "global":
                 keep = here.global_keep(live, ratio)
+            elif allocation == "layer":
+                keep = here.layer_keep(live, ratio)
             return here.rule_from_keep(keep, live, ratio), keep
 
         here = cal
