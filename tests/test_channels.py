@@ -219,6 +219,7 @@ def test_channel_rules_are_not_units():
 
 
 @pytest.mark.parametrize("attr", [{"per_consumer": ["attn_in"]}, {"allocation": "greedy"}, {"allocation": "layer"},
+                                  {"center": "mode"},
                                   {"allocation": "greedy_global"}, {"per_consumer": True, "allocation": "greedy_global"}])
 def test_attr_channel_variants_reach_the_requested_read_ratio(make_tiny, monkeypatch, attr):
     monkeypatch.setattr(cc, "_CALIBRATORS", {})
@@ -266,7 +267,7 @@ def test_attribution_under_a_rule_sees_what_the_consumers_see(make_tiny, monkeyp
         assert abs(r.meta["calibration_read_ratio"] - ratio) <= 0.01
 
 
-def test_attribution_statistics_against_a_plain_backward(make_tiny):
+def test_attribution_statistics_against_a_plain_backward(make_tiny, monkeypatch):
     """E[g^2] and the |x|^p-weighted moments E|x|^p, E[|x|^p g^2] at the input of one down
     projection equal those of a plain backward of the summed next-token loss with the input
     captured by a hook (x_weight p's scale is sqrt(E[|x|^p g^2] / E|x|^p))."""
@@ -292,6 +293,15 @@ def test_attribution_statistics_against_a_plain_backward(make_tiny):
     for p in (1, 2, 4):
         torch.testing.assert_close(st[f"x{p}"], (x.abs() ** p).mean(0), rtol=1e-5, atol=1e-12)
         torch.testing.assert_close(st[f"x{p}_sq_grad"], (x.abs() ** p * g * g).mean(0), rtol=1e-4, atol=1e-16)
+    torch.testing.assert_close(st["x_sq_grad"], (x * g * g).mean(0), rtol=1e-4, atol=1e-16)
+    # center="mode": the (x - m)²-weighted RMS of g from these moments, against the shifted input directly
+    monkeypatch.setattr(cc, "ATTR", {**cc.ATTR, "per_consumer": False})
+    cal = cc.Calibrator.__new__(cc.Calibrator)
+    cal.smap = site_map(model)
+    m = x.mean(0) + 0.3 * x.std(0)
+    scale = cal._attr_scale({(0, "mlp_out"): st}, 0, "mlp_out", m)
+    direct = (((x - m) ** 2 * g * g).mean(0) / ((x - m) ** 2).mean(0)).sqrt() / cal.smap.layers[0]["mlp_out"].params_per_channel ** 0.5
+    torch.testing.assert_close(scale.double(), direct, rtol=1e-4, atol=1e-12)
 
 
 def test_sampled_labels_estimate_the_true_fisher(make_tiny):

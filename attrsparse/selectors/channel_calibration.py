@@ -87,7 +87,10 @@ def check_attr(options: dict) -> dict:
         if key in ATTR_CHOICES:
             if isinstance(value, bool) or value not in ATTR_CHOICES[key]:
                 raise UserError(f"{bad}: use one of {', '.join(map(str, ATTR_CHOICES[key]))}")
-        elif key in ("per_token", "center"):
+        elif key == "center":
+            if not isinstance(value, bool) and value != "mode":
+                raise UserError(f"{bad}: use true, false or mode")
+        elif key == "per_token":
             if not isinstance(value, bool):
                 raise UserError(f"{bad}: use true or false")
         elif key == "per_consumer":
@@ -163,7 +166,7 @@ class Calibrator:
         out = {}
         stats = attribution(self.model, self.sequences, self.batch_size, ATTR["per_token"], ATTR["per_consumer"] is not False,
                             rule, labels=ATTR["labels"]) if self.selector == "attr_channel" else {}
-        modes = self._modes() if self.selector == "scap" else {}
+        modes = self._modes() if self.selector == "scap" or (self.selector == "attr_channel" and ATTR["center"] == "mode") else {}
         for l, layer in enumerate(self.smap.layers):
             for name in SITE_NAMES:
                 site = layer[name]
@@ -179,6 +182,10 @@ class Calibrator:
                     rule.center = rule.fill = modes[(l, name)].float()
                 elif self.selector == "r_sparse":
                     rule.lowrank = [self._svd(m) for m in site.modules]
+                elif self.selector == "attr_channel" and ATTR["center"] == "mode":
+                    m = modes[(l, name)].double()
+                    rule.scale = self._attr_scale(stats, l, name, m)
+                    rule.center = rule.fill = m.float()
                 elif self.selector == "attr_channel":
                     rule.scale = self._attr_scale(stats, l, name)
                     if ATTR["center"]:
@@ -187,14 +194,21 @@ class Calibrator:
                 out[site_key(l, name)] = rule
         return out
 
-    def _attr_scale(self, stats: dict, layer: int, name: str) -> torch.Tensor:
-        """``g_j / p^power``: one row per consumer (``[C, in]``) or one for the site (``[in]``)."""
+    def _attr_scale(self, stats: dict, layer: int, name: str, center: torch.Tensor | None = None) -> torch.Tensor:
+        """``g_j / p^power``: one row per consumer (``[C, in]``) or one for the site (``[in]``).
+        With ``center`` m (``center="mode"``, x_weight 2), the RMS of g is weighted by (x - m)², the
+        shifted input the rule decides on."""
         site = self.smap.layers[layer][name]
 
         def stat(st):
             if ATTR["statistic"] == "abs":
                 return st["abs_grad"]
             p = ATTR["x_weight"]
+            if center is not None and p == 2:
+                m = center
+                num = st["x2_sq_grad"] - 2 * m * st["x_sq_grad"] + m * m * st["sq_grad"]
+                den = st["x2"] - 2 * m * st["mean"] + m * m
+                return (num.clamp_min(0) / den.clamp_min(1e-30)).sqrt()
             if p:  # the |x|^p-weighted RMS of g
                 return (st[f"x{p}_sq_grad"] / st[f"x{p}"].clamp_min(1e-30)).sqrt()
             return st["sq_grad"].sqrt()

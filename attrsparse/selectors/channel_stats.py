@@ -149,7 +149,9 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
                 seed: int = 0) -> dict:
     """Per site input ``(layer, site)``: ``{"abs_grad": E|g_j|, "sq_grad": E[g_j^2], "mean": E[x_j],
     "abs": E|x_j|}`` and, for p in :data:`X_WEIGHTS`, ``"x{p}": E|x_j|^p`` and ``"x{p}_sq_grad":
-    E[|x_j|^p g_j^2]`` over every predicting position of the calibration text (float64, CPU).
+    E[|x_j|^p g_j^2]``, and ``"x_sq_grad": E[x_j g_j^2]`` (so that the x²-weighted moments of a
+    shifted input x - m follow: E[(x-m)^2 g^2] = E[x^2 g^2] - 2m E[x g^2] + m^2 E[g^2]) over every
+    predicting position of the calibration text (float64, CPU).
 
     ``per_token``: ``g`` at position t is the gradient of token t's own loss (decoding's view, the
     one-pass attention); else of every later token's loss too (a plain backward: what a channel
@@ -203,6 +205,7 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
             for power in X_WEIGHTS:  # the |x|^power-weighted moments of g
                 w = x.abs() ** power
                 part[f"x{power}"], part[f"x{power}_sq_grad"] = w.sum(0), (w * g * g).sum(0)
+            part["x_sq_grad"] = (x * g * g).sum(0)  # signed: with x2 and mean, the moments of x - m
             acc = sums.setdefault(key, {k: torch.zeros_like(v, device="cpu") for k, v in part.items()})
             for k, v in part.items():
                 acc[k] += v.cpu()
