@@ -7,7 +7,9 @@ evaluation, which uses the test split) and the read ratio really executed there.
         '{"B": {"per_token": false, "statistic": "rms", "param_power": 0.5, "center": false,
                 "per_consumer": false, "allocation": "global"}, ...}' > variants.jsonl
 
-Each variant sets every key of ``attrsparse.selectors.channel_calibration.ATTR``; one JSON line
+Each variant sets keys of ``attrsparse.selectors.channel_calibration.ATTR`` over its default
+(a partial dict changes only those keys; before the seventh session of 2026-12-07 they applied over
+the previous variant's options); one JSON line
 per variant and read ratio (0.5, 0.6) on stdout, the dense perplexity first. Variants that differ
 only in "greedy" / "greedy_global" allocation share one greedy path. A variant's "_calib": [n,
 length] calibrates on n windows of that many tokens instead of 16 x 128 (the first n*length
@@ -60,12 +62,14 @@ def share_greedy_path():
 
 
 default_seqs = seqs
+DEFAULT_ATTR = dict(cc.ATTR)
 for name, attr in variants.items():
     attr = dict(attr)
     n, length = attr.pop("_calib", (16, 128))  # calibration windows: count, tokens (same 2048 tokens at most)
     selector = attr.pop("_selector", "attr_channel")
     seqs = default_seqs if (n, length) == (16, 128) else calibration_sequences(tok, "wikitext2", n, length)
-    cc.ATTR.update(attr)
+    cc.ATTR.clear()
+    cc.ATTR.update({**DEFAULT_ATTR, **attr})  # every variant over the default, not over the previous variant
     share_greedy_path()
     t = time.time()
     rules = cc.calibrate_channels(model, seqs, selector, [0.5, 0.6])
