@@ -294,6 +294,10 @@ def test_attribution_statistics_against_a_plain_backward(make_tiny, monkeypatch)
         torch.testing.assert_close(st[f"x{p}"], (x.abs() ** p).mean(0), rtol=1e-5, atol=1e-12)
         torch.testing.assert_close(st[f"x{p}_sq_grad"], (x.abs() ** p * g * g).mean(0), rtol=1e-4, atol=1e-16)
     torch.testing.assert_close(st["x_sq_grad"], (x * g * g).mean(0), rtol=1e-4, atol=1e-16)
+    # skip_first: the window's first position out of the sums (its gradient from every later loss kept)
+    st1 = attribution(model, [seq], 4, per_token=False, per_consumer=False, skip_first=1)[(0, "mlp_out")]
+    for name, ref in (("sq_grad", g * g), ("x2", x * x), ("x2_sq_grad", x * x * g * g), ("mean", x)):
+        torch.testing.assert_close(st1[name], ref[1:].mean(0), rtol=1e-4, atol=1e-14)
     # center="mode": the (x - m)²-weighted RMS of g from these moments, against the shifted input directly
     monkeypatch.setattr(cc, "ATTR", {**cc.ATTR, "per_consumer": False})
     cal = cc.Calibrator.__new__(cc.Calibrator)

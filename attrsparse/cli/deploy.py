@@ -293,7 +293,7 @@ def register_deploy_commands(sub) -> None:
     p.add_argument("--attr", action="append", metavar="KEY=VALUE",
                    help="an attr_channel option over its default, repeatable: per_consumer=false (one decision "
                         "per shared input), statistic=abs|rms, x_weight=0|1|2|4, param_power=0.5, grad_power=1, center=true|mode, "
-                        "allocation=global|layer|uniform|sensitivity|greedy|greedy_global, at_rule=0, labels=text|sampled "
+                        "allocation=global|layer|uniform|sensitivity|greedy|greedy_global, at_rule=0, labels=text|sampled, skip_first=0 "
                         "(docs/results/channels/README.md measures each)")
     p.add_argument("--out", required=True, help="sparsity directory (static.json + static.safetensors)")
     p.add_argument("--overwrite", action="store_true",

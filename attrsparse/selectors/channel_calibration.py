@@ -48,7 +48,7 @@ LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per 
 #: weights per channel it is divided by, and whether scores and fills are centred on E[x]; the
 #: defaults measured best on calibration-side text (docs/results/channels/README.md, variants)
 ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": True,
-        "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 2, "labels": "text"}
+        "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 2, "labels": "text", "skip_first": 0}
 #: per_consumer: True, False or a list of the sites (e.g. ["attn_in"]) whose consumers decide
 #: separately; allocation: "global" (one threshold over every stream), "layer" (one threshold over the
 #: streams of each layer, every layer reading the same fraction), "uniform" (one kept fraction),
@@ -60,12 +60,13 @@ ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": Fa
 #: grad_power: the scale is the statistic to this power (0: |x| alone, over p^param_power);
 #: labels: the gradient of the text's next-token loss ("text", the empirical Fisher) or of the loss
 #: of one token sampled from the model's own prediction at each position ("sampled", the true Fisher:
-#: what the KL divergence from the dense model's predictions weighs)
+#: what the KL divergence from the dense model's predictions weighs); skip_first: the first positions of
+#: every calibration window left out of the attribution statistics (the window's attention sink)
 
 
 #: what a rule recorded before a key existed did (records that lack the key are read with these)
 ATTR_BEFORE = {"per_consumer": False, "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 0,
-               "labels": "text"}
+               "labels": "text", "skip_first": 0}
 
 
 def same_attr(recorded: dict, options: dict) -> bool:
@@ -96,6 +97,9 @@ def check_attr(options: dict) -> dict:
         elif key == "per_consumer":
             if not isinstance(value, bool) and not (isinstance(value, list) and set(value) <= set(SITE_NAMES)):
                 raise UserError(f"{bad}: use true, false or a list of sites ({', '.join(SITE_NAMES)})")
+        elif key == "skip_first":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
+                raise UserError(f"{bad}: use an integer from 0 to 16")
         elif key == "at_rule":
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5:
                 raise UserError(f"{bad}: use an integer from 0 to 5")
@@ -165,7 +169,7 @@ class Calibrator:
         """Per site, a rule with everything but its thresholds (attribution measured under ``rule``)."""
         out = {}
         stats = attribution(self.model, self.sequences, self.batch_size, ATTR["per_token"], ATTR["per_consumer"] is not False,
-                            rule, labels=ATTR["labels"]) if self.selector == "attr_channel" else {}
+                            rule, labels=ATTR["labels"], skip_first=ATTR["skip_first"]) if self.selector == "attr_channel" else {}
         modes = self._modes() if self.selector == "scap" or (self.selector == "attr_channel" and ATTR["center"] == "mode") else {}
         for l, layer in enumerate(self.smap.layers):
             for name in SITE_NAMES:

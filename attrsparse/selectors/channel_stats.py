@@ -146,7 +146,7 @@ LABELS = ("text", "sampled")  # the targets of attribution()'s loss
 
 def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int = 4,
                 per_token: bool = True, per_consumer: bool = False, rule=None, labels: str = "text",
-                seed: int = 0) -> dict:
+                seed: int = 0, skip_first: int = 0) -> dict:
     """Per site input ``(layer, site)``: ``{"abs_grad": E|g_j|, "sq_grad": E[g_j^2], "mean": E[x_j],
     "abs": E|x_j|}`` and, for p in :data:`X_WEIGHTS`, ``"x{p}": E|x_j|^p`` and ``"x{p}_sq_grad":
     E[|x_j|^p g_j^2]``, and ``"x_sq_grad": E[x_j g_j^2]`` (so that the x²-weighted moments of a
@@ -162,7 +162,9 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
     ``W[:, j]^T dL/dy``: what restoring them would change). ``labels``: the loss of the text's next
     tokens ("text"), or of one token per position sampled from the model's own prediction there
     ("sampled", seeded by ``seed``: E[g g^T] is then the true Fisher, the curvature of the KL divergence
-    from the model's predictions, instead of the empirical one)."""
+    from the model's predictions, instead of the empirical one). ``skip_first``: the first positions
+    of every window are left out of the sums (a window's first token is an attention sink with
+    inputs of another scale; the gradients still include what every position's loss sends there)."""
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
     generator = torch.Generator().manual_seed(seed)
@@ -188,7 +190,7 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
             loss = sum(token_losses(logits[b:b + 1], targets[b]).sum() for b in range(ids.shape[0]))
             keys = list(cap)
             grads = torch.autograd.grad(loss, [cap[k] for k in keys])
-        n = ids.shape[0] * (ids.shape[1] - 1)
+        n = ids.shape[0] * max(0, ids.shape[1] - 1 - skip_first)
         tokens += n
         pairs = list(zip(keys, grads))
         if per_consumer:  # the shared input's own gradient: the sum over its consumers
@@ -199,8 +201,8 @@ def attribution(model: nn.Module, sequences: list[torch.Tensor], batch_size: int
                     cap[(l, name)] = cap[(l, name, c)]
             pairs += list(shared.items())
         for key, g in pairs:
-            x = cap[key].detach().double().reshape(-1, g.shape[-1])
-            g = g.detach().double().reshape(-1, g.shape[-1])
+            x = cap[key].detach().double()[:, skip_first:].reshape(-1, g.shape[-1])
+            g = g.detach().double()[:, skip_first:].reshape(-1, g.shape[-1])
             part = {"abs_grad": g.abs().sum(0), "sq_grad": (g * g).sum(0), "mean": x.sum(0), "abs": x.abs().sum(0)}
             for power in X_WEIGHTS:  # the |x|^power-weighted moments of g
                 w = x.abs() ** power
