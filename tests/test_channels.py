@@ -344,7 +344,9 @@ def test_attr_options_are_checked_and_restored(make_tiny, monkeypatch):
     before = dict(cc.ATTR)
     for bad, match in (({"bogus": 1}, "unknown attr_channel option 'bogus'"), ({"statistic": "max"}, "abs, rms"), ({"x_weight": 3}, "0, 1, 2, 4"),
                        ({"per_consumer": ["attn"]}, "list of sites"), ({"grad_power": -1}, ">= 0"),
-                       ({"at_rule": 1.5}, "integer"), ({"center": "yes"}, "true or false")):
+                       ({"at_rule": 1.5}, "integer"), ({"center": "yes"}, "true, false or mode"),
+                       ({"per_token": "yes"}, "true or false"), ({"skip_first": -1}, "integer from 0 to 16"),
+                       ({"allocation": "layers"}, "global, layer, uniform")):
         with pytest.raises(UserError, match=match):
             with cc.attr_options(bad):
                 pass
