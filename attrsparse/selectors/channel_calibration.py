@@ -45,7 +45,8 @@ GREEDY_MAX_ATTR = 0.9  # attr_channel's greedy allocations: the path reaches thi
 LOWRANK_FRACTION = 1 / 16  # R-Sparse: rank = this fraction of min(in, out) per linear
 #: attr_channel: which gradient (per_token: token t's own loss; else every later token's too), its
 #: statistic ("abs": E|g|, "rms": sqrt(E[g^2]), the Fisher diagonal's root), the power of the
-#: weights per channel it is divided by, and whether scores and fills are centred on E[x]; the
+#: weights per channel it is divided by, and whether scores and fills are centred (True: on E[x];
+#: "mode": on SCAP's per-channel mode, the gradient RMS then weighted by (x - m)^2); the
 #: defaults measured best on calibration-side text (docs/results/channels/README.md, variants)
 ATTR = {"per_token": False, "statistic": "rms", "param_power": 0.5, "center": False, "per_consumer": True,
         "allocation": "global", "at_rule": 0, "grad_power": 1.0, "x_weight": 2, "labels": "text", "skip_first": 0}
