@@ -187,15 +187,11 @@ class Calibrator:
                     rule.center = rule.fill = modes[(l, name)].float()
                 elif self.selector == "r_sparse":
                     rule.lowrank = [self._svd(m) for m in site.modules]
-                elif self.selector == "attr_channel" and ATTR["center"] == "mode":
-                    m = modes[(l, name)].double()
-                    rule.scale = self._attr_scale(stats, l, name, m)
-                    rule.center = rule.fill = m.float()
                 elif self.selector == "attr_channel":
-                    rule.scale = self._attr_scale(stats, l, name)
-                    if ATTR["center"]:
-                        first = stats[(l, name)]
-                        rule.center = rule.fill = first["mean"].float()
+                    mode = modes[(l, name)].double() if ATTR["center"] == "mode" else None
+                    rule.scale = self._attr_scale(stats, l, name, mode)
+                    if ATTR["center"]:  # the mode, or E[x]
+                        rule.center = rule.fill = (mode if mode is not None else stats[(l, name)]["mean"]).float()
                 out[site_key(l, name)] = rule
         return out
 
